@@ -1,0 +1,29 @@
+# Two commands a newcomer needs: `make run` and `make test`. Both create .venv on first use.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+RUN_DIR ?= runs/dcnv2-ml-1m
+# The CPU build of torch is pinned here (a bare `pip install torch` may pull a CUDA build);
+# pyproject.toml keeps a range for users.
+TORCH   := torch==2.13.0
+
+.PHONY: run test venv clean
+
+$(BIN)/flipctr: pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	touch $@
+
+venv: $(BIN)/flipctr
+
+run: venv
+	$(BIN)/flipctr data get ml-1m --source auto
+	$(BIN)/flipctr train --dataset ml-1m --model dcnv2 --run-dir $(RUN_DIR)
+
+test: venv
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info
