@@ -1,0 +1,162 @@
+"""Prepared data on disk: the labelled table, its splits and its encodings, built once.
+
+``prepare`` reads the raw files, splits, fits the encoders and writes everything into
+``<data home>/cache/<dataset>-<key>/``, where ``key`` hashes the raw files' sha256 and the
+preprocessing config. A later call finds the folder and only memory-maps arrays. The folder
+is written under a temporary name and renamed when complete, so a failure leaves nothing.
+
+Two encodings are kept: one fitted on ``train`` (model selection) and one on
+``train+valid`` (refit, and the ``paper`` protocol). Each holds ids for ALL rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from ..config import DataConfig
+from ..utils import atomic_dir, data_home, sha256_file, write_json
+from .encoder import FeatureEncoder, FeatureMap
+from .errors import DataError
+from .readers import READERS, read_custom
+from .sources import SOURCES, raw_dir
+from .splits import SplitSizes, split_sizes
+from .table import Table
+
+CACHE_VERSION = 1
+FIT_SPLITS = ("train", "train+valid")
+
+
+def _is_schema(dataset: str) -> bool:
+    return dataset.endswith((".yaml", ".yml"))
+
+
+def raw_checksums(dataset: str, root: Path | None = None) -> dict[str, str]:
+    """sha256 of the raw inputs (read from SOURCE.json for downloaded datasets)."""
+    if _is_schema(dataset):
+        import yaml
+
+        schema = Path(dataset)
+        if not schema.exists():
+            raise DataError(f"{schema}: schema file not found")
+        data_file = schema.parent / (yaml.safe_load(schema.read_text()) or {}).get("file", "")
+        if not data_file.is_file():
+            raise DataError(f"{schema}: data file {data_file} not found")
+        return {schema.name: sha256_file(schema), data_file.name: sha256_file(data_file)}
+    if dataset not in SOURCES:
+        raise DataError(f"unknown dataset {dataset!r}: use one of {list(SOURCES)} or a schema .yaml")
+    folder = raw_dir(dataset, root)
+    source = folder / "SOURCE.json"
+    if not source.exists():
+        raise DataError(f"{dataset}: raw files not found in {folder}; run `flipctr data get {dataset}`")
+    return json.loads(source.read_text())["sha256"]
+
+
+def load_table(dataset: str, root: Path | None = None) -> Table:
+    if _is_schema(dataset):
+        return read_custom(dataset)
+    raw_checksums(dataset, root)  # clear error when the files were never fetched
+    return READERS[dataset](raw_dir(dataset, root))
+
+
+@dataclass
+class Encoding:
+    ids: np.ndarray  # (N, F) global ids for every row, memory-mapped
+    feature_map: FeatureMap
+    counts: np.ndarray  # training frequency per global id (NCE noise, stats)
+
+
+class PreparedData:
+    """A prepared dataset: labels, split sizes and encodings, memory-mapped from its cache folder."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.meta = json.loads((folder / "meta.json").read_text())
+        self.name: str = self.meta["name"]
+        self.fields: list[str] = self.meta["fields"]
+        self.sizes = SplitSizes(**self.meta["sizes"])
+        self.labels = np.load(folder / "labels.npy", mmap_mode="r")
+        self._encodings: dict[str, Encoding] = {}
+
+    def encoding(self, fit_split: str = "train") -> Encoding:
+        if fit_split not in FIT_SPLITS:
+            raise KeyError(f"encodings exist for {FIT_SPLITS}, not {fit_split!r}")
+        if fit_split not in self._encodings:
+            sub = self.folder / _encoding_dir(fit_split)
+            self._encodings[fit_split] = Encoding(
+                np.load(sub / "ids.npy", mmap_mode="r"), FeatureMap.load(sub / "feature_map.json"),
+                np.load(sub / "counts.npy"))
+        return self._encodings[fit_split]
+
+    def split(self, name: str, fit_split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+        """``(ids, labels)`` of one split under the encoding fitted on ``fit_split``."""
+        start, stop = self.sizes.bounds(name)
+        return self.encoding(fit_split).ids[start:stop], self.labels[start:stop]
+
+    def values(self) -> pd.DataFrame:
+        """The text values of every field (for prompts), in split order."""
+        return pd.read_parquet(self.folder / "values.parquet")
+
+    def stats(self) -> dict:
+        enc = self.encoding("train")
+        return {
+            "dataset": self.name,
+            "samples": self.sizes.total,
+            "positives": int(np.asarray(self.labels, dtype=np.int64).sum()),
+            "positive_rate": round(float(np.mean(self.labels)), 6),
+            "fields": len(self.fields),
+            "order": self.meta["order_key"],
+            "train": self.sizes.train, "valid": self.sizes.valid, "test": self.sizes.test,
+            "features_per_field": {f.name: f.size for f in enc.feature_map.fields},
+            "num_features": enc.feature_map.num_features,
+            "cache": str(self.folder),
+        }
+
+
+def _encoding_dir(fit_split: str) -> str:
+    return "encoding-fit-" + fit_split.replace("+", "-")
+
+
+def cache_key(dataset: str, cfg: DataConfig, checksums: dict[str, str]) -> str:
+    spec = {"version": CACHE_VERSION, "dataset": dataset, "raw": checksums,
+            "test_fraction": cfg.test_fraction, "valid_fraction": cfg.valid_fraction,
+            "min_count": cfg.min_count, "limit": cfg.limit}
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> PreparedData:
+    """Return the prepared dataset, building its cache folder first if needed."""
+    root = root or data_home()
+    checksums = raw_checksums(cfg.dataset, root)
+    label = Path(cfg.dataset).stem if _is_schema(cfg.dataset) else cfg.dataset
+    folder = root / "cache" / f"{label}-{cache_key(cfg.dataset, cfg, checksums)}"
+    if (folder / "meta.json").exists():
+        return PreparedData(folder)
+    if verbose:
+        print(f"[flipctr] preparing {cfg.dataset} into {folder}", file=sys.stderr)
+    table = load_table(cfg.dataset, root)
+    if cfg.limit is not None:
+        table = table.head(int(cfg.limit))
+    sizes = split_sizes(len(table), cfg.test_fraction, cfg.valid_fraction)
+    with atomic_dir(folder) as tmp:
+        np.save(tmp / "labels.npy", np.ascontiguousarray(table.labels, dtype=np.int8))
+        table.values.to_parquet(tmp / "values.parquet", index=False)
+        for fit_split in FIT_SPLITS:
+            start, stop = sizes.bounds(fit_split)
+            encoder = FeatureEncoder(table.fields, cfg.min_count).fit(table.values.iloc[start:stop])
+            sub = tmp / _encoding_dir(fit_split)
+            sub.mkdir()
+            np.save(sub / "ids.npy", encoder.transform(table.values))
+            encoder.save(sub)
+        write_json(tmp / "meta.json", {
+            "name": table.name, "fields": table.fields, "order_key": table.order_key,
+            "sizes": asdict(sizes), "config": asdict(cfg), "raw_sha256": checksums,
+            "cache_version": CACHE_VERSION,
+        })
+    return PreparedData(folder)

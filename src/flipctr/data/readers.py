@@ -1,0 +1,301 @@
+"""Readers: raw files of one dataset -> :class:`Table` (named text fields, label, order).
+
+Values are the words a person would use ("25-34", "college/grad student", "female"), since
+the same table feeds the ID encoder and the text prompts.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from .errors import DataError
+from .table import Table
+
+ML1M_AGE = {"1": "under 18", "18": "18-24", "25": "25-34", "35": "35-44", "45": "45-49",
+            "50": "50-55", "56": "56+"}
+ML1M_OCCUPATION = [
+    "other", "academic/educator", "artist", "clerical/admin", "college/grad student",
+    "customer service", "doctor/health care", "executive/managerial", "farmer", "homemaker",
+    "K-12 student", "lawyer", "programmer", "retired", "sales/marketing", "scientist",
+    "self-employed", "technician/engineer", "tradesman/craftsman", "unemployed", "writer",
+]
+ML1M_GENDER = {"F": "female", "M": "male"}
+
+ML1M_FIELDS = ["user ID", "gender", "age", "occupation", "zip code", "movie ID", "title", "genre"]
+BX_FIELDS = ["user ID", "location", "age", "ISBN", "book title", "author", "publication year",
+             "publisher"]
+GOODREADS_FIELDS = ["user ID", "book ID", "book title", "book genres", "average rating",
+                    "number of reviews", "author ID", "author name", "number of pages",
+                    "ebook flag", "format", "publisher", "publication year", "work ID",
+                    "media type"]
+
+
+def _require_complete(frame: pd.DataFrame, path: Path, what: str) -> None:
+    """Fail on the first row with a missing column: a truncated or wrongly delimited file."""
+    bad = frame.isna().any(axis=1).to_numpy()
+    if bad.any():
+        row = int(np.argmax(bad))
+        cols = [c for c in frame.columns if pd.isna(frame.iloc[row][c])]
+        raise DataError(
+            f"{path}: line {row + 1} has no value for {cols} (expected {what}); "
+            "the file is truncated or not delimited as expected"
+        )
+
+
+def _read_dat(path: Path, names: list[str]) -> pd.DataFrame:
+    """Read a GroupLens ``::``-separated latin-1 file as strings."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    text = path.read_bytes().decode("latin-1")
+    if text and "::" not in text.split("\n", 1)[0]:
+        raise DataError(f"{path}: line 1 is not '::'-separated (expected {'::'.join(names)})")
+    lines = text.replace("\r\n", "\n").rstrip("\n").split("\n")
+    parts = [line.split("::") for line in lines]
+    for i, p in enumerate(parts):
+        if len(p) != len(names):
+            raise DataError(
+                f"{path}: line {i + 1} has {len(p)} '::'-separated columns, expected "
+                f"{len(names)} ({'::'.join(names)}); the file is truncated or malformed"
+            )
+    frame = pd.DataFrame(parts, columns=names)
+    return frame
+
+
+def _to_int(series: pd.Series, path: Path, column: str) -> np.ndarray:
+    values = pd.to_numeric(series, errors="coerce")
+    if values.isna().any():
+        row = int(np.argmax(values.isna().to_numpy()))
+        raise DataError(f"{path}: line {row + 1}, column {column!r}: {series.iloc[row]!r} is not an integer")
+    return values.to_numpy(dtype=np.int64)
+
+
+def read_movielens_1m(folder: str | Path) -> Table:
+    """MovieLens-1M: rating>3 -> 1, <3 -> 0, ==3 dropped; sorted by timestamp (stable)."""
+    folder = Path(folder)
+    ratings = _read_dat(folder / "ratings.dat", ["user", "movie", "rating", "timestamp"])
+    users = _read_dat(folder / "users.dat", ["user", "gender", "age", "occupation", "zip"])
+    movies = _read_dat(folder / "movies.dat", ["movie", "title", "genres"])
+    rating = _to_int(ratings["rating"], folder / "ratings.dat", "rating")
+    stamp = _to_int(ratings["timestamp"], folder / "ratings.dat", "timestamp")
+
+    occupation = _to_int(users["occupation"], folder / "users.dat", "occupation")
+    if occupation.min() < 0 or occupation.max() >= len(ML1M_OCCUPATION):
+        raise DataError(f"{folder / 'users.dat'}: occupation codes must be 0..20")
+    users = users.assign(
+        gender=users["gender"].map(ML1M_GENDER), age=users["age"].map(ML1M_AGE),
+        occupation=np.asarray(ML1M_OCCUPATION, dtype=object)[occupation],
+    )
+    for col in ("gender", "age"):
+        if users[col].isna().any():
+            row = int(np.argmax(users[col].isna().to_numpy()))
+            raise DataError(f"{folder / 'users.dat'}: line {row + 1}: unknown {col} code")
+    movies = movies.assign(genre=movies["genres"].str.split("|").str[0])
+
+    keep = rating != 3
+    frame = ratings.loc[keep, ["user", "movie"]].reset_index(drop=True)
+    labels = (rating[keep] > 3).astype(np.int8)
+    stamp = stamp[keep]
+    frame = frame.merge(users, on="user", how="left", validate="many_to_one")
+    frame = frame.merge(movies, on="movie", how="left", validate="many_to_one")
+    for col, src in (("gender", "users.dat"), ("title", "movies.dat")):
+        if frame[col].isna().any():
+            row = int(np.argmax(frame[col].isna().to_numpy()))
+            raise DataError(f"{folder / 'ratings.dat'}: rating {row + 1} names an id missing from {src}")
+    order = np.argsort(stamp, kind="stable")
+    values = pd.DataFrame({
+        "user ID": frame["user"], "gender": frame["gender"], "age": frame["age"],
+        "occupation": frame["occupation"], "zip code": frame["zip"], "movie ID": frame["movie"],
+        "title": frame["title"], "genre": frame["genre"],
+    }).iloc[order].reset_index(drop=True)
+    return Table("ml-1m", list(ML1M_FIELDS), values, labels[order], "timestamp")
+
+
+def _read_bx_csv(path: Path, columns: list[str]) -> pd.DataFrame:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    try:
+        frame = pd.read_csv(path, sep=";", encoding="latin-1", dtype=str, escapechar="\\",
+                            keep_default_na=False, quotechar='"')
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not a ';'-separated quoted CSV ({err})") from err
+    missing = [c for c in columns if c not in frame.columns]
+    if missing:
+        raise DataError(
+            f"{path}: header lacks columns {missing} (found {list(frame.columns)}); "
+            "expected a ';'-separated BX CSV"
+        )
+    return frame
+
+
+def _bx_country(location: pd.Series) -> pd.Series:
+    country = location.str.rsplit(",", n=1).str[-1].str.strip().str.strip('"').str.strip()
+    return country.mask(country.isin(["", "n/a", "null", "none"]), "unknown")
+
+
+def _bx_age(age: pd.Series, low: int = 5, high: int = 100) -> pd.Series:
+    numeric = pd.to_numeric(age, errors="coerce")
+    plausible = numeric.between(low, high)
+    return numeric.where(plausible).map(lambda a: "unknown" if pd.isna(a) else str(int(a)))
+
+
+def read_bookcrossing(folder: str | Path) -> Table:
+    """BookCrossing: ratings whose ISBN is in BX-Books; rating>5 -> 1 else 0; file order."""
+    folder = Path(folder)
+    rpath, bpath, upath = (folder / f for f in ("BX-Book-Ratings.csv", "BX-Books.csv", "BX-Users.csv"))
+    ratings = _read_bx_csv(rpath, ["User-ID", "ISBN", "Book-Rating"])
+    books = _read_bx_csv(bpath, ["ISBN", "Book-Title", "Book-Author", "Year-Of-Publication", "Publisher"])
+    users = _read_bx_csv(upath, ["User-ID", "Location", "Age"])
+    rating = _to_int(ratings["Book-Rating"].replace("", np.nan), rpath, "Book-Rating")
+    ratings = ratings.assign(label=(rating > 5).astype(np.int8))
+    books = books.drop_duplicates("ISBN")
+    users = users.drop_duplicates("User-ID").assign(
+        location=lambda u: _bx_country(u["Location"]), age=lambda u: _bx_age(u["Age"]))
+    frame = ratings.merge(books, on="ISBN", how="inner", sort=False)
+    frame = frame.merge(users[["User-ID", "location", "age"]], on="User-ID", how="left", sort=False)
+    frame[["location", "age"]] = frame[["location", "age"]].fillna("unknown")
+    values = pd.DataFrame({
+        "user ID": frame["User-ID"], "location": frame["location"], "age": frame["age"],
+        "ISBN": frame["ISBN"], "book title": frame["Book-Title"], "author": frame["Book-Author"],
+        "publication year": frame["Year-Of-Publication"], "publisher": frame["Publisher"],
+    })
+    values = values.replace("", "unknown")
+    return Table("bookcrossing", list(BX_FIELDS), values, frame["label"].to_numpy(np.int8), "file order")
+
+
+def _json_lines(path: Path) -> list[dict[str, Any]]:
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    opener: Callable = gzip.open if path.suffix == ".gz" else open
+    out = []
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for i, line in enumerate(fh):
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise DataError(f"{path}: line {i + 1} is not valid JSON ({err.msg})") from err
+    return out
+
+
+def read_goodreads(folder: str | Path) -> Table:
+    """GoodReads (UCSD Book Graph JSON lines): rating 1..5 kept, >3 -> 1 else 0; by date_added.
+
+    Rating 0 means "shelved, not rated" in the UCSD files and is not a sample.
+    """
+    folder = Path(folder)
+    inter = pd.DataFrame(_json_lines(folder / "goodreads_interactions.json.gz"))
+    need = ["user_id", "book_id", "rating", "date_added"]
+    missing = [c for c in need if c not in inter.columns]
+    if missing:
+        raise DataError(f"{folder / 'goodreads_interactions.json.gz'}: records lack keys {missing}")
+    rating = pd.to_numeric(inter["rating"], errors="coerce")
+    inter = inter.loc[rating.between(1, 5)].reset_index(drop=True)
+    labels = (rating[rating.between(1, 5)].to_numpy() > 3).astype(np.int8)
+    stamp = pd.to_datetime(inter["date_added"], format="%a %b %d %H:%M:%S %z %Y", utc=True, errors="coerce")
+    if stamp.isna().any():
+        row = int(np.argmax(stamp.isna().to_numpy()))
+        raise DataError(f"{folder / 'goodreads_interactions.json.gz'}: record {row + 1} has an unreadable date_added")
+
+    books = pd.DataFrame(_json_lines(folder / "goodreads_books.json.gz"))
+    books["author_id"] = books["authors"].map(lambda a: a[0]["author_id"] if a else "")
+    authors = pd.DataFrame(_json_lines(folder / "goodreads_book_authors.json.gz"))[["author_id", "name"]]
+    genres = pd.DataFrame(_json_lines(folder / "goodreads_book_genres_initial.json.gz"))
+    genres["book genres"] = genres["genres"].map(
+        lambda g: ", ".join(k for k, _ in sorted(g.items(), key=lambda kv: -kv[1])) if g else "")
+    works = pd.DataFrame(_json_lines(folder / "goodreads_book_works.json.gz"))[["work_id", "media_type"]]
+    books = (books.merge(authors, on="author_id", how="left")
+             .merge(genres[["book_id", "book genres"]], on="book_id", how="left")
+             .merge(works, on="work_id", how="left"))
+    frame = inter[["user_id", "book_id"]].astype(str).merge(books.astype(str), on="book_id", how="left")
+    values = pd.DataFrame({
+        "user ID": frame["user_id"], "book ID": frame["book_id"], "book title": frame["title"],
+        "book genres": frame["book genres"], "average rating": frame["average_rating"],
+        "number of reviews": frame["text_reviews_count"], "author ID": frame["author_id"],
+        "author name": frame["name"], "number of pages": frame["num_pages"],
+        "ebook flag": frame["is_ebook"], "format": frame["format"], "publisher": frame["publisher"],
+        "publication year": frame["publication_year"], "work ID": frame["work_id"],
+        "media type": frame["media_type"],
+    }).fillna("unknown").replace({"": "unknown", "nan": "unknown"})
+    order = np.argsort(stamp.to_numpy(), kind="stable")
+    return Table("goodreads", list(GOODREADS_FIELDS), values.iloc[order].reset_index(drop=True),
+                 labels[order], "timestamp")
+
+
+def read_custom(schema_path: str | Path) -> Table:
+    """A CSV or Parquet file described by a small YAML schema.
+
+    ```yaml
+    name: my-log
+    file: clicks.csv            # relative to the schema file
+    sep: ","                    # CSV only
+    fields:                     # prompt name -> column
+      user ID: uid
+      item title: title
+    label: {column: click}      # already 0/1 ...
+    # label: {column: rating, threshold: 3, drop_equal: false}   # ... or rating > threshold
+    order: ts                   # optional; file order otherwise
+    ```
+    """
+    schema_path = Path(schema_path)
+    try:
+        schema = yaml.safe_load(schema_path.read_text())
+    except (OSError, yaml.YAMLError) as err:
+        raise DataError(f"{schema_path}: cannot read schema ({err})") from err
+    for key in ("file", "fields", "label"):
+        if key not in (schema or {}):
+            raise DataError(f"{schema_path}: schema lacks the key {key!r}")
+    path = (schema_path.parent / schema["file"]).resolve()
+    if not path.exists():
+        raise DataError(f"{schema_path}: data file {path} not found")
+    if path.suffix == ".parquet":
+        frame = pd.read_parquet(path)
+    else:
+        frame = pd.read_csv(path, sep=schema.get("sep", ","), dtype=str, keep_default_na=False,
+                            na_values=[""])
+    fields: dict[str, str] = dict(schema["fields"])
+    label_spec = schema["label"] if isinstance(schema["label"], dict) else {"column": schema["label"]}
+    order_col = schema.get("order")
+    for col in [*fields.values(), label_spec["column"], *([order_col] if order_col else [])]:
+        if col not in frame.columns:
+            raise DataError(f"{path}: column {col!r} named in {schema_path} is missing "
+                            f"(columns: {list(frame.columns)})")
+    raw_label = pd.to_numeric(frame[label_spec["column"]], errors="coerce")
+    if raw_label.isna().any():
+        row = int(np.argmax(raw_label.isna().to_numpy()))
+        raise DataError(f"{path}: row {row + 1}, label column {label_spec['column']!r} is empty or "
+                        f"not a number ({frame[label_spec['column']].iloc[row]!r})")
+    keep = np.ones(len(frame), dtype=bool)
+    if "threshold" in label_spec:
+        thr = float(label_spec["threshold"])
+        if label_spec.get("drop_equal", False):
+            keep = (raw_label != thr).to_numpy()
+        labels = (raw_label > thr).to_numpy()
+    else:
+        if not raw_label.isin([0, 1]).all():
+            row = int(np.argmax(~raw_label.isin([0, 1]).to_numpy()))
+            raise DataError(f"{path}: row {row + 1}, label column {label_spec['column']!r} must be 0 or 1 "
+                            "(or give a threshold in the schema)")
+        labels = raw_label.to_numpy() > 0.5
+    frame = frame.loc[keep].reset_index(drop=True)
+    labels = labels[keep].astype(np.int8)
+    values = pd.DataFrame({name: frame[col].astype(str).where(frame[col].notna(), "unknown")
+                           for name, col in fields.items()})
+    if order_col:
+        order = np.argsort(pd.to_numeric(frame[order_col], errors="coerce").to_numpy(), kind="stable")
+        values, labels = values.iloc[order].reset_index(drop=True), labels[order]
+    return Table(schema.get("name", schema_path.stem), list(fields), values, labels,
+                 order_col or "file order")
+
+
+READERS: dict[str, Callable[[Path], Table]] = {
+    "ml-1m": read_movielens_1m,
+    "bookcrossing": read_bookcrossing,
+    "goodreads": read_goodreads,
+}
