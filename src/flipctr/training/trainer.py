@@ -1,0 +1,215 @@
+"""The training loop: one place for optimisation, early stopping, evaluation and checkpoints.
+
+The trainer sees tensors of ids and labels, never a dataset name or a file.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..config import TrainConfig
+from .metrics import ctr_metrics
+
+log = logging.getLogger("flipctr")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Split:
+    """One split as tensors on the training device: ids ``(N, F)`` and float labels ``(N,)``."""
+
+    ids: torch.Tensor
+    labels: torch.Tensor
+
+    @classmethod
+    def from_arrays(cls, ids: np.ndarray, labels: np.ndarray, device: torch.device) -> "Split":
+        return cls(torch.from_numpy(np.ascontiguousarray(ids)).to(device),
+                   torch.from_numpy(np.asarray(labels, dtype=np.float32)).to(device))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass
+class EpochRecord:
+    epoch: int
+    lr: float
+    train_loss: float
+    seconds: float
+    samples_per_second: float
+    eval: dict[str, float] | None = None
+
+
+@dataclass
+class FitResult:
+    history: list[EpochRecord] = field(default_factory=list)
+    best_epoch: int = 0  # 1-based; 0 when no evaluation split was given
+    best_eval: dict[str, float] | None = None
+
+    @property
+    def samples_per_second(self) -> float:
+        rates = [r.samples_per_second for r in self.history]
+        return float(np.mean(rates)) if rates else float("nan")
+
+    @property
+    def lr_per_epoch(self) -> list[float]:
+        return [r.lr for r in self.history]
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Fast bf16 matmuls: CUDA with bf16, or a CPU with AMX/AVX512-BF16 (oneDNN)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        return cap in ("AVX512", "AMX") and _cpu_has_bf16()
+    return False
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``train.amp`` ("auto", "bf16", "off"), or None for fp32."""
+    if mode == "off":
+        return None
+    if mode == "bf16" or (mode == "auto" and bf16_supported(device)):
+        return torch.bfloat16
+    if mode != "auto":
+        raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', not {mode!r}")
+    return None
+
+
+def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    if cfg.optimizer not in ("adam", "adamw"):
+        raise ValueError(f"train.optimizer must be 'adam' or 'adamw', not {cfg.optimizer!r}")
+    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
+    params = list(model.parameters())
+    # the fused kernel updates every tensor in one pass: ~25 % more rows/s on CPU
+    fused = all(p.device.type in ("cpu", "cuda") for p in params)
+    return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, ids: torch.Tensor, batch_size: int = 8192,
+            amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    model.eval()
+    out = []
+    for i in range(0, len(ids), batch_size):
+        with torch.autocast(ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out.append(torch.sigmoid(model(ids[i:i + batch_size]).logits.float()))
+    return torch.cat(out).cpu().numpy()
+
+
+def evaluate(model: nn.Module, split: Split, batch_size: int = 8192,
+             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
+    return ctr_metrics(split.labels.cpu().numpy(), predict(model, split.ids, batch_size, amp_dtype))
+
+
+class Trainer:
+    """Mini-batch BCE training of a CTR model with optional early stopping on an eval split."""
+
+    def __init__(self, cfg: TrainConfig, device: torch.device):
+        self.cfg = cfg
+        self.device = device
+        self.amp_dtype = autocast_dtype(cfg.amp, device)
+
+    def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
+        return evaluate(model, split, self.cfg.eval_batch_size, self.amp_dtype)
+
+    def fit(
+        self,
+        model: nn.Module,
+        train: Split,
+        eval_split: Split | None = None,
+        epochs: int | None = None,
+        lr_schedule: list[float] | None = None,
+        on_epoch_end: Callable[[EpochRecord], None] | None = None,
+    ) -> FitResult:
+        """Train for ``epochs`` (default ``cfg.epochs``).
+
+        With ``eval_split``: after each epoch compute its AUC, keep the best weights, stop after
+        ``cfg.patience`` epochs without gain, and restore the best weights before returning.
+        ``lr_schedule`` replays per-epoch learning rates (refit repeats the selection run's).
+        """
+        cfg = self.cfg
+        epochs = cfg.epochs if epochs is None else epochs
+        model.to(self.device)
+        optimizer = make_optimizer(model, cfg)
+        plateau = (torch.optim.lr_scheduler.ReduceLROnPlateau(
+            optimizer, mode="max", factor=cfg.reduce_lr_factor, patience=0)
+            if cfg.reduce_lr_on_plateau and eval_split is not None and lr_schedule is None else None)
+        generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
+        result, best_state, bad_epochs = FitResult(), None, 0
+        loss_fn = nn.BCEWithLogitsLoss()
+        n, bs = len(train), cfg.batch_size
+        for epoch in range(1, epochs + 1):
+            if lr_schedule is not None:
+                for group in optimizer.param_groups:
+                    group["lr"] = lr_schedule[min(epoch, len(lr_schedule)) - 1]
+            lr = optimizer.param_groups[0]["lr"]
+            model.train()
+            perm = torch.randperm(n, generator=generator).to(self.device)
+            total, start = torch.zeros((), device=self.device), time.perf_counter()
+            steps = math.ceil(n / bs)
+            bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False,
+                       mininterval=2.0, unit="batch")
+            for step in bar:
+                index = perm[step * bs:(step + 1) * bs]
+                ids, labels = train.ids[index], train.labels[index]
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    out = model(ids)
+                loss = loss_fn(out.logits.float(), labels)
+                if cfg.embedding_l2 > 0:
+                    loss = loss + cfg.embedding_l2 * model.embed(ids).pow(2).sum() / len(labels)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                total += loss.detach() * len(labels)
+            seconds = time.perf_counter() - start
+            record = EpochRecord(epoch, lr, float(total) / n, seconds, n / seconds)
+            if eval_split is not None:
+                record.eval = self.evaluate(model, eval_split)
+                auc = record.eval["auc"]
+                if result.best_eval is None or auc > result.best_eval["auc"]:
+                    result.best_epoch, result.best_eval, bad_epochs = epoch, record.eval, 0
+                    best_state = copy.deepcopy(model.state_dict())
+                else:
+                    bad_epochs += 1
+                if plateau is not None:
+                    plateau.step(auc)
+            result.history.append(record)
+            log.info("epoch %d  lr %.2e  train loss %.5f  %.0f samples/s%s", epoch, lr, record.train_loss,
+                     record.samples_per_second,
+                     f"  eval auc {record.eval['auc']:.5f} logloss {record.eval['logloss']:.5f}"
+                     if record.eval else "")
+            if on_epoch_end is not None:
+                on_epoch_end(record)
+            if eval_split is not None and bad_epochs >= cfg.patience:
+                log.info("early stop: no eval AUC gain for %d epochs; best epoch %d", bad_epochs,
+                         result.best_epoch)
+                break
+        if best_state is not None:
+            model.load_state_dict(best_state)
+        return result

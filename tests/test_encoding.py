@@ -1,0 +1,95 @@
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flipctr.config import DataConfig
+from flipctr.data.cache import prepare
+from flipctr.data.encoder import MASK_ID, FeatureEncoder
+from flipctr.data.errors import DataError
+from flipctr.data.splits import split_sizes
+
+from conftest import install_raw, write_ml1m
+
+
+def test_split_sizes_are_chronological_80_10_10():
+    sizes = split_sizes(1000)
+    assert (sizes.train, sizes.valid, sizes.test) == (800, 100, 100)
+    assert sizes.bounds("valid") == (800, 900) and sizes.bounds("train+valid") == (0, 900)
+    assert split_sizes(1000, valid_fraction=0.0).valid == 0
+
+
+def test_empty_split_is_a_clear_error():
+    with pytest.raises(DataError, match="split 'valid' is empty"):
+        split_sizes(5)
+
+
+def test_encoder_fits_on_train_only_with_oov_and_shared_mask():
+    train = pd.DataFrame({"a": ["x", "y", "x", "z"], "b": ["p", "p", "q", "p"]})
+    test = pd.DataFrame({"a": ["x", "new"], "b": ["unseen", "q"]})
+    enc = FeatureEncoder(["a", "b"], min_count=2).fit(train)
+    fmap = enc.feature_map
+    assert MASK_ID == 0 and fmap.mask_id == 0
+    a, b = fmap.fields
+    assert (a.offset, a.size) == (1, 2)  # OOV + "x" ("y", "z" are below min_count)
+    assert (b.offset, b.size) == (3, 2)  # OOV + "p" ("q" is below min_count)
+    assert fmap.num_features == 5
+    ids = enc.transform(test)
+    assert ids.dtype == np.int32
+    np.testing.assert_array_equal(ids, [[a.offset + 1, b.offset], [a.offset, b.offset]])
+    # training frequencies per global id; each OOV slot counts its field's rare values
+    np.testing.assert_array_equal(enc.counts, [0, 2, 2, 1, 3])
+    # with min_count 1 every training value has its own id
+    enc1 = FeatureEncoder(["a", "b"]).fit(train)
+    assert [f.size for f in enc1.feature_map.fields] == [4, 3]
+    np.testing.assert_array_equal(enc1.transform(test), [[2, 5], [1, 7]])
+
+
+def test_encoder_save_load_roundtrip(tmp_path):
+    train = pd.DataFrame({"a": ["x", "y", "x"], "b": ["1", "2", "3"]})
+    enc = FeatureEncoder(["a", "b"]).fit(train)
+    enc.save(tmp_path)
+    again = FeatureEncoder.load(tmp_path)
+    np.testing.assert_array_equal(again.transform(train), enc.transform(train))
+    assert json.loads((tmp_path / "feature_map.json").read_text())["num_features"] == enc.feature_map.num_features
+
+
+def test_prepare_caches_and_reuses(ml1m_root):
+    data = prepare(DataConfig("ml-1m"), ml1m_root)
+    stats = data.stats()
+    assert stats["train"] + stats["valid"] + stats["test"] == stats["samples"]
+    assert stats["fields"] == 8
+    # the train encoding has never seen the valid/test-only values; train+valid has
+    train_ids, _ = data.split("valid", "train")
+    fmap = data.encoding("train").feature_map
+    offsets = np.array([f.offset for f in fmap.fields])
+    assert train_ids.dtype == np.int32 and (train_ids >= offsets).all()
+    mtime = (data.folder / "meta.json").stat().st_mtime_ns
+    again = prepare(DataConfig("ml-1m"), ml1m_root)
+    assert again.folder == data.folder and (again.folder / "meta.json").stat().st_mtime_ns == mtime
+    assert isinstance(again.labels, np.memmap)
+
+
+def test_prepare_failure_leaves_no_cache(tmp_path, data_root):
+    raw = write_ml1m(tmp_path / "raw")
+    (raw / "ratings.dat").write_bytes(b"1::1::5::100\n1::2::4\n")
+    install_raw(data_root, "ml-1m", raw)
+    with pytest.raises(DataError, match="ratings.dat"):
+        prepare(DataConfig("ml-1m"), data_root)
+    cache = data_root / "cache"
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_prepare_empty_split_leaves_no_cache(ml1m_root):
+    with pytest.raises(DataError, match="is empty"):
+        prepare(DataConfig("ml-1m", limit=5), ml1m_root)
+    cache = ml1m_root / "cache"
+    assert not cache.exists() or list(cache.iterdir()) == []
+
+
+def test_limit_takes_the_first_samples_in_split_order(ml1m_root):
+    full = prepare(DataConfig("ml-1m"), ml1m_root)
+    small = prepare(DataConfig("ml-1m", limit=100), ml1m_root)
+    assert small.sizes.total == 100 and small.folder != full.folder
+    np.testing.assert_array_equal(small.labels, full.labels[:100])
