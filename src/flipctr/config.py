@@ -96,17 +96,36 @@ def apply_dict(cfg: Config, raw: dict[str, Any], where: str = "config") -> None:
 
 
 def apply_override(cfg: Config, assignment: str) -> None:
-    """Apply ``section.key=value``; the value is parsed as YAML (numbers, lists, null)."""
+    """Apply ``section.key=value``, read as the type of the setting it replaces
+    (strings stay verbatim, so ``train.amp=off`` is not YAML's False; lists and null are YAML)."""
     if "=" not in assignment or "." not in assignment.split("=", 1)[0]:
         raise ValueError(f"--set {assignment!r}: expected section.key=value, e.g. train.lr=1e-3")
     dotted, text = assignment.split("=", 1)
     section, key = dotted.split(".", 1)
-    value = yaml.safe_load(text)
-    if isinstance(value, str):  # YAML reads 1e-3 as a string
-        try:
-            value = float(value)
-        except ValueError:
-            pass
+    current = getattr(getattr(cfg, section, None), key, None)
+    try:
+        if text.strip().lower() in ("null", "none", "~"):
+            value: Any = None
+        elif isinstance(current, str):
+            value = text
+        elif isinstance(current, bool):
+            value = yaml.safe_load(text)
+        elif isinstance(current, float):
+            value = float(text)
+        elif isinstance(current, int):
+            number = float(text)
+            if not number.is_integer():
+                raise ValueError(text)
+            value = int(number)
+        else:
+            value = yaml.safe_load(text)
+            if isinstance(value, str):  # YAML reads 1e-3 as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+    except ValueError as err:
+        raise ValueError(f"--set {assignment}: {text!r} is not a {type(current).__name__}") from err
     apply_dict(cfg, {section: {key: value}}, where=f"--set {assignment}")
 
 

@@ -38,7 +38,7 @@ class Split:
 
     @classmethod
     def from_arrays(cls, ids: np.ndarray, labels: np.ndarray, device: torch.device) -> "Split":
-        return cls(torch.from_numpy(np.ascontiguousarray(ids)).to(device),
+        return cls(torch.from_numpy(np.array(ids)).to(device),  # copy: the cache is a read-only memmap
                    torch.from_numpy(np.asarray(labels, dtype=np.float32)).to(device))
 
     def __len__(self) -> int:

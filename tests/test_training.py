@@ -1,0 +1,112 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from flipctr.cli import main
+from flipctr.models.backbones import build_model
+from flipctr.training.runner import evaluate_run, train_run
+from flipctr.training.trainer import Split, Trainer
+
+from conftest import tiny_config
+
+
+def _toy_splits(n=512, seed=0):
+    """Label = parity of two fields; the eval split has the labels FLIPPED, so eval AUC
+    falls as the model learns and the best epoch is the first."""
+    from flipctr.data.encoder import FeatureMap, FieldInfo
+
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randint(0, 4, (n,), generator=g), torch.randint(0, 4, (n,), generator=g)
+    ids = torch.stack([1 + a, 6 + b], 1).to(torch.int32)
+    labels = ((a + b) % 2 == 0).float()
+    fmap = FeatureMap([FieldInfo("a", 1, 5), FieldInfo("b", 6, 5)], 11, 1, n)
+    return fmap, Split(ids, labels), Split(ids, 1 - labels)
+
+
+def test_early_stopping_restores_best_epoch():
+    cfg = tiny_config(epochs=10, patience=2, lr=0.05)
+    fmap, train, flipped = _toy_splits()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, fmap)
+    snapshots = {}
+    result = Trainer(cfg.train, torch.device("cpu")).fit(
+        model, train, eval_split=flipped,
+        on_epoch_end=lambda r: snapshots.__setitem__(r.epoch, {k: v.clone() for k, v in model.state_dict().items()}))
+    aucs = [r.eval["auc"] for r in result.history]
+    assert result.best_epoch == int(np.argmax(aucs)) + 1
+    assert len(result.history) == result.best_epoch + cfg.train.patience  # stopped by patience
+    final = model.state_dict()
+    for key, value in snapshots[result.best_epoch].items():
+        torch.testing.assert_close(final[key], value)
+    last = snapshots[len(result.history)]
+    assert any(not torch.equal(final[k], last[k]) for k in final)
+
+
+def test_training_learns_the_toy_task():
+    cfg = tiny_config(epochs=5, lr=0.05)
+    fmap, train, _ = _toy_splits()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, fmap)
+    result = Trainer(cfg.train, torch.device("cpu")).fit(model, train, eval_split=train)
+    assert result.best_eval["auc"] > 0.95
+
+
+def _run(ml1m_root, run_dir, **train):
+    cfg = tiny_config(**train)
+    return train_run(cfg, run_dir, data_root=ml1m_root)
+
+
+def test_clean_protocol_writes_run_folder_and_refits(ml1m_root, tmp_path):
+    metrics = _run(ml1m_root, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "environment.json", "train.log", "metrics.json", "feature_map.json",
+                 "model.safetensors", "model-selected.safetensors"):
+        assert (run / name).exists(), name
+    saved = json.loads((run / "metrics.json").read_text())
+    assert saved["protocol"] == "clean" and saved["selected_on"] == "valid"
+    for key in ("valid", "test", "test_before_refit"):
+        assert set(saved[key]) == {"auc", "logloss"}
+    assert saved["refit_epochs"] == saved["best_epoch"] >= 1
+    assert saved["train_samples_per_second"] > 0
+    assert "seed" in json.loads((run / "environment.json").read_text())
+    assert all(isinstance(v, torch.Tensor) for v in load_file(str(run / "model.safetensors")).values())
+    again = evaluate_run(run, data_root=ml1m_root)
+    assert again["test"] == pytest.approx(metrics["test"])
+
+
+def test_same_seed_gives_identical_metrics(ml1m_root, tmp_path):
+    drop = ("wall_seconds", "train_samples_per_second", "history")
+    a = {k: v for k, v in _run(ml1m_root, tmp_path / "a", seed=3).items() if k not in drop}
+    b = {k: v for k, v in _run(ml1m_root, tmp_path / "b", seed=3).items() if k not in drop}
+    assert a == b
+
+
+def test_paper_protocol_is_labelled_selected_on_test(ml1m_root, tmp_path):
+    metrics = _run(ml1m_root, tmp_path / "p", protocol="paper")
+    assert metrics["selected_on"] == "test" and "selected on test" in metrics["note"]
+    assert metrics["valid"] is None and metrics["test_before_refit"] is None
+
+
+def test_cli_train_and_evaluate(ml1m_root, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    args = ["train", "--dataset", "ml-1m", "--model", "deepfm", "--run-dir", str(tmp_path / "r"),
+            "--set", "model.embedding_dim=4", "--set", "model.dnn_hidden=[8]", "--set", "train.epochs=2",
+            "--set", "train.progress=false", "--set", "train.amp=off", "--set", "train.lr=1e-2"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "deepfm on ml-1m" in out and "test" in out
+    assert main(["evaluate", "--run-dir", str(tmp_path / "r")]) == 0
+    assert json.loads(capsys.readouterr().out)["test"]["auc"] > 0
+    assert main(["data", "stats", "ml-1m"]) == 0
+    assert json.loads(capsys.readouterr().out)["fields"] == 8
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLIPCTR_DATA", str(tmp_path / "empty"))
+    assert main(["data", "stats", "ml-1m"]) == 2
+    assert "run `flipctr data get ml-1m`" in capsys.readouterr().err
+    assert main(["train", "--run-dir", str(tmp_path / "r"), "--set", "train.nope=1"]) == 2
+    assert "unknown key train.nope" in capsys.readouterr().err
