@@ -125,7 +125,7 @@ def apply_override(cfg: Config, assignment: str) -> None:
                 except ValueError:
                     pass
     except ValueError as err:
-        raise ValueError(f"--set {assignment}: {text!r} is not a {type(current).__name__}") from err
+        raise ValueError(f"--set {assignment}: {text!r} is not a valid {type(current).__name__}") from err
     apply_dict(cfg, {section: {key: value}}, where=f"--set {assignment}")
 
 
