@@ -35,14 +35,25 @@ def test_early_stopping_restores_best_epoch():
     result = Trainer(cfg.train, torch.device("cpu")).fit(
         model, train, eval_split=flipped,
         on_epoch_end=lambda r: snapshots.__setitem__(r.epoch, {k: v.clone() for k, v in model.state_dict().items()}))
-    aucs = [r.eval["auc"] for r in result.history]
+    aucs = [e["auc"] for r in result.history for e in r.evals]
     assert result.best_epoch == int(np.argmax(aucs)) + 1
     assert len(result.history) == result.best_epoch + cfg.train.patience  # stopped by patience
     final = model.state_dict()
-    for key, value in snapshots[result.best_epoch].items():
+    for key, value in snapshots[int(result.best_epoch)].items():
         torch.testing.assert_close(final[key], value)
     last = snapshots[len(result.history)]
     assert any(not torch.equal(final[k], last[k]) for k in final)
+
+
+def test_evaluations_within_an_epoch_and_fractional_epochs():
+    cfg = tiny_config(epochs=2, lr=0.05, evals_per_epoch=4, patience=100)
+    fmap, train, _ = _toy_splits()
+    torch.manual_seed(0)
+    trainer = Trainer(cfg.train, torch.device("cpu"))
+    result = trainer.fit(build_model(cfg.model, fmap), train, eval_split=train)
+    assert [e["epoch"] for r in result.history for e in r.evals] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
+    part = trainer.fit(build_model(cfg.model, fmap), train, epochs=1.5)
+    assert [r.samples for r in part.history] == [512, 256]  # 16 batches of 32, then 8
 
 
 def test_training_learns_the_toy_task():

@@ -55,7 +55,8 @@ class TrainConfig:
     batch_size: int = 256
     eval_batch_size: int = 8192
     epochs: int = 20
-    patience: int = 2  # epochs without a validation-AUC gain before stopping
+    patience: int = 2  # evaluations without a validation-AUC gain before stopping
+    evals_per_epoch: int = 1  # validation evaluations per epoch (finer choice of training length)
     reduce_lr_on_plateau: bool = False
     reduce_lr_factor: float = 0.1
     protocol: str = "clean"  # "clean" (select on valid) or "paper" (select on test)

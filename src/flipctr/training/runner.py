@@ -106,11 +106,11 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None) -
         final_fit = fit
         if cfg.train.refit:
             save_weights(model, run_dir / "model-selected.safetensors")
-            log.info("refit on train+valid for %d epochs", fit.best_epoch)
+            log.info("refit on train+valid for %g epochs", fit.best_epoch)
             fmap = data.encoding("train+valid").feature_map
             model = _new_model(cfg, fmap)
             final_fit = trainer.fit(model, _split(data, "train+valid", "train+valid", device),
-                                    epochs=fit.best_epoch, lr_schedule=fit.lr_per_epoch[:fit.best_epoch])
+                                    epochs=fit.best_epoch, lr_schedule=fit.lr_per_epoch)
             metrics["test"] = trainer.evaluate(model, _split(data, "test", "train+valid", device))
         else:
             metrics["test"] = test_select
@@ -120,7 +120,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None) -
         encoding="train+valid" if (cfg.train.protocol == "paper" or cfg.train.refit) else "train",
         train_samples_per_second=round(fit.samples_per_second, 1),
         epochs=len(fit.history), best_epoch=fit.best_epoch,
-        refit_epochs=len(final_fit.history) if final_fit is not fit else 0,
+        refit_epochs=fit.best_epoch if final_fit is not fit else 0,
         wall_seconds=round(time.perf_counter() - started, 1),
         history=[vars(r) for r in fit.history],
     )

@@ -50,15 +50,16 @@ class EpochRecord:
     epoch: int
     lr: float
     train_loss: float
-    seconds: float
+    seconds: float  # training steps only, evaluation excluded
     samples_per_second: float
-    eval: dict[str, float] | None = None
+    samples: int = 0  # rows trained on in this epoch (fewer in a fractional last epoch)
+    evals: list[dict[str, float]] = field(default_factory=list)  # {"epoch": 2.5, "auc", "logloss"}
 
 
 @dataclass
 class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
-    best_epoch: int = 0  # 1-based; 0 when no evaluation split was given
+    best_epoch: float = 0.0  # epochs of training at the best evaluation (2.5 = mid-epoch 3); 0 without eval
     best_eval: dict[str, float] | None = None
 
     @property
@@ -142,15 +143,16 @@ class Trainer:
         model: nn.Module,
         train: Split,
         eval_split: Split | None = None,
-        epochs: int | None = None,
+        epochs: float | None = None,
         lr_schedule: list[float] | None = None,
         on_epoch_end: Callable[[EpochRecord], None] | None = None,
     ) -> FitResult:
-        """Train for ``epochs`` (default ``cfg.epochs``).
+        """Train for ``epochs`` (default ``cfg.epochs``; a fraction trains part of the last epoch).
 
-        With ``eval_split``: after each epoch compute its AUC, keep the best weights, stop after
-        ``cfg.patience`` epochs without gain, and restore the best weights before returning.
-        ``lr_schedule`` replays per-epoch learning rates (refit repeats the selection run's).
+        With ``eval_split``: evaluate ``cfg.evals_per_epoch`` times per epoch, keep the weights
+        of the best AUC, stop after ``cfg.patience`` evaluations without gain, and restore the
+        best weights before returning. ``lr_schedule`` replays per-epoch learning rates (the
+        refit repeats the selection run's).
         """
         cfg = self.cfg
         epochs = cfg.epochs if epochs is None else epochs
@@ -160,21 +162,26 @@ class Trainer:
             optimizer, mode="max", factor=cfg.reduce_lr_factor, patience=0)
             if cfg.reduce_lr_on_plateau and eval_split is not None and lr_schedule is None else None)
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        result, best_state, bad_epochs = FitResult(), None, 0
+        result, best_state, bad_evals, stop = FitResult(), None, 0, False
         loss_fn = nn.BCEWithLogitsLoss()
         n, bs = len(train), cfg.batch_size
-        for epoch in range(1, epochs + 1):
+        steps_per_epoch = math.ceil(n / bs)
+        total_steps = round(epochs * steps_per_epoch)
+        evals = max(1, cfg.evals_per_epoch)
+        eval_steps = {round(steps_per_epoch * k / evals) for k in range(1, evals + 1)}
+        for epoch in range(1, math.ceil(total_steps / steps_per_epoch) + 1):
             if lr_schedule is not None:
                 for group in optimizer.param_groups:
                     group["lr"] = lr_schedule[min(epoch, len(lr_schedule)) - 1]
             lr = optimizer.param_groups[0]["lr"]
             model.train()
             perm = torch.randperm(n, generator=generator).to(self.device)
-            total, start = torch.zeros((), device=self.device), time.perf_counter()
-            steps = math.ceil(n / bs)
-            bar = tqdm(range(steps), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False,
-                       mininterval=2.0, unit="batch")
-            for step in bar:
+            steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
+            total, seen, train_seconds = torch.zeros((), device=self.device), 0, 0.0
+            record = EpochRecord(epoch, lr, 0.0, 0.0, 0.0)
+            tick = time.perf_counter()
+            for step in tqdm(range(steps), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False,
+                             mininterval=2.0, unit="batch"):
                 index = perm[step * bs:(step + 1) * bs]
                 ids, labels = train.ids[index], train.labels[index]
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -187,27 +194,35 @@ class Trainer:
                 loss.backward()
                 optimizer.step()
                 total += loss.detach() * len(labels)
-            seconds = time.perf_counter() - start
-            record = EpochRecord(epoch, lr, float(total) / n, seconds, n / seconds)
-            if eval_split is not None:
-                record.eval = self.evaluate(model, eval_split)
-                auc = record.eval["auc"]
-                if result.best_eval is None or auc > result.best_eval["auc"]:
-                    result.best_epoch, result.best_eval, bad_epochs = epoch, record.eval, 0
-                    best_state = copy.deepcopy(model.state_dict())
-                else:
-                    bad_epochs += 1
-                if plateau is not None:
-                    plateau.step(auc)
+                seen += len(labels)
+                if eval_split is not None and step + 1 in eval_steps:
+                    train_seconds += time.perf_counter() - tick
+                    at = round(epoch - 1 + (step + 1) / steps_per_epoch, 4)
+                    metrics = self.evaluate(model, eval_split)
+                    record.evals.append({"epoch": at, **metrics})
+                    log.info("  epoch %.2f  eval auc %.5f  logloss %.5f", at, metrics["auc"], metrics["logloss"])
+                    if result.best_eval is None or metrics["auc"] > result.best_eval["auc"]:
+                        result.best_epoch, result.best_eval, bad_evals = at, metrics, 0
+                        best_state = copy.deepcopy(model.state_dict())
+                    else:
+                        bad_evals += 1
+                    model.train()
+                    tick = time.perf_counter()
+                    if bad_evals >= cfg.patience:
+                        stop = True
+                        break
+            train_seconds += time.perf_counter() - tick
+            record.train_loss, record.seconds = float(total) / max(seen, 1), train_seconds
+            record.samples, record.samples_per_second = seen, seen / max(train_seconds, 1e-9)
+            if plateau is not None and record.evals:
+                plateau.step(record.evals[-1]["auc"])
             result.history.append(record)
-            log.info("epoch %d  lr %.2e  train loss %.5f  %.0f samples/s%s", epoch, lr, record.train_loss,
-                     record.samples_per_second,
-                     f"  eval auc {record.eval['auc']:.5f} logloss {record.eval['logloss']:.5f}"
-                     if record.eval else "")
+            log.info("epoch %d  lr %.2e  train loss %.5f  %.0f samples/s", epoch, lr, record.train_loss,
+                     record.samples_per_second)
             if on_epoch_end is not None:
                 on_epoch_end(record)
-            if eval_split is not None and bad_epochs >= cfg.patience:
-                log.info("early stop: no eval AUC gain for %d epochs; best epoch %d", bad_epochs,
+            if stop:
+                log.info("early stop: no eval AUC gain in %d evaluations; best at epoch %g", bad_evals,
                          result.best_epoch)
                 break
         if best_state is not None:
