@@ -23,7 +23,7 @@ def _toy_splits(n=512, seed=0):
     ids = torch.stack([1 + a, 6 + b], 1).to(torch.int32)
     labels = ((a + b) % 2 == 0).float()
     fmap = FeatureMap([FieldInfo("a", 1, 5), FieldInfo("b", 6, 5)], 11, 1, n)
-    return fmap, Split(ids, labels), Split(ids, 1 - labels)
+    return fmap, Split(labels, {"ids": ids}), Split(1 - labels, {"ids": ids})
 
 
 def test_early_stopping_restores_best_epoch():

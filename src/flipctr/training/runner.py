@@ -52,7 +52,8 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 
 
 def _split(data: PreparedData, name: str, fit: str, device: torch.device) -> Split:
-    return Split.from_arrays(*data.split(name, fit), device)
+    ids, labels = data.split(name, fit)
+    return Split.from_arrays(labels, device, ids=ids)
 
 
 def _new_model(cfg: Config, fmap: FeatureMap, seed_offset: int = 0) -> torch.nn.Module:

@@ -31,18 +31,35 @@ def resolve_device(name: str) -> torch.device:
 
 @dataclass
 class Split:
-    """One split as tensors on the training device: ids ``(N, F)`` and float labels ``(N,)``."""
+    """One split as tensors on the training device, row-aligned: ``labels (N,)`` float and
+    named inputs, e.g. ``ids (N, F)``, or ``input_ids (N, L)`` + ``lengths (N,)`` for text."""
 
-    ids: torch.Tensor
     labels: torch.Tensor
+    inputs: dict[str, torch.Tensor]
 
     @classmethod
-    def from_arrays(cls, ids: np.ndarray, labels: np.ndarray, device: torch.device) -> "Split":
-        return cls(torch.from_numpy(np.array(ids)).to(device),  # copy: the cache is a read-only memmap
-                   torch.from_numpy(np.asarray(labels, dtype=np.float32)).to(device))
+    def from_arrays(cls, labels: np.ndarray, device: torch.device, **arrays: np.ndarray) -> "Split":
+        # np.array copies: cached arrays are read-only memory maps
+        return cls(torch.from_numpy(np.asarray(labels, dtype=np.float32)).to(device),
+                   {k: torch.from_numpy(np.array(v)).to(device) for k, v in arrays.items()})
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def batch(self, index: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        """The named inputs of rows ``index``. Text is padded only to the longest row of the
+        batch (dynamic padding) and gets its ``attention_mask``."""
+        out = {}
+        for name in names:
+            if name == "attention_mask":
+                continue
+            out[name] = self.inputs[name][index]
+        if "input_ids" in out:
+            lengths = self.inputs["lengths"][index]
+            width = int(lengths.max())
+            out["input_ids"] = out["input_ids"][:, :width]
+            out["attention_mask"] = (torch.arange(width, device=lengths.device) < lengths[:, None]).long()
+        return out
 
 
 @dataclass
@@ -111,20 +128,26 @@ def make_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     return cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=fused)
 
 
+def input_names(model: nn.Module) -> tuple[str, ...]:
+    """The inputs a model's forward takes (``model.input_names``; ID models take ``ids``)."""
+    return tuple(getattr(model, "input_names", ("ids",)))
+
+
 @torch.no_grad()
-def predict(model: nn.Module, ids: torch.Tensor, batch_size: int = 8192,
+def predict(model: nn.Module, split: Split, batch_size: int = 8192,
             amp_dtype: torch.dtype | None = None) -> np.ndarray:
     model.eval()
-    out = []
-    for i in range(0, len(ids), batch_size):
-        with torch.autocast(ids.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
-            out.append(torch.sigmoid(model(ids[i:i + batch_size]).logits.float()))
+    names, device, out = input_names(model), split.labels.device, []
+    for i in range(0, len(split), batch_size):
+        batch = split.batch(torch.arange(i, min(i + batch_size, len(split)), device=device), names)
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            out.append(torch.sigmoid(model(**batch).logits.float()))
     return torch.cat(out).cpu().numpy()
 
 
 def evaluate(model: nn.Module, split: Split, batch_size: int = 8192,
              amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    return ctr_metrics(split.labels.cpu().numpy(), predict(model, split.ids, batch_size, amp_dtype))
+    return ctr_metrics(split.labels.cpu().numpy(), predict(model, split, batch_size, amp_dtype))
 
 
 class Trainer:
@@ -164,7 +187,7 @@ class Trainer:
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         result, best_state, bad_evals, stop = FitResult(), None, 0, False
         loss_fn = nn.BCEWithLogitsLoss()
-        n, bs = len(train), cfg.batch_size
+        n, bs, names = len(train), cfg.batch_size, input_names(model)
         steps_per_epoch = math.ceil(n / bs)
         total_steps = round(epochs * steps_per_epoch)
         evals = max(1, cfg.evals_per_epoch)
@@ -183,13 +206,13 @@ class Trainer:
             for step in tqdm(range(steps), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False,
                              mininterval=2.0, unit="batch"):
                 index = perm[step * bs:(step + 1) * bs]
-                ids, labels = train.ids[index], train.labels[index]
+                batch, labels = train.batch(index, names), train.labels[index]
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
-                    out = model(ids)
+                    out = model(**batch)
                 loss = loss_fn(out.logits.float(), labels)
                 if cfg.embedding_l2 > 0:
-                    loss = loss + cfg.embedding_l2 * model.embed(ids).pow(2).sum() / len(labels)
+                    loss = loss + cfg.embedding_l2 * model.embed(batch["ids"]).pow(2).sum() / len(labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
