@@ -34,8 +34,12 @@ class TokenizedPrompts:
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
-    """A hash of the tokenizer's full definition (vocabulary, normalizer, special tokens)."""
-    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()[:16]
+    """A hash of the tokenizer's definition (vocabulary, normalizer, special tokens), without
+    the truncation/padding state that each call changes."""
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec.pop("truncation", None)
+    spec.pop("padding", None)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def value_token_spans(offsets: np.ndarray, valid: np.ndarray, value_chars: np.ndarray) -> np.ndarray:

@@ -1,0 +1,96 @@
+"""Prompts, tokenization with value spans, and the language-model wrapper, on a tiny
+WordPiece vocabulary and a tiny BERT built here (no download)."""
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from flipctr.data.prompts import PromptBuilder
+from flipctr.data.text import load_or_build_text, tokenize_prompts
+from flipctr.training.trainer import Split
+
+from conftest import tiny_tokenizer
+
+WORDS = ["user", "id", "is", "zip", "code", "title", "genre", "toy", "story", "the", "room", "comedy",
+         "25", "34", "-", "(", ")", ".", ",", "1995", "2001", "am", "##elie", "48", "##06", "##7"]
+
+
+@pytest.fixture
+def tokenizer():
+    return tiny_tokenizer(WORDS)
+
+
+@pytest.fixture
+def table():
+    return pd.DataFrame({
+        "user ID": ["1", "22", "7"],
+        "zip code": ["48067", "25-34", "0"],
+        "title": ["Toy Story (1995)", "Amélie (2001)", "The Room, Toy"],
+        "genre": ["Comedy", "Comedy", "Drama"],  # "drama" is not in the vocabulary: [UNK]
+    })
+
+
+def test_prompt_text_and_value_characters(table):
+    prompts = PromptBuilder(list(table.columns)).build(table)
+    assert prompts.texts[0] == "user ID is 1. zip code is 48067. title is Toy Story (1995). genre is Comedy."
+    for text, spans, (_, row) in zip(prompts.texts, prompts.value_chars, table.iterrows()):
+        assert [text[a:b] for a, b in spans] == row.tolist()
+
+
+def test_every_value_span_decodes_to_the_value(table, tokenizer):
+    prompts = PromptBuilder(list(table.columns)).build(table)
+    tok = tokenize_prompts(prompts, tokenizer, max_length=64)
+    assert tok.report["fields_lost"] == 0
+    for i, text in enumerate(prompts.texts):
+        enc = tokenizer(text, return_offsets_mapping=True)
+        assert tok.lengths[i] == len(enc["input_ids"])
+        for j, value in enumerate(table.iloc[i]):
+            start, end = tok.value_spans[i, j]
+            assert 0 < start < end <= tok.lengths[i] - 1  # never [CLS]/[SEP]
+            offsets = enc["offset_mapping"]
+            assert text[offsets[start][0]:offsets[end - 1][1]] == value  # exactly the value's characters
+            field_tokens = tokenizer.convert_ids_to_tokens(tok.input_ids[i, start - 2:start].tolist())
+            assert field_tokens[-1] == "is"  # the span starts right after "<field> is"
+    # decoding the span gives the value (lower-cased, accents stripped by the BERT normaliser)
+    s, e = tok.value_spans[1, 2]
+    assert tokenizer.decode(tok.input_ids[1, s:e]).replace(" ", "") == "amelie(2001)"
+    s, e = tok.value_spans[2, 3]
+    assert tokenizer.convert_ids_to_tokens(tok.input_ids[2, s:e].tolist()) == ["[UNK]"]
+
+
+def test_truncation_is_counted_per_field(table, tokenizer):
+    prompts = PromptBuilder(list(table.columns)).build(table)
+    tok = tokenize_prompts(prompts, tokenizer, max_length=16)
+    assert (tok.lengths <= 16).all()
+    lost = tok.value_spans[..., 1] == 0
+    assert lost[:, 0].sum() == 0 and lost[:, 3].all()  # the last field is always cut here
+    assert tok.report["fields_lost"] == int(lost.sum()) > 0
+    assert tok.report["samples_truncated"] == int(lost.any(1).sum())
+    assert sum(tok.report["samples_by_fields_lost"].values()) == len(table)
+    # a cut value never has a partial span: every kept span ends inside the sequence
+    kept = ~lost
+    assert (tok.value_spans[..., 1][kept] <= tok.lengths[:, None].repeat(4, 1)[kept] - 1).all()
+
+
+def test_text_cache_is_reused(table, tokenizer, tmp_path):
+    fields = list(table.columns)
+    first = load_or_build_text(tmp_path, table, fields, tokenizer, 64)
+    again = load_or_build_text(tmp_path, None, fields, tokenizer, 64,
+                               values_loader=lambda: pytest.fail("rebuilt the cache"))
+    np.testing.assert_array_equal(first.input_ids, again.input_ids)
+    assert isinstance(again.input_ids, np.memmap)
+    assert again.report["fields_lost_by_field"] == {f: 0 for f in fields}
+
+
+def test_batches_are_padded_dynamically(table, tokenizer):
+    prompts = PromptBuilder(list(table.columns)).build(table)
+    tok = tokenize_prompts(prompts, tokenizer, max_length=64)
+    split = Split.from_arrays(np.zeros(3), torch.device("cpu"), input_ids=tok.input_ids, lengths=tok.lengths)
+    short = int(np.argmin(tok.lengths))
+    batch = split.batch(torch.tensor([short]), ("input_ids", "attention_mask"))
+    assert batch["input_ids"].shape == (1, tok.lengths[short]) < (1, tok.input_ids.shape[1])
+    assert batch["attention_mask"].all()
+    full = split.batch(torch.arange(3), ("input_ids", "attention_mask"))
+    assert full["input_ids"].shape[1] == tok.lengths.max()
+    np.testing.assert_array_equal(full["attention_mask"].sum(1).numpy(), tok.lengths)
