@@ -17,6 +17,7 @@ class DataConfig:
     valid_fraction: float = 1 / 9  # carved from the END of the training part
     min_count: int = 1  # values seen fewer times in the fitting rows map to OOV
     limit: int | None = None  # only the first N labelled samples, in split order
+    max_length: int | None = None  # prompt tokens; None: per dataset (GoodReads 180, others 100)
 
 
 @dataclass
@@ -44,16 +45,19 @@ class ModelConfig:
     afm_attention_dim: int = 32
     # AFN
     afn_log_neurons: int = 64
+    # language model (model "plm", and FLIP)
+    plm: str = "minilm-l6"  # packaged name, local folder or hub id
+    plm_trainable_layers: int | None = None  # None: all layers train; k: only the top k
 
 
 @dataclass
 class TrainConfig:
     optimizer: str = "adam"  # "adam" or "adamw"
-    lr: float = 1e-3
+    lr: float | None = None  # None: the model's default (1e-3 ID models, 5e-5 language models)
     weight_decay: float = 0.0
     embedding_l2: float = 0.0  # L2 on the embedding rows a batch touches
     batch_size: int = 256
-    eval_batch_size: int = 8192
+    eval_batch_size: int | None = None  # None: the model's default (8192 ID models, 256 language models)
     epochs: int = 20
     patience: int = 2  # evaluations without a validation-AUC gain before stopping
     evals_per_epoch: int = 1  # validation evaluations per epoch (finer choice of training length)

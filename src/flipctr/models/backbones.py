@@ -33,6 +33,10 @@ class CTROutput:
 class CTRModel(nn.Module):
     """Base class: the shared embedding table and the encode/logit split."""
 
+    input_names = ("ids",)
+    default_lr = 1e-3
+    default_eval_batch_size = 8192
+
     def __init__(self, config: ModelConfig, feature_map: FeatureMap):
         super().__init__()
         self.config = config

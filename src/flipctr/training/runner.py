@@ -13,6 +13,7 @@ Run folder layout::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -26,9 +27,10 @@ from safetensors.torch import load_file, save_file
 from ..config import Config
 from ..data.cache import PreparedData, prepare
 from ..data.encoder import FeatureMap
-from ..models.backbones import build_model
+from ..models import build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
-from .trainer import Split, Trainer, autocast_dtype, resolve_device
+from .trainer import (Split, Trainer, autocast_dtype, input_names, resolve_device,
+                      resolve_train_config)
 
 log = logging.getLogger("flipctr")
 PROTOCOLS = ("clean", "paper")
@@ -51,14 +53,39 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
         save_file(state, str(tmp))
 
 
-def _split(data: PreparedData, name: str, fit: str, device: torch.device) -> Split:
-    ids, labels = data.split(name, fit)
-    return Split.from_arrays(labels, device, ids=ids)
+DEFAULT_MAX_LENGTH = {"goodreads": 180}  # prompt tokens; 100 elsewhere
 
 
-def _new_model(cfg: Config, fmap: FeatureMap, seed_offset: int = 0) -> torch.nn.Module:
-    seed_everything(cfg.train.seed + seed_offset)
-    return build_model(cfg.model, fmap)
+class RunData:
+    """The arrays a model needs from a prepared dataset: ids, and tokenized prompts for
+    language-model inputs (built once and cached beside the encoded table)."""
+
+    def __init__(self, data: PreparedData, cfg: Config, device: torch.device, text: bool):
+        self.data, self.device, self.text = data, device, None
+        if text:
+            from ..data.text import load_or_build_text
+            from ..models.language import load_tokenizer
+
+            max_length = cfg.data.max_length or DEFAULT_MAX_LENGTH.get(data.name, 100)
+            self.text = load_or_build_text(data.folder, None, data.fields, load_tokenizer(cfg.model.plm),
+                                           max_length, values_loader=data.values)
+            report = self.text.report
+            log.info("prompts: %.1f tokens on average (p95 %.0f, max %d); %d samples lost %d fields to "
+                     "truncation at %d tokens", report["tokens_mean"], report["tokens_p95"],
+                     report["tokens_max"], report["samples_truncated"], report["fields_lost"], max_length)
+
+    def split(self, name: str, fit: str) -> Split:
+        ids, labels = self.data.split(name, fit)
+        arrays = {"ids": ids}
+        if self.text is not None:
+            start, stop = self.data.sizes.bounds(name)
+            arrays.update(input_ids=self.text.input_ids[start:stop], lengths=self.text.lengths[start:stop])
+        return Split.from_arrays(labels, self.device, **arrays)
+
+
+def _new_model(cfg: Config, fmap: FeatureMap) -> torch.nn.Module:
+    seed_everything(cfg.train.seed)
+    return build_ctr_model(cfg.model, fmap)
 
 
 def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None) -> dict:
@@ -75,34 +102,34 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None) -
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
+    started = time.perf_counter()
+    data = prepare(cfg.data, data_root)
+    # the paper protocol trains on the whole 90 %, so its encoding is fitted there
+    fmap = data.encoding("train+valid" if cfg.train.protocol == "paper" else "train").feature_map
+    model = _new_model(cfg, fmap)
+    cfg = dataclasses.replace(cfg, train=resolve_train_config(cfg.train, model))
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_json(run_dir / "environment.json", {**environment_info(str(device)), "seed": cfg.train.seed,
                                               "amp": str(autocast_dtype(cfg.train.amp, device))})
-    started = time.perf_counter()
-
-    data = prepare(cfg.data, data_root)
     log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
              data.name, data.sizes.train, data.sizes.valid, data.sizes.test, len(data.fields),
              cfg.model.name, device, cfg.train.protocol)
+    rd = RunData(data, cfg, device, text="input_ids" in input_names(model))
     trainer = Trainer(cfg.train, device)
     metrics: dict = {"protocol": cfg.train.protocol, "dataset": data.name, "model": cfg.model.name}
 
     if cfg.train.protocol == "paper":
-        # Paper protocol: train on the whole 90 %, early-stop on TEST (as the official code did).
-        fmap = data.encoding("train+valid").feature_map
-        model = _new_model(cfg, fmap)
-        test = _split(data, "test", "train+valid", device)
-        fit = trainer.fit(model, _split(data, "train+valid", "train+valid", device), eval_split=test)
+        # Paper protocol: early-stop on TEST, as the official code did.
+        test = rd.split("test", "train+valid")
+        fit = trainer.fit(model, rd.split("train+valid", "train+valid"), eval_split=test)
         metrics.update(selected_on="test", note="selected on test (paper protocol; not a clean estimate)",
                        valid=None, test=trainer.evaluate(model, test),
                        test_before_refit=None)
         final_fit = fit
     else:
-        fmap = data.encoding("train").feature_map
-        model = _new_model(cfg, fmap)
-        valid = _split(data, "valid", "train", device)
-        fit = trainer.fit(model, _split(data, "train", "train", device), eval_split=valid)
-        test_select = trainer.evaluate(model, _split(data, "test", "train", device))
+        valid = rd.split("valid", "train")
+        fit = trainer.fit(model, rd.split("train", "train"), eval_split=valid)
+        test_select = trainer.evaluate(model, rd.split("test", "train"))
         metrics.update(selected_on="valid", valid=fit.best_eval, test_before_refit=test_select)
         final_fit = fit
         if cfg.train.refit:
@@ -110,9 +137,9 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None) -
             log.info("refit on train+valid for %g epochs", fit.best_epoch)
             fmap = data.encoding("train+valid").feature_map
             model = _new_model(cfg, fmap)
-            final_fit = trainer.fit(model, _split(data, "train+valid", "train+valid", device),
+            final_fit = trainer.fit(model, rd.split("train+valid", "train+valid"),
                                     epochs=fit.best_epoch, lr_schedule=fit.lr_per_epoch)
-            metrics["test"] = trainer.evaluate(model, _split(data, "test", "train+valid", device))
+            metrics["test"] = trainer.evaluate(model, rd.split("test", "train+valid"))
         else:
             metrics["test"] = test_select
     fmap.save(run_dir / "feature_map.json")
@@ -140,14 +167,14 @@ def evaluate_run(run_dir: str | Path, data_root: Path | None = None) -> dict:
     saved = json.loads((run_dir / "metrics.json").read_text())
     device = resolve_device(cfg.train.device)
     data = prepare(cfg.data, data_root)
-    fmap = FeatureMap.load(run_dir / "feature_map.json")
-    model = build_model(cfg.model, fmap)
+    model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"))
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     model.to(device)
+    rd = RunData(data, cfg, device, text="input_ids" in input_names(model))
     trainer = Trainer(cfg.train, device)
     encoding = saved.get("encoding", "train")
     out = {"run_dir": str(run_dir), "protocol": saved["protocol"], "selected_on": saved["selected_on"],
-           "test": trainer.evaluate(model, _split(data, "test", encoding, device))}
+           "test": trainer.evaluate(model, rd.split("test", encoding))}
     if encoding == "train":
-        out["valid"] = trainer.evaluate(model, _split(data, "valid", "train", device))
+        out["valid"] = trainer.evaluate(model, rd.split("valid", "train"))
     return out
