@@ -142,3 +142,25 @@ def tiny_tokenizer(words: list[str]):
     backend.decoder = decoders.WordPiece()
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
                                    cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+
+
+ML1M_WORDS = ["user", "id", "is", "gender", "female", "male", "age", "occupation", "zip", "code", "movie",
+              "title", "genre", "-", "(", ")", ".", "/", "action", "drama", "comedy", "film", "noir", "sci",
+              "fi", "children", "'", "s", "under", "movie", "et"]
+
+
+@pytest.fixture
+def tiny_plm(tmp_path: Path) -> Path:
+    """A tiny BERT and its tokenizer saved as a local model folder (what users point --plm at)."""
+    from transformers import BertConfig, BertModel
+
+    tokenizer = tiny_tokenizer(ML1M_WORDS)
+    config = BertConfig(vocab_size=len(tokenizer), hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=128)
+    import torch
+
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-bert"
+    BertModel(config, add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

@@ -94,3 +94,32 @@ def test_batches_are_padded_dynamically(table, tokenizer):
     full = split.batch(torch.arange(3), ("input_ids", "attention_mask"))
     assert full["input_ids"].shape[1] == tok.lengths.max()
     np.testing.assert_array_equal(full["attention_mask"].sum(1).numpy(), tok.lengths)
+
+
+def test_language_model_cls_and_freezing(tiny_plm):
+    from flipctr.models.language import LanguageModel, load_tokenizer
+
+    lm = LanguageModel.from_pretrained(str(tiny_plm))
+    tok = load_tokenizer(str(tiny_plm))
+    enc = tok(["user ID is 1.", "gender is female. age is 25-34."], padding=True, return_tensors="pt")
+    out = lm(enc["input_ids"], enc["attention_mask"])
+    assert out.hidden_states.shape == (2, enc["input_ids"].shape[1], 16)
+    torch.testing.assert_close(out.cls, out.hidden_states[:, 0])
+    lm.freeze(trainable_top_layers=1)
+    trainable = {n for n, p in lm.named_parameters() if p.requires_grad}
+    assert trainable and all(".layer.1." in n for n in trainable)
+
+
+def test_plm_ctr_model_trains_through_the_same_runner(ml1m_root, tiny_plm, tmp_path):
+    from conftest import tiny_config
+    from flipctr.training.runner import evaluate_run, train_run
+
+    cfg = tiny_config(epochs=1, batch_size=16)
+    cfg.model.name, cfg.model.plm = "plm", str(tiny_plm)
+    cfg.data.limit = 200
+    metrics = train_run(cfg, tmp_path / "plm", data_root=ml1m_root)
+    assert metrics["model"] == "plm" and 0 <= metrics["test"]["auc"] <= 1
+    saved = (tmp_path / "plm" / "config.yaml").read_text()
+    assert "lr: 5.0e-05" in saved and "eval_batch_size: 256" in saved  # resolved language-model defaults
+    assert any(ml1m_root.glob("cache/ml-1m-*/text-*/report.json"))
+    assert evaluate_run(tmp_path / "plm", data_root=ml1m_root)["test"] == pytest.approx(metrics["test"])
