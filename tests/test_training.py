@@ -121,3 +121,20 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
     assert "run `flipctr data get ml-1m`" in capsys.readouterr().err
     assert main(["train", "--run-dir", str(tmp_path / "r"), "--set", "train.nope=1"]) == 2
     assert "unknown key train.nope" in capsys.readouterr().err
+
+
+def test_sparse_embeddings_use_lazy_adam_and_still_learn():
+    from flipctr.training.trainer import make_optimizer
+
+    cfg = tiny_config(epochs=5, lr=0.05, sparse_embeddings="on")
+    fmap, train, _ = _toy_splits()
+    torch.manual_seed(0)
+    model = build_model(cfg.model, fmap)
+    opt = make_optimizer(model, cfg.train)
+    assert [type(o).__name__ for o in opt.optimizers] == ["Adam", "SparseAdam"]
+    model(ids=train.inputs["ids"][:8]).logits.sum().backward()
+    assert model.embedding.weight.grad.is_sparse
+    result = Trainer(cfg.train, torch.device("cpu")).fit(build_model(cfg.model, fmap), train, eval_split=train)
+    assert result.best_eval["auc"] > 0.95
+    cfg.train.sparse_embeddings = "auto"  # a 11-row table stays dense
+    assert [type(o).__name__ for o in make_optimizer(build_model(cfg.model, fmap), cfg.train).optimizers] == ["Adam"]

@@ -26,7 +26,7 @@ class ModelConfig:
     embedding_dim: int = 32
     dnn_hidden: list[int] = field(default_factory=lambda: [300, 300, 128])
     dropout: float = 0.0
-    batch_norm: bool = False
+    batch_norm: bool = True  # chosen on ML-1M validation AUC with DCNv2: 0.8300 vs 0.8240 without
     # DCN / DCNv2
     cross_layers: int = 3
     cross_variant: str = "full"  # "full" (DCNv2 paper) or "mix" (low-rank mixture, DCN-Mix)
@@ -55,6 +55,7 @@ class TrainConfig:
     optimizer: str = "adam"  # "adam" or "adamw"
     lr: float | None = None  # None: the model's default (1e-3 ID models, 5e-5 language models)
     weight_decay: float = 0.0
+    sparse_embeddings: str = "auto"  # lazy Adam on sparse rows: "auto" (tables >= 100k rows), "on", "off"
     embedding_l2: float = 0.0  # L2 on the embedding rows a batch touches
     batch_size: int = 256
     eval_batch_size: int | None = None  # None: the model's default (8192 ID models, 256 language models)
