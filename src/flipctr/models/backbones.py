@@ -28,6 +28,7 @@ from .layers import (CIN, MLP, AttentionalPooling, CrossNetMix, CrossNetV1, Cros
 class CTROutput:
     logits: torch.Tensor  # (B,)
     representation: torch.Tensor  # (B, H)
+    aux_logits: tuple[torch.Tensor, ...] = ()  # extra heads, each trained with its own BCE (FLIP Eq. 15)
 
 
 class CTRModel(nn.Module):

@@ -270,6 +270,8 @@ class Trainer:
                                     enabled=self.amp_dtype is not None):
                     out = model(**batch)
                 loss = loss_fn(out.logits.float(), labels)
+                for aux in out.aux_logits:
+                    loss = loss + loss_fn(aux.float(), labels)
                 if cfg.embedding_l2 > 0:
                     loss = loss + cfg.embedding_l2 * model.embed(batch["ids"]).pow(2).sum() / len(labels)
                 optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,85 @@
+"""Field-level masking for both modalities (FLIP 3.3.1), applied per batch.
+
+Each sample chooses ``max(1, round(ratio * F))`` fields uniformly at random, independently for
+the text and the tabular side. Tabular: the chosen fields' ids become the one shared
+``<MASK>`` id. Text: every token of the chosen fields' VALUES becomes the mask token (the
+field names stay), located through the value spans recorded at tokenization. A chosen text
+field whose value was cut by truncation has no tokens: it gives no target, and is counted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def choose_fields(batch: int, num_fields: int, ratio: float, generator: torch.Generator | None = None,
+                  device: torch.device | None = None) -> torch.Tensor:
+    """(B, F) bool: exactly ``max(1, round(ratio * F))`` True per row, uniformly placed."""
+    k = max(1, round(ratio * num_fields))
+    scores = torch.rand(batch, num_fields, generator=generator, device=device)
+    chosen = torch.zeros(batch, num_fields, dtype=torch.bool, device=device)
+    return chosen.scatter_(1, scores.argsort(dim=1)[:, :k], True)
+
+
+def mask_tabular(ids: torch.Tensor, chosen: torch.Tensor, mask_id: int) -> torch.Tensor:
+    """ids (B, F), chosen (B, F) -> ids with the chosen fields replaced by ``mask_id``."""
+    return ids.masked_fill(chosen, mask_id)
+
+
+def span_token_mask(value_spans: torch.Tensor, chosen: torch.Tensor, width: int) -> torch.Tensor:
+    """value_spans (B, F, 2), chosen (B, F) -> (B, width) bool: tokens of the chosen values."""
+    pos = torch.arange(width, device=value_spans.device)[None, None, :]
+    inside = (pos >= value_spans[..., :1]) & (pos < value_spans[..., 1:])  # (B, F, W)
+    return (inside & chosen[..., None]).any(1)
+
+
+def random_token_mask(attention_mask: torch.Tensor, special: torch.Tensor, ratio: float,
+                      generator: torch.Generator | None = None) -> torch.Tensor:
+    """BERT-style token-level masking (the ablation): each real, non-special token with
+    probability ``ratio``; at least one per row."""
+    candidates = attention_mask.bool() & ~special
+    scores = torch.rand(candidates.shape, generator=generator, device=candidates.device)
+    scores = scores.masked_fill(~candidates, 2.0)
+    picked = (scores < ratio) & candidates
+    first = scores.argmin(1)  # guarantees one masked token per row
+    picked[torch.arange(len(picked), device=picked.device), first] = True
+    return picked & candidates
+
+
+@dataclass
+class MaskedBatch:
+    masked_ids: torch.Tensor  # (B, F) tabular ids with <MASK>
+    tab_chosen: torch.Tensor  # (B, F) fields masked on the tabular side
+    masked_input_ids: torch.Tensor  # (B, L) text with mask tokens
+    text_positions: torch.Tensor  # (B, L) masked token positions (the MLM targets)
+    text_fields_lost: int  # chosen text fields with no tokens (cut by truncation)
+
+
+class FieldMasker:
+    """Masks a batch of paired text/tabular inputs (field-level, or token-level for the ablation)."""
+
+    def __init__(self, num_fields: int, tab_mask_id: int, text_mask_id: int, text_ratio: float = 0.15,
+                 tab_ratio: float = 0.15, token_level: bool = False, cls_id: int | None = None,
+                 sep_id: int | None = None):
+        self.num_fields, self.tab_mask_id, self.text_mask_id = num_fields, tab_mask_id, text_mask_id
+        self.text_ratio, self.tab_ratio, self.token_level = text_ratio, tab_ratio, token_level
+        self.special_ids = [i for i in (cls_id, sep_id) if i is not None]
+
+    def __call__(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                 value_spans: torch.Tensor, generator: torch.Generator | None = None) -> MaskedBatch:
+        batch, device = ids.shape[0], ids.device
+        tab = choose_fields(batch, self.num_fields, self.tab_ratio, generator, device)
+        lost = 0
+        if self.token_level:
+            special = torch.zeros_like(input_ids, dtype=torch.bool)
+            for token in self.special_ids:
+                special |= input_ids == token
+            positions = random_token_mask(attention_mask, special, self.text_ratio, generator)
+        else:
+            text = choose_fields(batch, self.num_fields, self.text_ratio, generator, device)
+            positions = span_token_mask(value_spans, text, input_ids.shape[1])
+            lost = int((text & (value_spans[..., 1] == 0)).sum())
+        return MaskedBatch(mask_tabular(ids, tab, self.tab_mask_id), tab,
+                           input_ids.masked_fill(positions, self.text_mask_id), positions, lost)

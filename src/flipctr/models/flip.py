@@ -1,0 +1,231 @@
+"""FLIP: fine-grained alignment of an ID-based model and a language model.
+
+Pretraining (paper 3.3): masked language modeling with the tabular representation (MLM,
+Eq. 5-6), masked tabular modeling with cross-attention to the text and NCE (MTM, Eq. 7-10),
+and instance-level contrastive learning (ICL, Eq. 11); total loss Eq. 12.
+Finetuning (3.4): ``σ(α ℓ_ID + (1 − α) ℓ_PLM)`` with three BCE losses (Eq. 13-15).
+
+Shapes: B batch, F fields, L tokens, Dt text hidden size, Dv ID representation size,
+V text vocabulary, M feature space (global ids), K noise features.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..data.masking import FieldMasker, MaskedBatch
+from .backbones import CTRModel, CTROutput
+from .language import LanguageModel
+
+
+@dataclass
+class FlipConfig:
+    mlm: bool = True
+    mtm: bool = True
+    icl: bool = True
+    joint_reconstruction: bool = True  # False: MLM sees only ŵ, MTM only v̂ (ablation)
+    token_level_masking: bool = False  # ablation: BERT-style random tokens instead of fields
+    text_mask_ratio: float = 0.15
+    tab_mask_ratio: float = 0.15
+    nce_noise: int = 25  # K
+    mtm_dim: int = 32  # per-field projection size scored against the output feature table
+    icl_dim: int = 128  # d
+    temperature: float = 0.7  # τ
+    mlm_dropout: float = 0.2
+
+
+def nce_loss(target_scores: torch.Tensor, noise_scores: torch.Tensor, target_logq: torch.Tensor,
+             noise_logq: torch.Tensor, k: int) -> torch.Tensor:
+    """Noise-contrastive estimation (Eq. 10) with the ``log(K q)`` correction.
+
+    The classifier's logit for feature j is ``s_j − log(K q_j)``: targets (N,) are pushed to 1,
+    noise (N, K) to 0. Returns the per-target loss (N,).
+    """
+    pos = target_scores - (math.log(k) + target_logq)
+    neg = noise_scores - (math.log(k) + noise_logq)
+    return F.softplus(-pos) + F.softplus(neg).sum(-1)
+
+
+def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Symmetric InfoNCE with dot-product similarity (Eq. 11): z_a, z_b (B, d) -> scalar."""
+    logits = z_a @ z_b.t() / temperature
+    target = torch.arange(len(z_a), device=z_a.device)
+    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+
+
+def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows under DDP (gradient flows to the local part); identity otherwise."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return z
+    import torch.distributed.nn.functional as dist_fn
+
+    return torch.cat(dist_fn.all_gather(z), dim=0)
+
+
+class MLMHead(nn.Module):
+    """g_PLM (Eq. 5): ``Linear(Dt + Dv → Dt) → tanh → dropout → Linear(Dt → V)``."""
+
+    def __init__(self, text_dim: int, tab_dim: int, vocab_size: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(text_dim + tab_dim, text_dim), nn.Tanh(), nn.Dropout(dropout),
+                                 nn.Linear(text_dim, vocab_size))
+
+    def forward(self, tokens: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
+        """tokens (N, Dt) masked positions only, reference (N, Dv) or None -> (N, V) logits."""
+        return self.net(torch.cat([tokens, reference], -1))
+
+
+class MTMHead(nn.Module):
+    """Cross-attention (Eq. 7) and per-field NCE scoring of the masked features (Eq. 8-10).
+
+    ``u = softmax(v̂ Q wᵀ / √Dt) w`` over the clean text states, padding masked. A masked
+    field f is scored as ``s_j = P_f [v̂ ⊕ u] · E_j + b_j`` for feature j, where ``E`` is an
+    output table over all M features and ``b_j`` starts at ``log q_j`` (the training
+    frequency), so the NCE classifier starts at 1/(K+1) for every feature.
+    """
+
+    def __init__(self, tab_dim: int, text_dim: int, num_fields: int, counts: torch.Tensor, dim: int,
+                 joint: bool = True):
+        super().__init__()
+        self.query = nn.Linear(tab_dim, text_dim, bias=False) if joint else None  # Q
+        self.field_proj = nn.Parameter(torch.empty(num_fields, tab_dim + (text_dim if joint else 0), dim))
+        self.output = nn.Embedding(len(counts), dim)
+        q = counts.double().clamp_min(1) / counts.double().clamp_min(1).sum()  # smoothed frequencies
+        self.register_buffer("log_q", q.log().float(), persistent=True)
+        self.register_buffer("noise_probs", counts.double().clamp_min(0).float(), persistent=False)
+        self.bias = nn.Parameter(self.log_q.clone())
+        nn.init.xavier_normal_(self.field_proj)
+        nn.init.normal_(self.output.weight, std=dim ** -0.5)
+        self.text_dim = text_dim
+
+    def attend(self, v_hat: torch.Tensor, w: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """v_hat (B, Dv), w (B, L, Dt), attention_mask (B, L) -> u (B, Dt)."""
+        scores = torch.einsum("bd,bld->bl", self.query(v_hat), w) / math.sqrt(self.text_dim)
+        scores = scores.masked_fill(attention_mask == 0, torch.finfo(scores.dtype).min)
+        return torch.einsum("bl,bld->bd", torch.softmax(scores, -1), w)
+
+    def sample_noise(self, n: int, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """(n, k) feature ids drawn by training frequency."""
+        return torch.multinomial(self.noise_probs, n * k, replacement=True, generator=generator).view(n, k)
+
+    def forward(self, v_hat: torch.Tensor, u: torch.Tensor | None, chosen: torch.Tensor, targets: torch.Tensor,
+                k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """Per-sample MTM loss (B,): mean NCE loss over the sample's masked fields (Eq. 9-10).
+
+        chosen (B, F) masked fields, targets (B, F) the original ids. ``u`` None: no text
+        reference (ablation "w/o joint reconstruction").
+        """
+        rows, fields = chosen.nonzero(as_tuple=True)
+        ctx = v_hat if u is None else torch.cat([v_hat, u], -1)
+        h = torch.einsum("nd,nde->ne", ctx[rows], self.field_proj[fields])  # (N, dim)
+        target = targets[rows, fields].long()
+        noise = self.sample_noise(len(rows), k, generator).to(target.device)
+        target_scores = (h * self.output(target)).sum(-1) + self.bias[target]
+        noise_scores = torch.einsum("ne,nke->nk", h, self.output(noise)) + self.bias[noise]
+        per_target = nce_loss(target_scores, noise_scores, self.log_q[target], self.log_q[noise], k)
+        per_sample = torch.zeros(len(chosen), device=v_hat.device, dtype=per_target.dtype)
+        per_sample.index_add_(0, rows, per_target)
+        return per_sample / chosen.sum(1).clamp_min(1)
+
+
+class ICLHead(nn.Module):
+    """Projections of ``[CLS]`` and ``v`` to d dims; symmetric InfoNCE, τ (Eq. 11)."""
+
+    def __init__(self, text_dim: int, tab_dim: int, dim: int, temperature: float):
+        super().__init__()
+        self.text_proj = nn.Linear(text_dim, dim)
+        self.tab_proj = nn.Linear(tab_dim, dim)
+        self.temperature = temperature
+
+    def forward(self, cls: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        z_text = gather_with_grad(self.text_proj(cls))
+        z_tab = gather_with_grad(self.tab_proj(v))
+        return info_nce(z_text, z_tab, self.temperature)
+
+
+@dataclass
+class PretrainOutput:
+    loss: torch.Tensor
+    mlm: torch.Tensor | None = None
+    mtm: torch.Tensor | None = None
+    icl: torch.Tensor | None = None
+    text_fields_lost: int = 0
+
+
+class FlipPretrainModel(nn.Module):
+    """The ID backbone and the language model with the three alignment heads."""
+
+    input_names = ("ids", "input_ids", "attention_mask", "value_spans")
+
+    def __init__(self, backbone: CTRModel, language_model: LanguageModel, counts: torch.Tensor,
+                 config: FlipConfig, tab_mask_id: int, text_mask_id: int, vocab_size: int,
+                 cls_id: int | None = None, sep_id: int | None = None):
+        super().__init__()
+        if not (config.mlm or config.mtm or config.icl):
+            raise ValueError("pretraining needs at least one of MLM, MTM, ICL")
+        self.config, self.backbone, self.language_model = config, backbone, language_model
+        dt, dv = language_model.hidden_size, backbone.output_dim
+        self.masker = FieldMasker(backbone.num_fields, tab_mask_id, text_mask_id, config.text_mask_ratio,
+                                  config.tab_mask_ratio, config.token_level_masking, cls_id, sep_id)
+        self.mlm_head = MLMHead(dt, dv if config.joint_reconstruction else 0, vocab_size,
+                                config.mlm_dropout) if config.mlm else None
+        self.mtm_head = (MTMHead(dv, dt, backbone.num_fields, counts, config.mtm_dim, config.joint_reconstruction)
+                         if config.mtm else None)
+        self.icl_head = ICLHead(dt, dv, config.icl_dim, config.temperature) if config.icl else None
+
+    def forward(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                value_spans: torch.Tensor, generator: torch.Generator | None = None) -> PretrainOutput:
+        cfg = self.config
+        masked: MaskedBatch = self.masker(ids, input_ids, attention_mask, value_spans, generator)
+        need_clean_text = cfg.icl or (cfg.mtm and cfg.joint_reconstruction)
+        need_clean_tab = cfg.icl or (cfg.mlm and cfg.joint_reconstruction)
+        w = self.language_model(input_ids, attention_mask) if need_clean_text else None
+        v = self.backbone.encode(ids) if need_clean_tab else None
+        losses: dict[str, torch.Tensor] = {}
+        if cfg.mlm:
+            w_hat = self.language_model(masked.masked_input_ids, attention_mask).hidden_states
+            rows, cols = masked.text_positions.nonzero(as_tuple=True)
+            ref = v[rows] if cfg.joint_reconstruction else w_hat.new_zeros(len(rows), 0)
+            logits = self.mlm_head(w_hat[rows, cols], ref)
+            per_token = F.cross_entropy(logits.float(), input_ids[rows, cols].long(), reduction="none")
+            per_sample = torch.zeros(len(ids), device=ids.device).index_add_(0, rows, per_token)
+            counts = masked.text_positions.sum(1)
+            has_target = counts > 0
+            losses["mlm"] = (per_sample[has_target] / counts[has_target]).sum() / len(ids)  # Eq. 6, 12
+        if cfg.mtm:
+            v_hat = self.backbone.encode(masked.masked_ids)
+            u = self.mtm_head.attend(v_hat, w.hidden_states, attention_mask) if cfg.joint_reconstruction else None
+            losses["mtm"] = self.mtm_head(v_hat, u, masked.tab_chosen, ids, cfg.nce_noise, generator).float().mean()
+        if cfg.icl:
+            losses["icl"] = self.icl_head(w.cls, v)
+        return PretrainOutput(sum(losses.values()), losses.get("mlm"), losses.get("mtm"), losses.get("icl"),
+                              masked.text_fields_lost)
+
+
+class FlipCTRModel(nn.Module):
+    """Adaptive finetuning (Eq. 13-15): ``logit = α ℓ_ID + (1 − α) ℓ_PLM`` with α learnable;
+    the ID and PLM logits are returned too, for their own BCE terms."""
+
+    input_names = ("ids", "input_ids", "attention_mask")
+    default_lr = 5e-5
+    default_eval_batch_size = 256
+
+    def __init__(self, backbone: CTRModel, language_model: LanguageModel, alpha: float = 0.5):
+        super().__init__()
+        self.backbone, self.language_model = backbone, language_model
+        self.plm_head = nn.Linear(language_model.hidden_size, 1)
+        nn.init.xavier_normal_(self.plm_head.weight)
+        nn.init.zeros_(self.plm_head.bias)
+        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def forward(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> CTROutput:
+        v = self.backbone.encode(ids)
+        id_logit = self.backbone.logit(v)
+        plm_logit = self.plm_head(self.language_model(input_ids, attention_mask).cls).squeeze(-1)
+        logits = self.alpha * id_logit + (1 - self.alpha) * plm_logit
+        return CTROutput(logits, v, aux_logits=(id_logit, plm_logit))

@@ -1,0 +1,178 @@
+"""FLIP pieces on tiny tensors: masking, the three objectives, the joint finetuning model."""
+
+import math
+
+import pytest
+import torch
+
+from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
+from flipctr.data.masking import FieldMasker, choose_fields, span_token_mask
+from flipctr.models.backbones import build_model
+from flipctr.models.flip import (FlipConfig, FlipCTRModel, FlipPretrainModel, MTMHead, info_nce,
+                                 nce_loss)
+from flipctr.models.language import LanguageModel
+
+from conftest import tiny_config
+
+
+def test_nce_loss_by_hand():
+    # one target with score 1.0, K=2 noise with scores 0.5 and -1.0; log q = log(0.1), log(0.2), log(0.3)
+    k = 2
+    loss = nce_loss(torch.tensor([1.0]), torch.tensor([[0.5, -1.0]]), torch.log(torch.tensor([0.1])),
+                    torch.log(torch.tensor([[0.2, 0.3]])), k)
+    sig = lambda x: 1 / (1 + math.exp(-x))
+    pos = 1.0 - math.log(k * 0.1)
+    n1, n2 = 0.5 - math.log(k * 0.2), -1.0 - math.log(k * 0.3)
+    expected = -math.log(sig(pos)) - math.log(1 - sig(n1)) - math.log(1 - sig(n2))
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_info_nce_is_symmetric_and_minimal_for_aligned_pairs():
+    torch.manual_seed(0)
+    a, b = torch.randn(6, 4), torch.randn(6, 4)
+    assert info_nce(a, b, 0.7).item() == pytest.approx(info_nce(b, a, 0.7).item(), rel=1e-6)
+    aligned = torch.eye(6) * 5
+    shuffled = aligned[torch.tensor([1, 0, 3, 2, 5, 4])]
+    assert info_nce(aligned, aligned, 0.7) < info_nce(aligned, shuffled, 0.7)
+    assert info_nce(aligned, aligned, 0.7) < info_nce(a, b, 0.7)
+
+
+def test_choose_fields_exact_count_per_row():
+    chosen = choose_fields(100, 8, 0.15, torch.Generator().manual_seed(0))
+    assert (chosen.sum(1) == 1).all()  # round(0.15 * 8) = 1
+    assert (choose_fields(50, 8, 0.5).sum(1) == 4).all()
+    assert (choose_fields(50, 3, 0.01).sum(1) == 1).all()  # at least one
+    assert chosen.any(0).all()  # every field gets chosen somewhere
+
+
+def _batch():
+    # 2 samples, 3 fields; tokens: [CLS] a is X . b is Y Y . c is Z . [SEP] (value spans given)
+    input_ids = torch.tensor([[2, 10, 11, 20, 12, 13, 11, 21, 22, 12, 14, 11, 23, 12, 3],
+                              [2, 10, 11, 24, 12, 13, 11, 25, 26, 12, 14, 11, 27, 12, 3]])
+    spans = torch.tensor([[[3, 4], [7, 9], [12, 13]], [[3, 4], [7, 9], [0, 0]]])  # sample 2: field c cut
+    ids = torch.tensor([[1, 5, 9], [2, 6, 10]])
+    return ids, input_ids, torch.ones_like(input_ids), spans
+
+
+def test_field_masking_touches_only_value_tokens_of_chosen_fields():
+    ids, input_ids, attention, spans = _batch()
+    masker = FieldMasker(3, tab_mask_id=MASK_ID, text_mask_id=4, text_ratio=0.67, tab_ratio=0.34)
+    out = masker(ids, input_ids, attention, spans, torch.Generator().manual_seed(1))
+    value_positions = span_token_mask(spans, torch.ones(2, 3, dtype=torch.bool), input_ids.shape[1])
+    assert not (out.text_positions & ~value_positions).any()  # field names, [CLS], [SEP] stay
+    changed = out.masked_input_ids != input_ids
+    assert torch.equal(changed, out.text_positions)
+    assert (out.masked_input_ids[out.text_positions] == 4).all()
+    # exactly round(0.67 * 3) = 2 fields chosen per sample: each chosen value masked whole
+    for i in range(2):
+        masked_fields = [f for f in range(3) if spans[i, f, 1] > 0 and out.text_positions[i, spans[i, f, 0]]]
+        for f in masked_fields:
+            assert out.text_positions[i, spans[i, f, 0]:spans[i, f, 1]].all()
+        assert len(masked_fields) + (1 if out.text_fields_lost and i == 1 else 0) <= 2
+    assert (out.tab_chosen.sum(1) == 1).all()
+
+
+def test_tabular_mask_id_is_shared_across_fields():
+    ids, input_ids, attention, spans = _batch()
+    masker = FieldMasker(3, tab_mask_id=MASK_ID, text_mask_id=4, tab_ratio=1.0)
+    out = masker(ids, input_ids, attention, spans)
+    assert (out.masked_ids == MASK_ID).all()  # every field, one id
+
+
+def test_truncated_field_gives_no_target_and_is_counted():
+    ids, input_ids, attention, spans = _batch()
+    masker = FieldMasker(3, tab_mask_id=MASK_ID, text_mask_id=4, text_ratio=1.0)
+    out = masker(ids, input_ids, attention, spans)
+    assert out.text_fields_lost == 1
+    assert out.text_positions[1].sum() == 3 and out.text_positions[0].sum() == 4
+
+
+def test_token_level_masking_variant():
+    ids, input_ids, attention, spans = _batch()
+    masker = FieldMasker(3, MASK_ID, 4, text_ratio=0.15, token_level=True, cls_id=2, sep_id=3)
+    out = masker(ids, input_ids, attention, spans, torch.Generator().manual_seed(0))
+    assert out.text_positions.any(1).all()
+    assert not out.text_positions[:, 0].any() and not out.text_positions[:, -1].any()
+
+
+def _tiny_pair(config: FlipConfig | None = None):
+    from transformers import BertConfig
+
+    fmap = FeatureMap([FieldInfo(f"f{i}", 1 + 10 * i, 10) for i in range(3)], 31, 1, 100)
+    torch.manual_seed(0)
+    backbone = build_model(tiny_config().model, fmap)
+    lm = LanguageModel.from_config(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1,
+                                              num_attention_heads=2, intermediate_size=16,
+                                              max_position_embeddings=32))
+    counts = torch.arange(31).float()
+    model = FlipPretrainModel(backbone, lm, counts, config or FlipConfig(text_mask_ratio=0.67, tab_mask_ratio=0.34),
+                              tab_mask_id=MASK_ID, text_mask_id=4, vocab_size=30, cls_id=2, sep_id=3)
+    return model, backbone, lm
+
+
+def test_mlm_logits_only_at_masked_positions(monkeypatch):
+    model, _, _ = _tiny_pair()
+    ids, input_ids, attention, spans = _batch()
+    seen = {}
+    original = model.mlm_head.forward
+
+    def spy(tokens, reference):
+        seen["rows"] = tokens.shape[0]
+        return original(tokens, reference)
+
+    monkeypatch.setattr(model.mlm_head, "forward", spy)
+    gen = torch.Generator().manual_seed(3)
+    model(ids, input_ids, attention, spans, gen)
+    masked = model.masker(ids, input_ids, attention, spans, torch.Generator().manual_seed(3)).text_positions
+    assert seen["rows"] == int(masked.sum()) < input_ids.numel()
+
+
+def test_one_pretraining_step_moves_both_models():
+    model, backbone, lm = _tiny_pair()
+    ids, input_ids, attention, spans = _batch()
+    before_id = backbone.embedding.weight.detach().clone()
+    before_lm = lm.encoder.embeddings.word_embeddings.weight.detach().clone()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    out = model(ids, input_ids, attention, spans, torch.Generator().manual_seed(0))
+    assert out.mlm is not None and out.mtm is not None and out.icl is not None
+    torch.testing.assert_close(out.loss, out.mlm + out.mtm + out.icl)
+    out.loss.backward()
+    opt.step()
+    assert not torch.equal(before_id, backbone.embedding.weight)
+    assert not torch.equal(before_lm, lm.encoder.embeddings.word_embeddings.weight)
+
+
+@pytest.mark.parametrize("switch", ["mlm", "mtm", "icl", "joint_reconstruction", "token_level_masking"])
+def test_ablation_switches(switch):
+    value = switch == "token_level_masking"
+    config = FlipConfig(text_mask_ratio=0.67, tab_mask_ratio=0.34, **{switch: value})
+    model, _, _ = _tiny_pair(config)
+    out = model(*_batch(), generator=torch.Generator().manual_seed(0))
+    if switch in ("mlm", "mtm", "icl"):
+        assert getattr(out, switch) is None and getattr(model, f"{switch}_head") is None
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+
+
+def test_no_objective_is_an_error():
+    with pytest.raises(ValueError, match="at least one"):
+        _tiny_pair(FlipConfig(mlm=False, mtm=False, icl=False))
+
+
+def test_mtm_bias_starts_at_log_frequency():
+    head = MTMHead(4, 8, 3, torch.tensor([0.0, 1.0, 3.0]), 2)
+    q = torch.tensor([1.0, 1.0, 3.0]) / 5  # counts of zero are smoothed to one
+    torch.testing.assert_close(head.bias.detach(), q.log())
+
+
+def test_flip_joint_model_alpha_gets_gradient():
+    _, backbone, lm = _tiny_pair()
+    model = FlipCTRModel(backbone, lm)
+    ids, input_ids, attention, _ = _batch()
+    out = model(ids=ids, input_ids=input_ids, attention_mask=attention)
+    assert out.logits.shape == (2,) and len(out.aux_logits) == 2
+    torch.testing.assert_close(out.logits, 0.5 * out.aux_logits[0] + 0.5 * out.aux_logits[1])
+    loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(x, torch.ones(2))
+               for x in (out.logits, *out.aux_logits))
+    loss.backward()
+    assert model.alpha.grad is not None and model.alpha.grad.abs() > 0
