@@ -176,3 +176,46 @@ def test_flip_joint_model_alpha_gets_gradient():
                for x in (out.logits, *out.aux_logits))
     loss.backward()
     assert model.alpha.grad is not None and model.alpha.grad.abs() > 0
+
+
+def _pretrain_split(n=24):
+    ids, input_ids, attention, spans = _batch()
+    from flipctr.training.trainer import Split
+
+    rep = lambda t: t.repeat(n // 2, *([1] * (t.dim() - 1)))
+    return Split(torch.zeros(n), {"ids": rep(ids), "input_ids": rep(input_ids),
+                                  "lengths": torch.full((n,), input_ids.shape[1]), "value_spans": rep(spans)})
+
+
+def test_pretraining_resume_after_kill_gives_the_same_next_step_loss(tmp_path):
+    from flipctr.config import PretrainConfig
+    from flipctr.training.pretrain import Pretrainer
+
+    cfg = PretrainConfig(lr=1e-2, batch_size=8, epochs=2, progress=False, amp="off")
+    full_losses = []
+    model, _, _ = _tiny_pair()
+    Pretrainer(cfg, torch.device("cpu"), tmp_path / "a").fit(
+        model, _pretrain_split(), on_step=lambda e, s, loss: full_losses.append((e, s, loss)))
+    # the "killed" run dies during epoch 2 (after epoch 1's checkpoint); a new process resumes it
+
+    class Killed(Exception):
+        pass
+
+    def kill(epoch, step, loss):
+        if epoch == 2:
+            raise Killed
+
+    model, _, _ = _tiny_pair()
+    with pytest.raises(Killed):
+        Pretrainer(cfg, torch.device("cpu"), tmp_path / "b").fit(model, _pretrain_split(), on_step=kill)
+    resumed_losses = []
+    model, _, _ = _tiny_pair()
+    history = Pretrainer(cfg, torch.device("cpu"), tmp_path / "b").fit(
+        model, _pretrain_split(), resume=True, on_step=lambda e, s, loss: resumed_losses.append((e, s, loss)))
+    assert [r["epoch"] for r in history] == [1, 2]
+    epoch2 = [x for x in full_losses if x[0] == 2]
+    assert resumed_losses[0][:2] == (2, 0)
+    assert resumed_losses[0][2] == pytest.approx(epoch2[0][2], rel=1e-6)
+    assert [x[2] for x in resumed_losses] == pytest.approx([x[2] for x in epoch2], rel=1e-5)
+    assert (tmp_path / "b" / "pretrain_losses.png").stat().st_size > 0
+    assert set(history[0]) >= {"loss", "mlm", "mtm", "icl", "text_fields_lost"}

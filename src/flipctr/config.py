@@ -74,10 +74,45 @@ class TrainConfig:
 
 
 @dataclass
+class FlipSettings:
+    """FLIP pretraining objectives and their switches (the ablations of paper Table 5)."""
+
+    mlm: bool = True
+    mtm: bool = True
+    icl: bool = True
+    joint_reconstruction: bool = True  # False: MLM sees only ŵ, MTM only v̂
+    token_level_masking: bool = False  # True: BERT-style random 15 % tokens instead of fields
+    text_mask_ratio: float = 0.15
+    tab_mask_ratio: float = 0.15
+    nce_noise: int = 25
+    mtm_dim: int = 32
+    icl_dim: int = 128
+    temperature: float = 0.7
+    mlm_dropout: float = 0.2
+
+
+@dataclass
+class PretrainConfig:
+    """Modality-alignment pretraining schedule (paper 4.1.4: AdamW 5e-5 cosine, batch 1024, 30 epochs)."""
+
+    lr: float = 5e-5
+    weight_decay: float = 1e-3
+    batch_size: int = 1024
+    epochs: int = 30
+    warmup_steps: int = 0
+    rows: int | None = None  # pretrain on the last N rows of train+valid only (None: all)
+    seed: int = 2024
+    amp: str = "auto"
+    progress: bool = True
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    flip: FlipSettings = field(default_factory=FlipSettings)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -92,7 +127,7 @@ class Config:
 def apply_dict(cfg: Config, raw: dict[str, Any], where: str = "config") -> None:
     for section, values in (raw or {}).items():
         if not hasattr(cfg, section) or not isinstance(values, dict):
-            raise ValueError(f"{where}: unknown section {section!r} (expected data, model, train)")
+            raise ValueError(f"{where}: unknown section {section!r} (expected data, model, train, flip, pretrain)")
         target = getattr(cfg, section)
         names = {f.name for f in dataclasses.fields(target)}
         for key, value in values.items():

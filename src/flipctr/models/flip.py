@@ -18,25 +18,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..config import FlipSettings
 from ..data.masking import FieldMasker, MaskedBatch
 from .backbones import CTRModel, CTROutput
 from .language import LanguageModel
 
 
-@dataclass
-class FlipConfig:
-    mlm: bool = True
-    mtm: bool = True
-    icl: bool = True
-    joint_reconstruction: bool = True  # False: MLM sees only ŵ, MTM only v̂ (ablation)
-    token_level_masking: bool = False  # ablation: BERT-style random tokens instead of fields
-    text_mask_ratio: float = 0.15
-    tab_mask_ratio: float = 0.15
-    nce_noise: int = 25  # K
-    mtm_dim: int = 32  # per-field projection size scored against the output feature table
-    icl_dim: int = 128  # d
-    temperature: float = 0.7  # τ
-    mlm_dropout: float = 0.2
+FlipConfig = FlipSettings  # the switches live in the run configuration
 
 
 def nce_loss(target_scores: torch.Tensor, noise_scores: torch.Tensor, target_logq: torch.Tensor,

@@ -1,0 +1,152 @@
+"""Modality-alignment pretraining loop (FLIP 3.3): AdamW, warm-up then cosine decay, a
+checkpoint every epoch (weights as safetensors, optimizer/scheduler/RNG state beside them) so a
+killed run resumes where it stopped, and per-objective loss curves (log, JSON, PNG)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file
+from tqdm.auto import tqdm
+
+from ..config import PretrainConfig
+from ..utils import atomic_path, write_json
+from .runner import save_weights
+from .trainer import Split, autocast_dtype
+
+log = logging.getLogger("flipctr")
+OBJECTIVES = ("mlm", "mtm", "icl")
+
+
+def cosine_schedule(warmup: int, total: int) -> Callable[[int], float]:
+    """lr multiplier: linear warm-up for ``warmup`` steps, then cosine decay to 0 at ``total``."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return factor
+
+
+class Pretrainer:
+    """Runs :class:`~flipctr.models.flip.FlipPretrainModel` over a split of paired inputs."""
+
+    names = ("ids", "input_ids", "attention_mask", "value_spans")
+
+    def __init__(self, cfg: PretrainConfig, device: torch.device, folder: Path):
+        self.cfg, self.device, self.folder = cfg, device, Path(folder)
+        self.amp_dtype = autocast_dtype(cfg.amp, device)
+
+    @property
+    def weights_path(self) -> Path:
+        return self.folder / "pretrained.safetensors"
+
+    @property
+    def state_path(self) -> Path:
+        return self.folder / "pretrain_state.pt"
+
+    def fit(self, model: torch.nn.Module, data: Split, resume: bool = False,
+            on_step: Callable[[int, int, float], None] | None = None) -> list[dict]:
+        """Pretrain for ``cfg.epochs``; with ``resume`` continue from the last saved epoch."""
+        cfg = self.cfg
+        self.folder.mkdir(parents=True, exist_ok=True)
+        model.to(self.device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, cosine_schedule(cfg.warmup_steps, steps_per_epoch * cfg.epochs))
+        shuffle = torch.Generator().manual_seed(cfg.seed)
+        masking = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        torch.manual_seed(cfg.seed + 2)  # dropout
+        history: list[dict] = []
+        start_epoch = 1
+        if resume and self.state_path.exists():
+            state = torch.load(self.state_path, weights_only=True)
+            model.load_state_dict(load_file(str(self.weights_path), device=str(self.device)))
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            shuffle.set_state(state["shuffle_rng"])
+            masking.set_state(state["masking_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            history, start_epoch = state["history"], state["epoch"] + 1
+            log.info("resumed pretraining after epoch %d", state["epoch"])
+        for epoch in range(start_epoch, cfg.epochs + 1):
+            model.train()
+            perm = torch.randperm(len(data), generator=shuffle).to(self.device)
+            sums = {k: 0.0 for k in (*OBJECTIVES, "loss")}
+            lost, tick = 0, time.perf_counter()
+            for step in tqdm(range(steps_per_epoch), desc=f"pretrain {epoch}", disable=not cfg.progress,
+                             leave=False, mininterval=2.0):
+                batch = data.batch(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], self.names)
+                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                                    enabled=self.amp_dtype is not None):
+                    out = model(**batch, generator=masking)
+                optimizer.zero_grad(set_to_none=True)
+                out.loss.backward()
+                optimizer.step()
+                scheduler.step()
+                sums["loss"] += out.loss.item()
+                for name in OBJECTIVES:
+                    value = getattr(out, name)
+                    if value is not None:
+                        sums[name] += value.item()
+                lost += out.text_fields_lost
+                if on_step is not None:
+                    on_step(epoch, step, out.loss.item())
+            seconds = time.perf_counter() - tick
+            record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1),
+                      "samples_per_second": round(len(data) / seconds, 1), "text_fields_lost": lost,
+                      **{k: v / steps_per_epoch for k, v in sums.items()
+                         if k == "loss" or getattr(model.config, k, False)}}
+            history.append(record)
+            log.info("pretrain epoch %d  %s  %.0f samples/s", epoch,
+                     "  ".join(f"{k} {record[k]:.4f}" for k in ("loss", *OBJECTIVES) if k in record),
+                     record["samples_per_second"])
+            self._checkpoint(model, optimizer, scheduler, shuffle, masking, history, epoch)
+        self._plot(history)
+        return history
+
+    def _checkpoint(self, model, optimizer, scheduler, shuffle, masking, history, epoch) -> None:
+        save_weights(model, self.weights_path)
+        state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                 "shuffle_rng": shuffle.get_state(), "masking_rng": masking.get_state(),
+                 "torch_rng": torch.get_rng_state(), "history": history}
+        with atomic_path(self.state_path) as tmp:
+            torch.save(state, tmp)
+        write_json(self.folder / "pretrain_history.json", history)
+
+    def _plot(self, history: list[dict]) -> None:
+        try:
+            import matplotlib
+
+            matplotlib.use("Agg")
+            import matplotlib.pyplot as plt
+        except ImportError:  # plotting is optional
+            log.info("matplotlib not installed: no loss plot")
+            return
+        fig, ax = plt.subplots(figsize=(6, 4))
+        epochs = [r["epoch"] for r in history]
+        for name in (*OBJECTIVES, "loss"):
+            if name in history[0]:
+                ax.plot(epochs, [r[name] for r in history], marker="o", label=name)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("mean loss")
+        ax.set_title("FLIP pretraining")
+        ax.legend()
+        fig.tight_layout()
+        with atomic_path(self.folder / "pretrain_losses.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
+        plt.close(fig)
+
+
+def load_history(folder: Path) -> list[dict]:
+    return json.loads((Path(folder) / "pretrain_history.json").read_text())
