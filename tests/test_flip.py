@@ -219,3 +219,49 @@ def test_pretraining_resume_after_kill_gives_the_same_next_step_loss(tmp_path):
     assert [x[2] for x in resumed_losses] == pytest.approx([x[2] for x in epoch2], rel=1e-5)
     assert (tmp_path / "b" / "pretrain_losses.png").stat().st_size > 0
     assert set(history[0]) >= {"loss", "mlm", "mtm", "icl", "text_fields_lost"}
+
+
+def test_flip_run_end_to_end_on_tiny_data(ml1m_root, tiny_plm, tmp_path, monkeypatch, capsys):
+    """data -> pretrain -> finetune scratch / FLIP_ID / FLIP_PLM / FLIP, through the CLI."""
+    import json
+
+    from flipctr.cli import main
+    from flipctr.training.runner import evaluate_run
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.epochs=2",
+            "train.progress=false", "pretrain.progress=false", "train.amp=off", "pretrain.amp=off",
+            "pretrain.epochs=2", "pretrain.batch_size=32", "pretrain.rows=200", "pretrain.lr=1e-3",
+            "text_finetune.epochs=1", "text_finetune.batch_size=32", "text_finetune.train_rows=120",
+            "text_finetune.valid_rows=40", "model.plm_trainable_layers=null"]
+    args = ["run", "--dataset", "ml-1m", "--profile", "cpu", "--run-dir", str(tmp_path / "run"),
+            "--plm", str(tiny_plm), *[x for t in tiny for x in ("--set", t)]]
+    assert main(args) == 0
+    assert "FLIP_ID" in capsys.readouterr().out
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert report["pretrained"] and set(report["results"]) == {"scratch", "flip_id", "flip_plm", "flip"}
+    history = json.loads((tmp_path / "run" / "pretrain" / "pretrain_history.json").read_text())
+    assert len(history) == 2 and {"mlm", "mtm", "icl"} <= set(history[0])
+    # FLIP_ID is exported without a language model; the joint model has one
+    from safetensors.torch import load_file
+
+    keys = load_file(str(tmp_path / "run" / "flip_id" / "model.safetensors")).keys()
+    assert not any("language_model" in k for k in keys)
+    assert any(k.startswith("language_model.") for k in load_file(str(tmp_path / "run" / "flip" / "model.safetensors")))
+    # FLIP_ID starts from the pretrained backbone, the scratch run does not
+    assert report["results"]["flip_id"]["test"] != report["results"]["scratch"]["test"]
+    again = evaluate_run(tmp_path / "run" / "flip", data_root=ml1m_root)
+    assert again["test"] == pytest.approx(report["results"]["flip"]["test"])
+
+
+def test_flip_run_ablation_without_pretraining(ml1m_root, tiny_plm, tmp_path, monkeypatch):
+    from flipctr.cli import main
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "train.epochs=1", "train.progress=false",
+            "train.amp=off"]
+    args = ["run", "--dataset", "ml-1m", "--run-dir", str(tmp_path / "r"), "--plm", str(tiny_plm),
+            "--ablation", "no-pretraining", "--variants", "scratch", "flip_id",
+            *[x for t in tiny for x in ("--set", t)]]
+    assert main(args) == 0
+    assert not (tmp_path / "r" / "pretrain").exists()

@@ -76,6 +76,39 @@ def cmd_train(args: argparse.Namespace) -> None:
     print(f"run folder: {args.run_dir}")
 
 
+ABLATIONS = {  # paper Table 5, as switches of the same run
+    "none": [],
+    "no-mlm": ["flip.mlm=false"],
+    "no-mtm": ["flip.mtm=false"],
+    "no-icl": ["flip.icl=false"],
+    "no-mlm-mtm": ["flip.mlm=false", "flip.mtm=false"],
+    "no-pretraining": ["pretrain.epochs=0"],
+    "token-masking": ["flip.token_level_masking=true"],
+    "no-joint-reconstruction": ["flip.joint_reconstruction=false"],
+}
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from .training.flip_run import VARIANTS, profile_config, run_flip
+
+    base = load_config(args.config) if args.config else None
+    overrides = [*ABLATIONS[args.ablation], *args.overrides]
+    if args.dataset:
+        overrides.append(f"data.dataset={args.dataset}")
+    if args.limit is not None:
+        overrides.append(f"data.limit={args.limit}")
+    if args.plm:
+        overrides.append(f"model.plm={args.plm}")
+    if args.backbone:
+        overrides.append(f"model.backbone={args.backbone}")
+    cfg = profile_config(args.profile, overrides, base)
+    report = run_flip(cfg, args.run_dir, tuple(args.variants or VARIANTS), resume=args.resume,
+                      profile=args.profile)
+    from .training.flip_run import render_results
+
+    print(render_results(report))
+
+
 def cmd_evaluate(args: argparse.Namespace) -> None:
     from .training.runner import evaluate_run
 
@@ -118,6 +151,19 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-dir", type=Path, required=True)
     _config_args(train)
     train.set_defaults(func=cmd_train)
+
+    run = verbs.add_parser("run", help="FLIP end to end: pretrain, then finetune the backbone from scratch, "
+                                         "FLIP_ID, FLIP_PLM and FLIP; writes results.{json,md}")
+    run.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    run.add_argument("--profile", choices=["cpu", "paper"], default="cpu")
+    run.add_argument("--run-dir", type=Path, required=True)
+    run.add_argument("--backbone", help="ID backbone (default dcnv2)")
+    run.add_argument("--plm", help="language model (default minilm-l6)")
+    run.add_argument("--variants", nargs="+", choices=["scratch", "flip_id", "flip_plm", "flip"])
+    run.add_argument("--ablation", choices=sorted(ABLATIONS), default="none", help="paper Table 5 variants")
+    run.add_argument("--resume", action="store_true", help="continue a killed pretraining from its last epoch")
+    _config_args(run)
+    run.set_defaults(func=cmd_run)
 
     evaluate = verbs.add_parser("evaluate", help="evaluate a finished run folder's model on its test split")
     evaluate.add_argument("--run-dir", type=Path, required=True)

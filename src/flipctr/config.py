@@ -48,6 +48,7 @@ class ModelConfig:
     # language model (model "plm", and FLIP)
     plm: str = "minilm-l6"  # packaged name, local folder or hub id
     plm_trainable_layers: int | None = None  # None: all layers train; k: only the top k
+    backbone: str = "dcnv2"  # the ID backbone inside the joint model (name "flip")
 
 
 @dataclass
@@ -107,12 +108,27 @@ class PretrainConfig:
 
 
 @dataclass
+class TextFinetuneConfig:
+    """Finetuning of the models with a language model inside (FLIP_PLM, FLIP), where it
+    differs from ``train``: language-model passes cost far more than ID-model steps."""
+
+    lr: float = 5e-5  # the language model and its head
+    id_lr: float = 1e-3  # the joint model's ID backbone
+    batch_size: int = 256
+    epochs: int = 10
+    train_rows: int | None = None  # train on the last N training rows only (None: all)
+    valid_rows: int | None = None  # select on the last N validation rows only (None: all); test is always whole
+    refit: bool = True
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     flip: FlipSettings = field(default_factory=FlipSettings)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    text_finetune: TextFinetuneConfig = field(default_factory=TextFinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -127,7 +143,7 @@ class Config:
 def apply_dict(cfg: Config, raw: dict[str, Any], where: str = "config") -> None:
     for section, values in (raw or {}).items():
         if not hasattr(cfg, section) or not isinstance(values, dict):
-            raise ValueError(f"{where}: unknown section {section!r} (expected data, model, train, flip, pretrain)")
+            raise ValueError(f"{where}: unknown section {section!r} (expected data, model, train, flip, pretrain, text_finetune)")
         target = getattr(cfg, section)
         names = {f.name for f in dataclasses.fields(target)}
         for key, value in values.items():

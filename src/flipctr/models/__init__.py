@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from torch import nn
 
 from ..config import ModelConfig
@@ -9,15 +11,23 @@ from ..data.encoder import FeatureMap
 from .backbones import MODELS, build_model
 
 
-def build_ctr_model(config: ModelConfig, feature_map: FeatureMap) -> nn.Module:
-    """An ID backbone by name, or ``plm``: the language-model-only CTR model."""
-    if config.name.lower() == "plm":
+def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: float = 1.0) -> nn.Module:
+    """An ID backbone by name; ``plm``: the language-model-only CTR model; ``flip``: the joint
+    FLIP model over ``config.backbone`` and the language model."""
+    name = config.name.lower()
+    if name in ("plm", "flip"):
         from .language import LanguageModel
-        from .plm import PLMCTRModel
 
         language_model = LanguageModel.from_pretrained(config.plm)
         language_model.freeze(config.plm_trainable_layers)
-        return PLMCTRModel(language_model)
+        if name == "plm":
+            from .plm import PLMCTRModel
+
+            return PLMCTRModel(language_model)
+        from .flip import FlipCTRModel
+
+        backbone = build_model(dataclasses.replace(config, name=config.backbone), feature_map)
+        return FlipCTRModel(backbone, language_model, id_lr_scale=id_lr_scale)
     return build_model(config, feature_map)
 
 

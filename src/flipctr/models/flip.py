@@ -203,13 +203,20 @@ class FlipCTRModel(nn.Module):
     default_lr = 5e-5
     default_eval_batch_size = 256
 
-    def __init__(self, backbone: CTRModel, language_model: LanguageModel, alpha: float = 0.5):
+    def __init__(self, backbone: CTRModel, language_model: LanguageModel, alpha: float = 0.5,
+                 id_lr_scale: float = 1.0):
         super().__init__()
         self.backbone, self.language_model = backbone, language_model
+        self.id_lr_scale = id_lr_scale
         self.plm_head = nn.Linear(language_model.hidden_size, 1)
         nn.init.xavier_normal_(self.plm_head.weight)
         nn.init.zeros_(self.plm_head.bias)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+
+    def lr_groups(self) -> list[dict]:
+        """The ID backbone trains at ``id_lr_scale`` times the base lr (an ID model wants ~1e-3,
+        a language model ~5e-5)."""
+        return [{"params": list(self.backbone.parameters()), "lr_scale": self.id_lr_scale}]
 
     def forward(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> CTROutput:
         v = self.backbone.encode(ids)

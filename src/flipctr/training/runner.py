@@ -19,6 +19,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import yaml
@@ -74,25 +75,33 @@ class RunData:
                      "truncation at %d tokens", report["tokens_mean"], report["tokens_p95"],
                      report["tokens_max"], report["samples_truncated"], report["fields_lost"], max_length)
 
-    def split(self, name: str, fit: str) -> Split:
-        ids, labels = self.data.split(name, fit)
-        arrays = {"ids": ids}
+    def split(self, name: str, fit: str, last: int | None = None, spans: bool = False) -> Split:
+        """Split ``name`` under the encoding fitted on ``fit``; ``last``: only its most recent rows."""
+        start, stop = self.data.sizes.bounds(name)
+        if last is not None:
+            start = max(start, stop - last)
+        labels = self.data.labels[start:stop]
+        arrays = {"ids": self.data.encoding(fit).ids[start:stop]}
         if self.text is not None:
-            start, stop = self.data.sizes.bounds(name)
             arrays.update(input_ids=self.text.input_ids[start:stop], lengths=self.text.lengths[start:stop])
+            if spans:
+                arrays["value_spans"] = self.text.value_spans[start:stop]
         return Split.from_arrays(labels, self.device, **arrays)
 
 
-def _new_model(cfg: Config, fmap: FeatureMap) -> torch.nn.Module:
-    seed_everything(cfg.train.seed)
-    return build_ctr_model(cfg.model, fmap)
-
-
-def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None) -> dict:
+def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
+              model_factory: Callable[[FeatureMap], torch.nn.Module] | None = None,
+              encoding: str | None = None, train_rows: int | None = None,
+              valid_rows: int | None = None) -> dict:
     """Train one model under ``cfg.train.protocol`` and write the run folder.
 
     ``metrics.json``: ``{"protocol", "selected_on", "valid": {auc, logloss}, "test": {auc, logloss},
     "test_before_refit", "train_samples_per_second", "epochs", "best_epoch", "history", ...}``.
+
+    ``model_factory(feature_map)`` builds the model (default: by ``cfg.model``; FLIP passes
+    one that loads pretrained weights); ``encoding`` fixes the encoding for every stage
+    (default: ``train`` for selection, ``train+valid`` for refit and the paper protocol);
+    ``train_rows``/``valid_rows`` keep only the most recent rows of those splits (test is whole).
     """
     if cfg.train.protocol not in PROTOCOLS:
         raise ValueError(f"train.protocol must be one of {PROTOCOLS}, not {cfg.train.protocol!r}")
@@ -105,8 +114,16 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None) -
     started = time.perf_counter()
     data = prepare(cfg.data, data_root)
     # the paper protocol trains on the whole 90 %, so its encoding is fitted there
-    fmap = data.encoding("train+valid" if cfg.train.protocol == "paper" else "train").feature_map
-    model = _new_model(cfg, fmap)
+    select_fit = encoding or ("train+valid" if cfg.train.protocol == "paper" else "train")
+    refit_fit = encoding or "train+valid"
+    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm))
+
+    def new_model(fm: FeatureMap) -> torch.nn.Module:
+        seed_everything(cfg.train.seed)
+        return factory(fm)
+
+    fmap = data.encoding(select_fit).feature_map
+    model = new_model(fmap)
     cfg = dataclasses.replace(cfg, train=resolve_train_config(cfg.train, model))
     write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_json(run_dir / "environment.json", {**environment_info(str(device)), "seed": cfg.train.seed,
@@ -120,32 +137,33 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None) -
 
     if cfg.train.protocol == "paper":
         # Paper protocol: early-stop on TEST, as the official code did.
-        test = rd.split("test", "train+valid")
-        fit = trainer.fit(model, rd.split("train+valid", "train+valid"), eval_split=test)
+        test = rd.split("test", select_fit)
+        fit = trainer.fit(model, rd.split("train+valid", select_fit, train_rows), eval_split=test)
         metrics.update(selected_on="test", note="selected on test (paper protocol; not a clean estimate)",
                        valid=None, test=trainer.evaluate(model, test),
                        test_before_refit=None)
         final_fit = fit
     else:
-        valid = rd.split("valid", "train")
-        fit = trainer.fit(model, rd.split("train", "train"), eval_split=valid)
-        test_select = trainer.evaluate(model, rd.split("test", "train"))
+        valid = rd.split("valid", select_fit, valid_rows)
+        fit = trainer.fit(model, rd.split("train", select_fit, train_rows), eval_split=valid)
+        test_select = trainer.evaluate(model, rd.split("test", select_fit))
         metrics.update(selected_on="valid", valid=fit.best_eval, test_before_refit=test_select)
         final_fit = fit
         if cfg.train.refit:
             save_weights(model, run_dir / "model-selected.safetensors")
             log.info("refit on train+valid for %g epochs", fit.best_epoch)
-            fmap = data.encoding("train+valid").feature_map
-            model = _new_model(cfg, fmap)
-            final_fit = trainer.fit(model, rd.split("train+valid", "train+valid"),
+            fmap = data.encoding(refit_fit).feature_map
+            model = new_model(fmap)
+            refit_rows = None if train_rows is None else train_rows + data.sizes.valid
+            final_fit = trainer.fit(model, rd.split("train+valid", refit_fit, refit_rows),
                                     epochs=fit.best_epoch, lr_schedule=fit.lr_per_epoch)
-            metrics["test"] = trainer.evaluate(model, rd.split("test", "train+valid"))
+            metrics["test"] = trainer.evaluate(model, rd.split("test", refit_fit))
         else:
             metrics["test"] = test_select
     fmap.save(run_dir / "feature_map.json")
     save_weights(model, run_dir / "model.safetensors")
     metrics.update(
-        encoding="train+valid" if (cfg.train.protocol == "paper" or cfg.train.refit) else "train",
+        encoding=refit_fit if (cfg.train.protocol == "paper" or cfg.train.refit) else select_fit,
         train_samples_per_second=round(fit.samples_per_second, 1),
         epochs=len(fit.history), best_epoch=fit.best_epoch,
         refit_epochs=fit.best_epoch if final_fit is not fit else 0,

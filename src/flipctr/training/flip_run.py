@@ -1,0 +1,177 @@
+"""``flipctr run``: data -> FLIP pretraining -> finetuning of the backbone from scratch,
+FLIP_ID, FLIP_PLM and FLIP -> ``results.{json,md}``.
+
+All stages use one encoding, fitted on train+valid: pretraining reads the (unlabelled)
+train+valid rows, so every finetuned model must share its feature ids. Test rows are never
+seen before the final evaluation; model selection uses the validation split.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from ..config import Config, apply_override
+from ..data.cache import prepare
+from ..data.encoder import MASK_ID, FeatureMap
+from ..models.backbones import build_model
+from ..models.flip import FlipCTRModel, FlipPretrainModel
+from ..models.language import LanguageModel, load_tokenizer
+from ..models.plm import PLMCTRModel
+from ..utils import environment_info, seed_everything, write_json, write_text
+from .pretrain import Pretrainer
+from .runner import RunData, setup_logging, train_run
+from .trainer import resolve_device
+
+log = logging.getLogger("flipctr")
+VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
+ENCODING = "train+valid"
+
+# Named settings. `paper`: the paper's hyperparameters (4.1.4; needs a GPU for ML-1M).
+# `cpu`: a reduced schedule for a 2-core CPU (see README for every reduction).
+PROFILES: dict[str, list[str]] = {
+    "paper": [
+        "pretrain.lr=5e-5", "pretrain.batch_size=1024", "pretrain.epochs=30", "pretrain.rows=null",
+        "train.batch_size=256", "text_finetune.batch_size=256", "text_finetune.lr=5e-5",
+        "text_finetune.train_rows=null", "text_finetune.valid_rows=null", "text_finetune.refit=true",
+        "model.plm_trainable_layers=null",
+    ],
+    "cpu": [
+        "pretrain.lr=1e-4", "pretrain.batch_size=256", "pretrain.epochs=2", "pretrain.rows=20000",
+        "model.plm_trainable_layers=1", "train.batch_size=256",
+        "text_finetune.batch_size=128", "text_finetune.lr=1e-4", "text_finetune.epochs=2",
+        "text_finetune.train_rows=10000", "text_finetune.valid_rows=5000", "text_finetune.refit=false",
+    ],
+}
+
+# Paper Table 2 (test AUC / Logloss; TinyBERT + DCNv2; selected on test).
+PAPER = {
+    "ml-1m": {"scratch": (0.8548, 0.3893), "flip_id": (0.8600, 0.3802), "flip_plm": (0.8460, 0.4127),
+              "flip": (0.8621, 0.3788)},
+    "bookcrossing": {"scratch": (0.7956, 0.5103), "flip_id": (0.8030, 0.5043), "flip_plm": (0.7924, 0.5304),
+                     "flip": (0.8061, 0.5004)},
+    "goodreads": {"scratch": (0.7724, 0.5057), "flip_id": (0.7779, 0.5014), "flip_plm": (0.7476, 0.5255),
+                  "flip": (0.7787, 0.5001)},
+}
+
+
+def profile_config(profile: str, overrides: list[str] | None = None, base: Config | None = None) -> Config:
+    if profile not in PROFILES:
+        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
+    cfg = base or Config()
+    for assignment in [*PROFILES[profile], *(overrides or [])]:
+        apply_override(cfg, assignment)
+    return cfg
+
+
+def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
+             data_root: Path | None = None, profile: str | None = None) -> dict:
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    unknown = set(variants) - set(VARIANTS)
+    if unknown:
+        raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    setup_logging(run_dir)
+    device = resolve_device(cfg.train.device)
+    if cfg.train.threads:
+        torch.set_num_threads(cfg.train.threads)
+    write_text(run_dir / "config.yaml", __import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+    write_json(run_dir / "environment.json", {**environment_info(str(device)), "profile": profile})
+    started = time.perf_counter()
+    data = prepare(cfg.data, data_root)
+    encoding = data.encoding(ENCODING)
+    backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
+
+    pretrained: dict[str, torch.Tensor] | None = None
+    pretrain_seconds = 0.0
+    wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
+    if wants_pretrain and set(variants) & {"flip_id", "flip_plm", "flip"}:
+        tick = time.perf_counter()
+        tokenizer = load_tokenizer(cfg.model.plm)
+        rd = RunData(data, cfg, device, text=True)
+        seed_everything(cfg.pretrain.seed)
+        lm = LanguageModel.from_pretrained(cfg.model.plm)
+        lm.freeze(cfg.model.plm_trainable_layers)
+        model = FlipPretrainModel(build_model(backbone_cfg, encoding.feature_map), lm,
+                                  torch.from_numpy(encoding.counts), cfg.flip, MASK_ID, tokenizer.mask_token_id,
+                                  lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        split = rd.split("train+valid", ENCODING, cfg.pretrain.rows, spans=True)
+        log.info("pretraining on the last %d train+valid rows for %d epochs", len(split), cfg.pretrain.epochs)
+        Pretrainer(cfg.pretrain, device, run_dir / "pretrain").fit(model, split, resume=resume)
+        pretrained = load_file(str(run_dir / "pretrain" / "pretrained.safetensors"))
+        pretrain_seconds = time.perf_counter() - tick
+        del model, split
+
+    def backbone(fmap: FeatureMap, load: bool) -> torch.nn.Module:
+        model = build_model(backbone_cfg, fmap)
+        if load and pretrained is not None:
+            model.load_state_dict(_prefixed(pretrained, "backbone."))
+        return model
+
+    def language_model(load: bool) -> LanguageModel:
+        lm = LanguageModel.from_pretrained(cfg.model.plm)
+        if load and pretrained is not None:
+            lm.load_state_dict(_prefixed(pretrained, "language_model."))
+        lm.freeze(cfg.model.plm_trainable_layers)
+        return lm
+
+    text_train = dataclasses.replace(cfg.train, lr=cfg.text_finetune.lr, batch_size=cfg.text_finetune.batch_size,
+                                     epochs=cfg.text_finetune.epochs, refit=cfg.text_finetune.refit,
+                                     eval_batch_size=cfg.train.eval_batch_size or 256)
+    rows = {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
+    plans = {
+        "scratch": (dataclasses.replace(cfg, model=backbone_cfg), lambda fm: backbone(fm, load=False), {}),
+        "flip_id": (dataclasses.replace(cfg, model=backbone_cfg), lambda fm: backbone(fm, load=True), {}),
+        "flip_plm": (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="plm"), train=text_train),
+                     lambda fm: PLMCTRModel(language_model(load=True)), rows),
+        "flip": (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="flip"), train=text_train),
+                 lambda fm: FlipCTRModel(backbone(fm, load=True), language_model(load=True),
+                                         id_lr_scale=cfg.text_finetune.id_lr / cfg.text_finetune.lr), rows),
+    }
+    results = {}
+    for variant in variants:
+        variant_cfg, factory, limits = plans[variant]
+        metrics = train_run(variant_cfg, run_dir / variant, data_root, model_factory=factory,
+                            encoding=ENCODING, **limits)
+        setup_logging(run_dir)  # train_run pointed the log at the variant's folder
+        results[variant] = {k: v for k, v in metrics.items() if k != "history"}
+    report = {
+        "dataset": data.name, "profile": profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
+        "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
+        "flip": dataclasses.asdict(cfg.flip), "wall_seconds": round(time.perf_counter() - started, 1),
+        "results": results, "paper": PAPER.get(data.name, {}),
+    }
+    write_json(run_dir / "results.json", report)
+    write_text(run_dir / "results.md", render_results(report))
+    log.info("\n%s", render_results(report))
+    return report
+
+
+def render_results(report: dict) -> str:
+    names = {"scratch": f"{report['backbone']} (from scratch)", "flip_id": "FLIP_ID", "flip_plm": "FLIP_PLM",
+             "flip": "FLIP"}
+    lines = [f"# FLIP on {report['dataset']} (profile {report['profile']}, {report['backbone']} + {report['plm']})",
+             "", "| model | test AUC | test Logloss | valid AUC | paper AUC / Logloss (selected on test) |",
+             "|---|---|---|---|---|"]
+    for variant, m in report["results"].items():
+        paper = report["paper"].get(variant)
+        valid = f"{m['valid']['auc']:.4f}" if m.get("valid") else "—"
+        lines.append(f"| {names[variant]} | {m['test']['auc']:.4f} | {m['test']['logloss']:.4f} | {valid} | "
+                     f"{f'{paper[0]} / {paper[1]}' if paper else '—'} |")
+    lines += ["", f"Pretrained: {report['pretrained']} ({report['pretrain_seconds']:.0f} s); "
+              f"total {report['wall_seconds']:.0f} s. Selection on validation; test evaluated once per model.", ""]
+    return "\n".join(lines)
+
+
+def load_results(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text())
