@@ -46,13 +46,16 @@ def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.
     return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
 
 
-def gather_with_grad(z: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows under DDP (gradient flows to the local part); identity otherwise."""
+def gather_negatives(z: torch.Tensor) -> torch.Tensor:
+    """All ranks' rows under DDP, this rank's own rows kept in the graph (the others are
+    constants: no collective runs in the backward pass, where it could interleave with DDP's
+    gradient all-reduce); identity outside DDP."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         return z
-    import torch.distributed.nn.functional as dist_fn
-
-    return torch.cat(dist_fn.all_gather(z), dim=0)
+    parts = [torch.empty_like(z) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(parts, z.detach().contiguous())
+    parts[torch.distributed.get_rank()] = z
+    return torch.cat(parts, dim=0)
 
 
 class MLMHead(nn.Module):
@@ -131,8 +134,8 @@ class ICLHead(nn.Module):
         self.temperature = temperature
 
     def forward(self, cls: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        z_text = gather_with_grad(self.text_proj(cls))
-        z_tab = gather_with_grad(self.tab_proj(v))
+        z_text = gather_negatives(self.text_proj(cls))
+        z_tab = gather_negatives(self.tab_proj(v))
         return info_nce(z_text, z_tab, self.temperature)
 
 

@@ -24,6 +24,12 @@ log = logging.getLogger("flipctr")
 OBJECTIVES = ("mlm", "mtm", "icl")
 
 
+def distributed_rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def cosine_schedule(warmup: int, total: int) -> Callable[[int], float]:
     """lr multiplier: linear warm-up for ``warmup`` steps, then cosine decay to 0 at ``total``."""
 
@@ -57,21 +63,26 @@ class Pretrainer:
             on_step: Callable[[int, int, float], None] | None = None) -> list[dict]:
         """Pretrain for ``cfg.epochs``; with ``resume`` continue from the last saved epoch."""
         cfg = self.cfg
+        rank, world = distributed_rank_world()
         self.folder.mkdir(parents=True, exist_ok=True)
         model.to(self.device)
+        module = model  # the unwrapped model: its config, weights and checkpoints
+        if world > 1:  # DDP: each rank takes every world-th row of the shared shuffle
+            # the backbone's logit layer (and heads switched off) get no gradient in pretraining
+            model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(data) / cfg.batch_size)
+        steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * world))
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_schedule(cfg.warmup_steps, steps_per_epoch * cfg.epochs))
         shuffle = torch.Generator().manual_seed(cfg.seed)
-        masking = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        torch.manual_seed(cfg.seed + 2)  # dropout
+        masking = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + rank)
+        torch.manual_seed(cfg.seed + 2 + rank)  # dropout
         history: list[dict] = []
         start_epoch = 1
         if resume and self.state_path.exists():
             state = torch.load(self.state_path, weights_only=True)
-            model.load_state_dict(load_file(str(self.weights_path), device=str(self.device)))
+            module.load_state_dict(load_file(str(self.weights_path), device=str(self.device)))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
             shuffle.set_state(state["shuffle_rng"])
@@ -81,7 +92,7 @@ class Pretrainer:
             log.info("resumed pretraining after epoch %d", state["epoch"])
         for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
-            perm = torch.randperm(len(data), generator=shuffle).to(self.device)
+            perm = torch.randperm(len(data), generator=shuffle)[rank::world].to(self.device)
             sums = {k: 0.0 for k in (*OBJECTIVES, "loss")}
             lost, tick = 0, time.perf_counter()
             for step in tqdm(range(steps_per_epoch), desc=f"pretrain {epoch}", disable=not cfg.progress,
@@ -106,13 +117,15 @@ class Pretrainer:
             record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1),
                       "samples_per_second": round(len(data) / seconds, 1), "text_fields_lost": lost,
                       **{k: v / steps_per_epoch for k, v in sums.items()
-                         if k == "loss" or getattr(model.config, k, False)}}
+                         if k == "loss" or getattr(module.config, k, False)}}
             history.append(record)
             log.info("pretrain epoch %d  %s  %.0f samples/s", epoch,
                      "  ".join(f"{k} {record[k]:.4f}" for k in ("loss", *OBJECTIVES) if k in record),
                      record["samples_per_second"])
-            self._checkpoint(model, optimizer, scheduler, shuffle, masking, history, epoch)
-        self._plot(history)
+            if rank == 0:
+                self._checkpoint(module, optimizer, scheduler, shuffle, masking, history, epoch)
+        if rank == 0:
+            self._plot(history)
         return history
 
     def _checkpoint(self, model, optimizer, scheduler, shuffle, masking, history, epoch) -> None:

@@ -1,0 +1,38 @@
+"""One FLIP pretraining step under DDP (run by test_ddp.py through torchrun, gloo backend)."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_flip import _pretrain_split, _tiny_pair  # noqa: E402
+
+from flipctr.config import PretrainConfig  # noqa: E402
+from flipctr.training.pretrain import Pretrainer  # noqa: E402
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    model, backbone, lm = _tiny_pair()
+    before = backbone.embedding.weight.detach().clone()
+    losses = []
+    cfg = PretrainConfig(lr=1e-2, batch_size=4, epochs=1, progress=False, amp="off")
+    Pretrainer(cfg, torch.device("cpu"), Path(sys.argv[1])).fit(
+        model, _pretrain_split(8), on_step=lambda e, s, loss: losses.append(loss))
+    assert len(losses) == 1, losses  # 8 rows / (4 per rank * 2 ranks) = one step
+    assert not torch.equal(before, backbone.embedding.weight)
+    # gradients were averaged: every rank holds the same weights after the step
+    for p in (backbone.embedding.weight, lm.encoder.embeddings.word_embeddings.weight):
+        gathered = [torch.empty_like(p) for _ in range(world)]
+        dist.all_gather(gathered, p.detach())
+        assert all(torch.equal(gathered[0], g) for g in gathered)
+    print(f"rank {rank}: loss {losses[0]:.4f} ok", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
