@@ -93,3 +93,15 @@ def test_limit_takes_the_first_samples_in_split_order(ml1m_root):
     small = prepare(DataConfig("ml-1m", limit=100), ml1m_root)
     assert small.sizes.total == 100 and small.folder != full.folder
     np.testing.assert_array_equal(small.labels, full.labels[:100])
+
+
+def test_random_order_is_a_seeded_shuffle_with_its_own_cache(ml1m_root):
+    base = prepare(DataConfig("ml-1m"), ml1m_root)
+    shuffled = prepare(DataConfig("ml-1m", order="random", order_seed=1), ml1m_root)
+    again = prepare(DataConfig("ml-1m", order="random", order_seed=1), ml1m_root)
+    assert shuffled.folder != base.folder and again.folder == shuffled.folder
+    assert sorted(shuffled.values()["user ID"]) == sorted(base.values()["user ID"])
+    assert not shuffled.values()["user ID"].equals(base.values()["user ID"])
+    assert shuffled.meta["order_key"] == "random (seed 1)"
+    with pytest.raises(DataError, match="data.order"):
+        prepare(DataConfig("ml-1m", order="sideways"), ml1m_root)

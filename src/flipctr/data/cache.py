@@ -126,7 +126,8 @@ def _encoding_dir(fit_split: str) -> str:
 def cache_key(dataset: str, cfg: DataConfig, checksums: dict[str, str]) -> str:
     spec = {"version": CACHE_VERSION, "dataset": dataset, "raw": checksums,
             "test_fraction": cfg.test_fraction, "valid_fraction": cfg.valid_fraction,
-            "min_count": cfg.min_count, "limit": cfg.limit}
+            "min_count": cfg.min_count, "limit": cfg.limit,
+            **({"order": cfg.order, "order_seed": cfg.order_seed} if cfg.order != "dataset" else {})}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -141,6 +142,12 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
     if verbose:
         print(f"[flipctr] preparing {cfg.dataset} into {folder}", file=sys.stderr)
     table = load_table(cfg.dataset, root)
+    if cfg.order == "random":  # for datasets whose file order is not chronological (BookCrossing)
+        perm = np.random.default_rng(cfg.order_seed).permutation(len(table))
+        table = Table(table.name, table.fields, table.values.iloc[perm].reset_index(drop=True),
+                      table.labels[perm], f"random (seed {cfg.order_seed})")
+    elif cfg.order != "dataset":
+        raise DataError(f"data.order must be 'dataset' or 'random', not {cfg.order!r}")
     if cfg.limit is not None:
         table = table.head(int(cfg.limit))
     sizes = split_sizes(len(table), cfg.test_fraction, cfg.valid_fraction)
