@@ -1,0 +1,76 @@
+"""FLIP on ML-1M with the `cpu` profile, over several seeds.
+
+    python benchmarks/flip_ml1m_cpu.py [--seeds 1 2 3] [--profile cpu] [--set key=value ...]
+
+Each seed runs ``flipctr run`` (pretraining included; the seed drives pretraining and every
+finetuning). Writes ``benchmarks/results/flip_ml1m_cpu.{json,md}``: DCNv2 from scratch vs
+FLIP_ID vs FLIP_PLM vs FLIP, test AUC / Logloss mean ± std.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from pathlib import Path
+
+from flipctr.training.flip_run import PAPER, VARIANTS, profile_config, run_flip
+from flipctr.utils import environment_info, write_json, write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+NAMES = {"scratch": "DCNv2 (from scratch)", "flip_id": "FLIP_ID", "flip_plm": "FLIP_PLM", "flip": "FLIP"}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1, 2, 3])
+    parser.add_argument("--profile", default="cpu")
+    parser.add_argument("--dataset", default="ml-1m")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks/flip"))
+    parser.add_argument("--name", default="flip_ml1m_cpu")
+    args = parser.parse_args()
+
+    reports = []
+    for seed in args.seeds:
+        cfg = profile_config(args.profile, [*args.overrides, f"data.dataset={args.dataset}",
+                                            f"train.seed={seed}", f"pretrain.seed={seed}",
+                                            "train.progress=false", "pretrain.progress=false"])
+        reports.append(run_flip(cfg, args.runs / f"{args.dataset}-{args.profile}-seed{seed}", profile=args.profile))
+    rows = []
+    for variant in VARIANTS:
+        aucs = [r["results"][variant]["test"]["auc"] for r in reports]
+        lls = [r["results"][variant]["test"]["logloss"] for r in reports]
+        valid = [r["results"][variant]["valid"]["auc"] for r in reports]
+        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
+        rows.append({"variant": variant, "test_auc_mean": statistics.fmean(aucs), "test_auc_std": sd(aucs),
+                     "test_logloss_mean": statistics.fmean(lls), "test_logloss_std": sd(lls),
+                     "valid_auc_mean": statistics.fmean(valid), "test_auc_per_seed": aucs,
+                     "paper": PAPER.get(args.dataset, {}).get(variant)})
+    report = {"command": " ".join(sys.argv), "profile": args.profile, "seeds": args.seeds,
+              "overrides": args.overrides, "environment": environment_info(),
+              "wall_seconds_per_seed": [r["wall_seconds"] for r in reports],
+              "pretrain_seconds_per_seed": [r["pretrain_seconds"] for r in reports], "results": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    write_json(RESULTS / f"{args.name}.json", report)
+    write_text(RESULTS / f"{args.name}.md", render(report))
+    print(render(report))
+
+
+def render(report: dict) -> str:
+    lines = [f"# FLIP on ML-1M, profile `{report['profile']}`, seeds {report['seeds']}", "",
+             f"Command: `{report['command']}`  ",
+             f"Wall time per seed (s): {report['wall_seconds_per_seed']}; pretraining (s): "
+             f"{report['pretrain_seconds_per_seed']}", "",
+             "| model | test AUC | test Logloss | valid AUC | AUC per seed | paper AUC / Logloss (selected on test) |",
+             "|---|---|---|---|---|---|"]
+    for r in report["results"]:
+        paper = f"{r['paper'][0]} / {r['paper'][1]}" if r["paper"] else "—"
+        lines.append(f"| {NAMES[r['variant']]} | {r['test_auc_mean']:.4f} ± {r['test_auc_std']:.4f} | "
+                     f"{r['test_logloss_mean']:.4f} ± {r['test_logloss_std']:.4f} | {r['valid_auc_mean']:.4f} | "
+                     f"{', '.join(f'{a:.4f}' for a in r['test_auc_per_seed'])} | {paper} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    main()
