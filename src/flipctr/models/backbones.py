@@ -49,6 +49,11 @@ class CTRModel(nn.Module):
     def post_init(self) -> None:
         self.apply(init_weights)
 
+    def _dnn(self, in_dim: int | None = None) -> MLP:
+        """The DNN tower as configured; its input defaults to the flat embeddings (F·D)."""
+        c = self.config
+        return MLP(in_dim or self.num_fields * c.embedding_dim, c.dnn_hidden, c.dropout, c.batch_norm)
+
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
 
@@ -101,7 +106,7 @@ class DCNv2(LinearHead):
             raise ValueError(f"model.cross_variant must be 'full' or 'mix', not {config.cross_variant!r}")
         if config.structure not in ("parallel", "stacked"):
             raise ValueError(f"model.structure must be 'parallel' or 'stacked', not {config.structure!r}")
-        self.dnn = MLP(dim, config.dnn_hidden, config.dropout, config.batch_norm)
+        self.dnn = self._dnn()
         self._make_head(dim + self.dnn.output_dim if config.structure == "parallel" else self.dnn.output_dim)
         self.post_init()
 
@@ -119,7 +124,7 @@ class DCN(LinearHead):
         super().__init__(config, feature_map)
         dim = self.num_fields * config.embedding_dim
         self.cross = CrossNetV1(dim, config.cross_layers)
-        self.dnn = MLP(dim, config.dnn_hidden, config.dropout, config.batch_norm)
+        self.dnn = self._dnn()
         self._make_head(dim + self.dnn.output_dim)
         self.post_init()
 
@@ -134,8 +139,7 @@ class DeepFM(FirstOrderMixin, CTRModel):
     def __init__(self, config: ModelConfig, feature_map: FeatureMap):
         super().__init__(config, feature_map)
         self._make_first_order(feature_map)
-        self.dnn = MLP(self.num_fields * config.embedding_dim, config.dnn_hidden, config.dropout,
-                       config.batch_norm)
+        self.dnn = self._dnn()
         self.dnn_out = nn.Linear(self.dnn.output_dim, 1)
         self.output_dim = 1 + config.embedding_dim + self.dnn.output_dim
         self.post_init()
@@ -155,8 +159,7 @@ class WideDeep(FirstOrderMixin, CTRModel):
     def __init__(self, config: ModelConfig, feature_map: FeatureMap):
         super().__init__(config, feature_map)
         self._make_first_order(feature_map)
-        self.dnn = MLP(self.num_fields * config.embedding_dim, config.dnn_hidden, config.dropout,
-                       config.batch_norm)
+        self.dnn = self._dnn()
         self.dnn_out = nn.Linear(self.dnn.output_dim, 1)
         self.output_dim = 1 + self.dnn.output_dim
         self.post_init()
@@ -194,8 +197,7 @@ class PNN(LinearHead):
         super().__init__(config, feature_map)
         self.product = InnerProduct(self.num_fields)
         pairs = self.num_fields * (self.num_fields - 1) // 2
-        self.dnn = MLP(self.num_fields * config.embedding_dim + pairs, config.dnn_hidden, config.dropout,
-                       config.batch_norm)
+        self.dnn = self._dnn(self.num_fields * config.embedding_dim + pairs)
         self._make_head(self.dnn.output_dim)
         self.post_init()
 
@@ -211,8 +213,7 @@ class XDeepFM(FirstOrderMixin, CTRModel):
         super().__init__(config, feature_map)
         self._make_first_order(feature_map)
         self.cin = CIN(self.num_fields, config.cin_layers)
-        self.dnn = MLP(self.num_fields * config.embedding_dim, config.dnn_hidden, config.dropout,
-                       config.batch_norm)
+        self.dnn = self._dnn()
         self.head = nn.Linear(self.cin.output_dim + self.dnn.output_dim, 1)
         self.output_dim = 1 + self.cin.output_dim + self.dnn.output_dim
         self.post_init()
@@ -236,8 +237,7 @@ class AutoInt(LinearHead):
             InteractingLayer(d_in, config.attention_dim, config.attention_heads, config.attention_residual)
             for d_in in dims[:-1]))
         out = self.num_fields * dims[-1]
-        self.dnn = (MLP(self.num_fields * config.embedding_dim, config.dnn_hidden, config.dropout,
-                        config.batch_norm) if config.autoint_dnn else None)
+        self.dnn = (self._dnn() if config.autoint_dnn else None)
         self._make_head(out + (self.dnn.output_dim if self.dnn is not None else 0))
         self.post_init()
 
@@ -255,8 +255,7 @@ class AFN(LinearHead):
     def __init__(self, config: ModelConfig, feature_map: FeatureMap):
         super().__init__(config, feature_map)
         self.log_layer = LogarithmicTransformation(self.num_fields, config.afn_log_neurons)
-        self.dnn = MLP(config.afn_log_neurons * config.embedding_dim, config.dnn_hidden, config.dropout,
-                       config.batch_norm)
+        self.dnn = self._dnn(config.afn_log_neurons * config.embedding_dim)
         self._make_head(self.dnn.output_dim)
         self.post_init()
 
