@@ -173,10 +173,22 @@ class LanguageModel(nn.Module):
     def from_pretrained(cls, name: str) -> "LanguageModel":
         from transformers import AutoModel
 
+        from transformers.utils import logging as hf_logging
+
         path = resolve_language_model(name)
         if Path(path).is_dir():
             os.environ.setdefault("HF_HUB_OFFLINE", "1")
-        return cls(AutoModel.from_pretrained(path, local_files_only=Path(path).is_dir(), add_pooling_layer=False))
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the checkpoint's pooler weights are unused on purpose
+        bars = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            encoder = AutoModel.from_pretrained(path, local_files_only=Path(path).is_dir(), add_pooling_layer=False)
+        finally:
+            hf_logging.set_verbosity(verbosity)
+            if bars:
+                hf_logging.enable_progress_bar()
+        return cls(encoder)
 
     @classmethod
     def from_config(cls, config) -> "LanguageModel":
