@@ -103,3 +103,13 @@ def test_custom_schema_missing_column_and_nan_label(tmp_path):
         {"file": "log.csv", "fields": {"user ID": "uid"}, "label": "click"}))
     with pytest.raises(DataError, match="row 2, label column 'click'"):
         read_custom(tmp_path / "s.yaml")
+
+
+def test_goodreads_bad_interactions_file_is_a_clear_error(tmp_path):
+    folder = write_goodreads(tmp_path)
+    import gzip
+
+    with gzip.open(folder / "goodreads_interactions.json.gz", "wt") as fh:
+        fh.write('{"user_id": "u1", "book_id": "1"}\n')
+    with pytest.raises(DataError, match="goodreads_interactions.json.gz: records lack keys"):
+        read_goodreads(folder)

@@ -184,20 +184,40 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
     return out
 
 
+def _goodreads_interactions(path: Path, chunksize: int = 1_000_000) -> pd.DataFrame:
+    """Rated interactions (rating 1..5) with the four columns we use, read in chunks so that
+    the other keys of the (large) interaction records never sit in memory."""
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    need = ["user_id", "book_id", "rating", "date_added"]
+    parts = []
+    try:
+        reader = pd.read_json(path, lines=True, chunksize=chunksize, dtype=False)
+        for chunk in reader:
+            missing = [c for c in need if c not in chunk.columns]
+            if missing:
+                raise DataError(f"{path}: records lack keys {missing}")
+            rating = pd.to_numeric(chunk["rating"], errors="coerce")
+            kept = chunk.loc[rating.between(1, 5), need].copy()
+            kept["rating"] = rating[rating.between(1, 5)].astype(np.int8)
+            parts.append(kept)
+    except ValueError as err:
+        if isinstance(err, DataError):
+            raise
+        raise DataError(f"{path}: not JSON lines ({err})") from err
+    if not parts:
+        raise DataError(f"{path}: no interactions")
+    return pd.concat(parts, ignore_index=True)
+
+
 def read_goodreads(folder: str | Path) -> Table:
     """GoodReads (UCSD Book Graph JSON lines): rating 1..5 kept, >3 -> 1 else 0; by date_added.
 
     Rating 0 means "shelved, not rated" in the UCSD files and is not a sample.
     """
     folder = Path(folder)
-    inter = pd.DataFrame(_json_lines(folder / "goodreads_interactions.json.gz"))
-    need = ["user_id", "book_id", "rating", "date_added"]
-    missing = [c for c in need if c not in inter.columns]
-    if missing:
-        raise DataError(f"{folder / 'goodreads_interactions.json.gz'}: records lack keys {missing}")
-    rating = pd.to_numeric(inter["rating"], errors="coerce")
-    inter = inter.loc[rating.between(1, 5)].reset_index(drop=True)
-    labels = (rating[rating.between(1, 5)].to_numpy() > 3).astype(np.int8)
+    inter = _goodreads_interactions(folder / "goodreads_interactions.json.gz")
+    labels = (inter["rating"].to_numpy() > 3).astype(np.int8)
     stamp = pd.to_datetime(inter["date_added"], format="%a %b %d %H:%M:%S %z %Y", utc=True, errors="coerce")
     if stamp.isna().any():
         row = int(np.argmax(stamp.isna().to_numpy()))
