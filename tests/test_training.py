@@ -138,3 +138,11 @@ def test_sparse_embeddings_use_lazy_adam_and_still_learn():
     assert result.best_eval["auc"] > 0.95
     cfg.train.sparse_embeddings = "auto"  # a 11-row table stays dense
     assert [type(o).__name__ for o in make_optimizer(build_model(cfg.model, fmap), cfg.train).optimizers] == ["Adam"]
+
+
+def test_compiled_training_step_learns_the_toy_task():
+    cfg = tiny_config(epochs=3, lr=0.05, compile=True)
+    fmap, train, _ = _toy_splits()
+    torch.manual_seed(0)
+    result = Trainer(cfg.train, torch.device("cpu")).fit(build_model(cfg.model, fmap), train, eval_split=train)
+    assert result.best_eval["auc"] > 0.95

@@ -73,6 +73,7 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     threads: int | None = None  # torch CPU threads; None keeps torch's default
     amp: str = "auto"  # bf16 autocast: "auto" (where the hardware has fast bf16), "bf16", "off"
+    compile: bool = False  # torch.compile the training step
     progress: bool = True
 
 
