@@ -16,6 +16,7 @@ import pandas as pd
 class Prompts:
     texts: list[str]
     value_chars: np.ndarray  # (N, F, 2) int32: [start, end) character span of each field's value
+    fields: list[str]
 
 
 class PromptBuilder:
@@ -46,4 +47,4 @@ class PromptBuilder:
         texts = parts[0]
         for part in parts[1:]:
             texts = texts + part
-        return Prompts(list(texts), spans)
+        return Prompts(list(texts), spans, self.fields)

@@ -64,7 +64,7 @@ def value_token_spans(offsets: np.ndarray, valid: np.ndarray, value_chars: np.nd
 
 def tokenize_prompts(prompts: Prompts, tokenizer, max_length: int, batch_size: int = 4096) -> TokenizedPrompts:
     """Tokenize with truncation at ``max_length`` and record value spans and truncation."""
-    n, num_fields = len(prompts.texts), prompts.value_chars.shape[1]
+    n = len(prompts.texts)
     chunks_ids, chunk_spans, lengths = [], [], np.zeros(n, dtype=np.int32)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     for start in range(0, n, batch_size):
@@ -92,7 +92,7 @@ def tokenize_prompts(prompts: Prompts, tokenizer, max_length: int, batch_size: i
         "samples_truncated": int((lost > 0).sum()),
         "fields_lost": int(lost.sum()),
         "samples_by_fields_lost": {int(k): int(v) for k, v in zip(*np.unique(lost, return_counts=True))},
-        "fields_lost_by_field": {f: int(c) for f, c in zip(range(num_fields), (spans[..., 1] == 0).sum(0))},
+        "fields_lost_by_field": dict(zip(prompts.fields, map(int, (spans[..., 1] == 0).sum(0)), strict=True)),
     }
     return TokenizedPrompts(input_ids, lengths, spans, report)
 
@@ -116,7 +116,6 @@ def load_or_build_text(data_folder: Path, values: pd.DataFrame | None, fields: l
     if not (folder / "report.json").exists():
         table = values if values is not None else values_loader()
         tok = tokenize_prompts(builder.build(table), tokenizer, max_length)
-        tok.report["fields_lost_by_field"] = {fields[int(k)]: v for k, v in tok.report["fields_lost_by_field"].items()}
         with atomic_dir(folder) as tmp:
             np.save(tmp / "input_ids.npy", tok.input_ids)
             np.save(tmp / "lengths.npy", tok.lengths)

