@@ -89,7 +89,7 @@ ABLATIONS = {  # paper Table 5, as switches of the same run
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .training.flip_run import VARIANTS, profile_config, run_flip
+    from .training.flip_run import VARIANTS, profile_config, render_results, run_flip
 
     base = load_config(args.config) if args.config else None
     overrides = [*ABLATIONS[args.ablation], *args.overrides]
@@ -104,8 +104,6 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = profile_config(args.profile, overrides, base)
     report = run_flip(cfg, args.run_dir, tuple(args.variants or VARIANTS), resume=args.resume,
                       profile=args.profile)
-    from .training.flip_run import render_results
-
     print(render_results(report))
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 from safetensors.torch import load_file
 
 from ..config import Config, apply_override
@@ -85,7 +86,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    write_text(run_dir / "config.yaml", __import__("yaml").safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     write_json(run_dir / "environment.json", {**environment_info(str(device)), "profile": profile})
     started = time.perf_counter()
     data = prepare(cfg.data, data_root)
