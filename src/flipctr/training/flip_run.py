@@ -9,7 +9,6 @@ seen before the final evaluation; model selection uses the validation split.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from pathlib import Path
@@ -172,7 +171,3 @@ def render_results(report: dict) -> str:
     lines += ["", f"Pretrained: {report['pretrained']} ({report['pretrain_seconds']:.0f} s); "
               f"total {report['wall_seconds']:.0f} s. Selection on validation; test evaluated once per model.", ""]
     return "\n".join(lines)
-
-
-def load_results(run_dir: str | Path) -> dict:
-    return json.loads((Path(run_dir) / "results.json").read_text())

@@ -4,7 +4,6 @@ killed run resumes where it stopped, and per-objective loss curves (log, JSON, P
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import time
@@ -159,7 +158,3 @@ class Pretrainer:
         with atomic_path(self.folder / "pretrain_losses.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
-
-
-def load_history(folder: Path) -> list[dict]:
-    return json.loads((Path(folder) / "pretrain_history.json").read_text())
