@@ -265,3 +265,77 @@ def test_flip_run_ablation_without_pretraining(ml1m_root, tiny_plm, tmp_path, mo
             *[x for t in tiny for x in ("--set", t)]]
     assert main(args) == 0
     assert not (tmp_path / "r" / "pretrain").exists()
+
+
+def test_text_vectors_match_the_encoder_and_are_cached(tiny_plm, tmp_path):
+    import numpy as np
+
+    from flipctr.data.text import TokenizedPrompts
+    from flipctr.models.language import LanguageModel
+    from flipctr.training.text_vectors import TextVectors
+
+    torch.manual_seed(0)
+    lengths = np.array([5, 3, 7, 4, 6], dtype=np.int32)
+    input_ids = np.zeros((5, 8), dtype=np.int32)
+    for i, n in enumerate(lengths):
+        input_ids[i, :n] = np.random.default_rng(i).integers(5, 20, n)
+    text = TokenizedPrompts(input_ids, lengths, np.zeros((5, 1, 2), np.int32), {}, tmp_path)
+    lm = LanguageModel.from_pretrained(str(tiny_plm))
+    with pytest.raises(ValueError, match="frozen"):
+        TextVectors(lm, text, torch.device("cpu"))
+    lm.freeze(0)
+    vectors = TextVectors(lm, text, torch.device("cpu"), batch_size=2)
+    got = vectors(1, 4)
+    expected = torch.stack([lm(torch.from_numpy(input_ids[i:i + 1, :n]).long(), torch.ones(1, n, dtype=torch.long)).cls[0]
+                            for i, n in zip(range(1, 4), lengths[1:4])])
+    np.testing.assert_allclose(got, expected.detach().numpy(), atol=1e-5)
+    cached = list(vectors.folder.glob("*.npy"))
+    assert [p.name for p in cached] == ["1-4.npy"]
+    np.save(cached[0], np.full_like(got, 7.0))  # a second call reads the cache, it does not recompute
+    assert (vectors(1, 4) == 7.0).all()
+    assert not list(vectors.folder.glob("*.tmp"))
+
+
+def test_frozen_encoder_builds_no_graph(tiny_plm):
+    from flipctr.models.language import LanguageModel
+
+    lm = LanguageModel.from_pretrained(str(tiny_plm))
+    lm.freeze(0)
+    out = lm(torch.tensor([[2, 7, 3]]), torch.ones(1, 3, dtype=torch.long))
+    assert not lm.trainable and not out.cls.requires_grad
+
+
+def test_flip_run_cpu_profile_with_frozen_encoder(ml1m_root, tiny_plm, tmp_path, monkeypatch):
+    """The cpu profile: a frozen encoder (text vectors computed once), FLIP started from the
+    finetuned FLIP_ID and FLIP_PLM."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from flipctr.cli import main
+    from flipctr.training import flip_run
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    starts = []
+    original = flip_run.finetuned_weights
+    monkeypatch.setattr(flip_run, "finetuned_weights",
+                        lambda folder, stage: starts.append((folder.name, stage)) or original(folder, stage))
+    tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.epochs=2",
+            "train.progress=false", "pretrain.progress=false", "train.amp=off", "pretrain.amp=off",
+            "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.rows=100", "text_finetune.epochs=2",
+            "text_finetune.batch_size=32", "text_finetune.train_rows=120", "text_finetune.valid_rows=40"]
+    args = ["run", "--dataset", "ml-1m", "--profile", "cpu", "--run-dir", str(tmp_path / "run"),
+            "--plm", str(tiny_plm), *[x for t in tiny for x in ("--set", t)]]
+    assert main(args) == 0
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(report["results"]) == {"scratch", "flip_id", "flip_plm", "flip"}
+    for variant in ("flip_plm", "flip"):
+        keys = load_file(str(tmp_path / "run" / variant / "model.safetensors")).keys()
+        assert not any("language_model" in k for k in keys)
+    assert sorted(set(starts)) == [("flip_id", "final"), ("flip_id", "selected"),
+                                   ("flip_plm", "final"), ("flip_plm", "selected")]
+    cache = list(ml1m_root.rglob("cls-*/*.npy"))
+    assert cache, "text vectors were not cached"
+    stamps = {p: p.stat().st_mtime_ns for p in cache}
+    assert main([*args[:6], str(tmp_path / "run2"), *args[7:], "--variants", "flip_id", "flip_plm"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in cache} == stamps  # the second run reused them

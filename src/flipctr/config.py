@@ -122,6 +122,10 @@ class TextFinetuneConfig:
     train_rows: int | None = None  # train on the last N training rows only (None: all)
     valid_rows: int | None = None  # select on the last N validation rows only (None: all); test is always whole
     refit: bool = True
+    # FLIP's starting point: "pretrained" (paper: the pretraining checkpoint) or "finetuned"
+    # (the finetuned FLIP_ID and FLIP_PLM, so that an ID side trained on all rows joins a text
+    # side trained on a subset; each protocol stage starts from the same stage of those two)
+    joint_init: str = "pretrained"
 
 
 @dataclass

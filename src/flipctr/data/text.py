@@ -28,6 +28,7 @@ class TokenizedPrompts:
     lengths: np.ndarray  # (N,) int32 number of real tokens ([CLS] and [SEP] included)
     value_spans: np.ndarray  # (N, F, 2) int32 [start, end) token span of each value; (0, 0) if cut
     report: dict  # truncation and length statistics
+    folder: Path | None = None  # the cache folder (derived caches, e.g. sentence vectors, live beside it)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -124,4 +125,4 @@ def load_or_build_text(data_folder: Path, values: pd.DataFrame | None, fields: l
     return TokenizedPrompts(np.load(folder / "input_ids.npy", mmap_mode="r"),
                             np.load(folder / "lengths.npy", mmap_mode="r"),
                             np.load(folder / "value_spans.npy", mmap_mode="r"),
-                            json.loads((folder / "report.json").read_text()))
+                            json.loads((folder / "report.json").read_text()), folder)

@@ -22,6 +22,7 @@ from ..config import FlipSettings
 from ..data.masking import FieldMasker, MaskedBatch
 from .backbones import CTRModel, CTROutput
 from .language import LanguageModel
+from .plm import TEXT_INPUTS, TEXT_VECTOR_INPUTS, text_vector
 
 
 FlipConfig = FlipSettings  # the switches live in the run configuration
@@ -200,18 +201,19 @@ class FlipPretrainModel(nn.Module):
 
 class FlipCTRModel(nn.Module):
     """Adaptive finetuning (Eq. 13-15): ``logit = α ℓ_ID + (1 − α) ℓ_PLM`` with α learnable;
-    the ID and PLM logits are returned too, for their own BCE terms."""
+    the ID and PLM logits are returned too, for their own BCE terms. ``language_model=None``:
+    the text side reads precomputed ``text_cls`` vectors (size ``hidden_size``) of a frozen encoder."""
 
-    input_names = ("ids", "input_ids", "attention_mask")
     default_lr = 5e-5
     default_eval_batch_size = 256
 
-    def __init__(self, backbone: CTRModel, language_model: LanguageModel, alpha: float = 0.5,
-                 id_lr_scale: float = 1.0):
+    def __init__(self, backbone: CTRModel, language_model: LanguageModel | None, alpha: float = 0.5,
+                 id_lr_scale: float = 1.0, hidden_size: int | None = None):
         super().__init__()
         self.backbone, self.language_model = backbone, language_model
+        self.input_names = ("ids", *(TEXT_INPUTS if language_model is not None else TEXT_VECTOR_INPUTS))
         self.id_lr_scale = id_lr_scale
-        self.plm_head = nn.Linear(language_model.hidden_size, 1)
+        self.plm_head = nn.Linear(language_model.hidden_size if language_model is not None else hidden_size, 1)
         nn.init.xavier_normal_(self.plm_head.weight)
         nn.init.zeros_(self.plm_head.bias)
         self.alpha = nn.Parameter(torch.tensor(float(alpha)))
@@ -221,9 +223,10 @@ class FlipCTRModel(nn.Module):
         a language model ~5e-5)."""
         return [{"params": list(self.backbone.parameters()), "lr_scale": self.id_lr_scale}]
 
-    def forward(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> CTROutput:
+    def forward(self, ids: torch.Tensor, input_ids: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, text_cls: torch.Tensor | None = None) -> CTROutput:
         v = self.backbone.encode(ids)
         id_logit = self.backbone.logit(v)
-        plm_logit = self.plm_head(self.language_model(input_ids, attention_mask).cls).squeeze(-1)
+        plm_logit = self.plm_head(text_vector(self.language_model, input_ids, attention_mask, text_cls)).squeeze(-1)
         logits = self.alpha * id_logit + (1 - self.alpha) * plm_logit
         return CTROutput(logits, v, aux_logits=(id_logit, plm_logit))

@@ -208,6 +208,26 @@ class LanguageModel(nn.Module):
             for p in layer.parameters():
                 p.requires_grad_(True)
 
+    @property
+    def trainable(self) -> bool:
+        return any(p.requires_grad for p in self.encoder.parameters())
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> LMOutput:
-        hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # a frozen encoder builds no graph: its states are constants for the heads above it
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.trainable):
+            hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return LMOutput(hidden, hidden[:, 0])
+
+    @torch.no_grad()
+    def sentence_vectors(self, input_ids: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> torch.Tensor:
+        """``[CLS]`` of every row, (N, L) token ids padded per batch to its longest row -> (N, H) float32."""
+        self.eval()
+        device = next(self.encoder.parameters()).device
+        out = []
+        for start in range(0, len(input_ids), batch_size):
+            lens = lengths[start:start + batch_size].to(device)
+            width = int(lens.max())
+            ids = input_ids[start:start + batch_size, :width].to(device)
+            mask = (torch.arange(width, device=device) < lens[:, None]).long()
+            out.append(self(ids, mask).cls.float().cpu())
+        return torch.cat(out) if out else torch.empty(0, self.hidden_size)

@@ -27,7 +27,8 @@ from ..models.plm import PLMCTRModel
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .pretrain import Pretrainer
 from .runner import RunData, setup_logging, train_run
-from .trainer import resolve_device
+from .text_vectors import TextVectors
+from .trainer import autocast_dtype, resolve_device
 
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
@@ -40,13 +41,14 @@ PROFILES: dict[str, list[str]] = {
         "pretrain.lr=5e-5", "pretrain.batch_size=1024", "pretrain.epochs=30", "pretrain.rows=null",
         "train.batch_size=256", "text_finetune.batch_size=256", "text_finetune.lr=5e-5",
         "text_finetune.train_rows=null", "text_finetune.valid_rows=null", "text_finetune.refit=true",
-        "model.plm_trainable_layers=null",
+        "model.plm_trainable_layers=null", "text_finetune.joint_init=pretrained",
     ],
     "cpu": [
-        "pretrain.lr=1e-4", "pretrain.batch_size=256", "pretrain.epochs=2", "pretrain.rows=20000",
-        "model.plm_trainable_layers=1", "train.batch_size=256",
-        "text_finetune.batch_size=128", "text_finetune.lr=1e-4", "text_finetune.epochs=2",
-        "text_finetune.train_rows=10000", "text_finetune.valid_rows=5000", "text_finetune.refit=false",
+        "pretrain.lr=1e-3", "pretrain.batch_size=256", "pretrain.epochs=2", "pretrain.rows=25000",
+        "model.plm_trainable_layers=0", "train.batch_size=256",
+        "text_finetune.batch_size=256", "text_finetune.lr=1e-3", "text_finetune.id_lr=1e-4",
+        "text_finetune.epochs=5", "text_finetune.train_rows=10000", "text_finetune.valid_rows=10000",
+        "text_finetune.refit=true", "text_finetune.joint_init=finetuned",
     ],
 }
 
@@ -72,6 +74,15 @@ def profile_config(profile: str, overrides: list[str] | None = None, base: Confi
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+
+def finetuned_weights(folder: Path, stage: str) -> dict[str, torch.Tensor]:
+    """A finetuned run's weights at ``stage``: "selected" (trained on train only, picked on
+    valid) or "final" (after the refit; the selected ones when the run did not refit)."""
+    path = folder / "model-selected.safetensors"
+    if stage == "final" or not path.exists():
+        path = folder / "model.safetensors"
+    return load_file(str(path))
 
 
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
@@ -102,12 +113,15 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         seed_everything(cfg.pretrain.seed)
         lm = LanguageModel.from_pretrained(cfg.model.plm)
         lm.freeze(cfg.model.plm_trainable_layers)
+        pretrainer = Pretrainer(cfg.pretrain, device, run_dir / "pretrain")
+        if not lm.trainable and pretrainer.amp_dtype is not None:
+            lm.to(pretrainer.amp_dtype)  # a frozen encoder runs in bf16 weights: no per-op casts
         model = FlipPretrainModel(build_model(backbone_cfg, encoding.feature_map), lm,
                                   torch.from_numpy(encoding.counts), cfg.flip, MASK_ID, tokenizer.mask_token_id,
                                   lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
         split = rd.split("train+valid", ENCODING, cfg.pretrain.rows, spans=True)
         log.info("pretraining on the last %d train+valid rows for %d epochs", len(split), cfg.pretrain.epochs)
-        Pretrainer(cfg.pretrain, device, run_dir / "pretrain").fit(model, split, resume=resume)
+        pretrainer.fit(model, split, resume=resume)
         pretrained = load_file(str(run_dir / "pretrain" / "pretrained.safetensors"))
         pretrain_seconds = time.perf_counter() - tick
         del model, split
@@ -129,20 +143,55 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
                                      epochs=cfg.text_finetune.epochs, refit=cfg.text_finetune.refit,
                                      eval_batch_size=cfg.train.eval_batch_size or 256)
     rows = {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
+    frozen = cfg.model.plm_trainable_layers == 0
+    if frozen and set(variants) & {"flip_plm", "flip"}:
+        # a frozen encoder's [CLS] vectors are the same for every model: computed once per row range
+        rd = RunData(data, cfg, device, text=True)
+        vectors = TextVectors(language_model(load=True), rd.text, device, autocast_dtype(cfg.train.amp, device),
+                              text_train.eval_batch_size)
+        rows["text_vectors"] = vectors
+
+    def text_model(load: bool) -> LanguageModel | None:
+        return None if frozen else language_model(load)
+
+    def plm_model(fm: FeatureMap) -> PLMCTRModel:
+        return PLMCTRModel(text_model(load=True), hidden_size=vectors.hidden_size if frozen else None)
+
+    def flip_model(fm: FeatureMap, stage: str | None = None) -> FlipCTRModel:
+        """``stage`` "selected"/"final": start from that stage of the finetuned FLIP_ID and FLIP_PLM."""
+        model = FlipCTRModel(backbone(fm, load=stage is None), text_model(load=stage is None),
+                             id_lr_scale=cfg.text_finetune.id_lr / cfg.text_finetune.lr,
+                             hidden_size=vectors.hidden_size if frozen else None)
+        if stage is not None:
+            model.backbone.load_state_dict(finetuned_weights(run_dir / "flip_id", stage))
+            plm = finetuned_weights(run_dir / "flip_plm", stage)
+            model.plm_head.load_state_dict(_prefixed(plm, "head."))
+            if model.language_model is not None:
+                model.language_model.load_state_dict(_prefixed(plm, "language_model."))
+        return model
+
+    joint = {}
+    if cfg.text_finetune.joint_init == "finetuned":
+        if "flip" in variants and not {"flip_id", "flip_plm"} <= set(variants):
+            raise ValueError("text_finetune.joint_init=finetuned needs the flip_id and flip_plm variants")
+        joint = {"model_factory": lambda fm: flip_model(fm, "selected"),
+                 "refit_factory": lambda fm: flip_model(fm, "final")}
+    elif cfg.text_finetune.joint_init != "pretrained":
+        raise ValueError(f"text_finetune.joint_init must be 'pretrained' or 'finetuned', "
+                         f"not {cfg.text_finetune.joint_init!r}")
     plans = {
         "scratch": (dataclasses.replace(cfg, model=backbone_cfg), lambda fm: backbone(fm, load=False), {}),
         "flip_id": (dataclasses.replace(cfg, model=backbone_cfg), lambda fm: backbone(fm, load=True), {}),
         "flip_plm": (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="plm"), train=text_train),
-                     lambda fm: PLMCTRModel(language_model(load=True)), rows),
+                     plm_model, rows),
         "flip": (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="flip"), train=text_train),
-                 lambda fm: FlipCTRModel(backbone(fm, load=True), language_model(load=True),
-                                         id_lr_scale=cfg.text_finetune.id_lr / cfg.text_finetune.lr), rows),
+                 flip_model, {**rows, **joint}),
     }
     results = {}
     for variant in variants:
-        variant_cfg, factory, limits = plans[variant]
-        metrics = train_run(variant_cfg, run_dir / variant, data_root, model_factory=factory,
-                            encoding=ENCODING, **limits)
+        variant_cfg, factory, options = plans[variant]
+        metrics = train_run(variant_cfg, run_dir / variant, data_root, **{"model_factory": factory, **options},
+                            encoding=ENCODING)
         setup_logging(run_dir)  # train_run pointed the log at the variant's folder
         results[variant] = {k: v for k, v in metrics.items() if k != "history"}
     report = {

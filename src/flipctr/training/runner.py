@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
@@ -61,8 +62,9 @@ class RunData:
     """The arrays a model needs from a prepared dataset: ids, and tokenized prompts for
     language-model inputs (built once and cached beside the encoded table)."""
 
-    def __init__(self, data: PreparedData, cfg: Config, device: torch.device, text: bool):
-        self.data, self.device, self.text = data, device, None
+    def __init__(self, data: PreparedData, cfg: Config, device: torch.device, text: bool,
+                 text_vectors: Callable[[int, int], np.ndarray] | None = None):
+        self.data, self.device, self.text, self.text_vectors = data, device, None, text_vectors
         if text:
             from ..data.text import load_or_build_text
             from ..models.language import load_tokenizer
@@ -86,13 +88,17 @@ class RunData:
             arrays.update(input_ids=self.text.input_ids[start:stop], lengths=self.text.lengths[start:stop])
             if spans:
                 arrays["value_spans"] = self.text.value_spans[start:stop]
+        if self.text_vectors is not None:
+            arrays["text_cls"] = self.text_vectors(start, stop)
         return Split.from_arrays(labels, self.device, **arrays)
 
 
 def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
               model_factory: Callable[[FeatureMap], torch.nn.Module] | None = None,
               encoding: str | None = None, train_rows: int | None = None,
-              valid_rows: int | None = None) -> dict:
+              valid_rows: int | None = None,
+              refit_factory: Callable[[FeatureMap], torch.nn.Module] | None = None,
+              text_vectors: Callable[[int, int], np.ndarray] | None = None) -> dict:
     """Train one model under ``cfg.train.protocol`` and write the run folder.
 
     ``metrics.json``: ``{"protocol", "selected_on", "valid": {auc, logloss}, "test": {auc, logloss},
@@ -101,7 +107,9 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     ``model_factory(feature_map)`` builds the model (default: by ``cfg.model``; FLIP passes
     one that loads pretrained weights); ``encoding`` fixes the encoding for every stage
     (default: ``train`` for selection, ``train+valid`` for refit and the paper protocol);
-    ``train_rows``/``valid_rows`` keep only the most recent rows of those splits (test is whole).
+    ``train_rows``/``valid_rows`` keep only the most recent rows of those splits (test is whole);
+    ``refit_factory`` builds the refit stage's model (default: ``model_factory``);
+    ``text_vectors(start, stop)`` gives the ``text_cls`` input of models over a frozen encoder.
     """
     if cfg.train.protocol not in PROTOCOLS:
         raise ValueError(f"train.protocol must be one of {PROTOCOLS}, not {cfg.train.protocol!r}")
@@ -118,9 +126,9 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     refit_fit = encoding or "train+valid"
     factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm))
 
-    def new_model(fm: FeatureMap) -> torch.nn.Module:
+    def new_model(fm: FeatureMap, refit: bool = False) -> torch.nn.Module:
         seed_everything(cfg.train.seed)
-        return factory(fm)
+        return (refit_factory or factory)(fm) if refit else factory(fm)
 
     fmap = data.encoding(select_fit).feature_map
     model = new_model(fmap)
@@ -131,7 +139,11 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
              data.name, data.sizes.train, data.sizes.valid, data.sizes.test, len(data.fields),
              cfg.model.name, device, cfg.train.protocol)
-    rd = RunData(data, cfg, device, text="input_ids" in input_names(model))
+    names = input_names(model)
+    if "text_cls" in names and text_vectors is None:
+        raise ValueError(f"model {cfg.model.name} reads precomputed text vectors: pass text_vectors")
+    rd = RunData(data, cfg, device, text="input_ids" in names or "text_cls" in names,
+                 text_vectors=text_vectors if "text_cls" in names else None)
     trainer = Trainer(cfg.train, device)
     metrics: dict = {"protocol": cfg.train.protocol, "dataset": data.name, "model": cfg.model.name}
 
@@ -153,7 +165,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
             save_weights(model, run_dir / "model-selected.safetensors")
             log.info("refit on train+valid for %g epochs", fit.best_epoch)
             fmap = data.encoding(refit_fit).feature_map
-            model = new_model(fmap)
+            model = new_model(fmap, refit=True)
             refit_rows = None if train_rows is None else train_rows + data.sizes.valid
             final_fit = trainer.fit(model, rd.split("train+valid", refit_fit, refit_rows),
                                     epochs=fit.best_epoch, lr_schedule=fit.lr_per_epoch)
