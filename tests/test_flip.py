@@ -339,3 +339,7 @@ def test_flip_run_cpu_profile_with_frozen_encoder(ml1m_root, tiny_plm, tmp_path,
     stamps = {p: p.stat().st_mtime_ns for p in cache}
     assert main([*args[:6], str(tmp_path / "run2"), *args[7:], "--variants", "flip_id", "flip_plm"]) == 0
     assert {p: p.stat().st_mtime_ns for p in cache} == stamps  # the second run reused them
+    from flipctr.training.runner import evaluate_run
+
+    again = evaluate_run(tmp_path / "run" / "flip", data_root=ml1m_root)
+    assert again["test"] == pytest.approx(report["results"]["flip"]["test"])

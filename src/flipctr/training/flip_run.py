@@ -27,8 +27,7 @@ from ..models.plm import PLMCTRModel
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .pretrain import Pretrainer
 from .runner import RunData, setup_logging, train_run
-from .text_vectors import TextVectors
-from .trainer import autocast_dtype, resolve_device
+from .trainer import resolve_device
 
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
@@ -143,25 +142,22 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
                                      epochs=cfg.text_finetune.epochs, refit=cfg.text_finetune.refit,
                                      eval_batch_size=cfg.train.eval_batch_size or 256)
     rows = {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
+    # A frozen encoder is left out of the models, which read its [CLS] vectors, computed once per
+    # row range and cached (pretraining cannot change a frozen encoder).
     frozen = cfg.model.plm_trainable_layers == 0
-    if frozen and set(variants) & {"flip_plm", "flip"}:
-        # a frozen encoder's [CLS] vectors are the same for every model: computed once per row range
-        rd = RunData(data, cfg, device, text=True)
-        vectors = TextVectors(language_model(load=True), rd.text, device, autocast_dtype(cfg.train.amp, device),
-                              text_train.eval_batch_size)
-        rows["text_vectors"] = vectors
+    text_dim = LanguageModel.from_pretrained(cfg.model.plm).hidden_size if frozen else None
 
     def text_model(load: bool) -> LanguageModel | None:
         return None if frozen else language_model(load)
 
     def plm_model(fm: FeatureMap) -> PLMCTRModel:
-        return PLMCTRModel(text_model(load=True), hidden_size=vectors.hidden_size if frozen else None)
+        return PLMCTRModel(text_model(load=True), hidden_size=text_dim)
 
     def flip_model(fm: FeatureMap, stage: str | None = None) -> FlipCTRModel:
         """``stage`` "selected"/"final": start from that stage of the finetuned FLIP_ID and FLIP_PLM."""
         model = FlipCTRModel(backbone(fm, load=stage is None), text_model(load=stage is None),
                              id_lr_scale=cfg.text_finetune.id_lr / cfg.text_finetune.lr,
-                             hidden_size=vectors.hidden_size if frozen else None)
+                             hidden_size=text_dim)
         if stage is not None:
             model.backbone.load_state_dict(finetuned_weights(run_dir / "flip_id", stage))
             plm = finetuned_weights(run_dir / "flip_plm", stage)

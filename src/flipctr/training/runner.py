@@ -62,9 +62,9 @@ class RunData:
     """The arrays a model needs from a prepared dataset: ids, and tokenized prompts for
     language-model inputs (built once and cached beside the encoded table)."""
 
-    def __init__(self, data: PreparedData, cfg: Config, device: torch.device, text: bool,
-                 text_vectors: Callable[[int, int], np.ndarray] | None = None):
-        self.data, self.device, self.text, self.text_vectors = data, device, None, text_vectors
+    def __init__(self, data: PreparedData, cfg: Config, device: torch.device, text: bool):
+        self.data, self.device, self.text = data, device, None
+        self.text_vectors: Callable[[int, int], np.ndarray] | None = None
         if text:
             from ..data.text import load_or_build_text
             from ..models.language import load_tokenizer
@@ -76,6 +76,25 @@ class RunData:
             log.info("prompts: %.1f tokens on average (p95 %.0f, max %d); %d samples lost %d fields to "
                      "truncation at %d tokens", report["tokens_mean"], report["tokens_p95"],
                      report["tokens_max"], report["samples_truncated"], report["fields_lost"], max_length)
+
+    @classmethod
+    def for_model(cls, data: PreparedData, cfg: Config, device: torch.device, model: torch.nn.Module,
+                  text_vectors: Callable[[int, int], np.ndarray] | None = None) -> "RunData":
+        """The inputs ``model`` reads; ``text_cls`` comes from ``text_vectors`` or, by default,
+        from the frozen ``cfg.model.plm``."""
+        names = input_names(model)
+        rd = cls(data, cfg, device, text="input_ids" in names or "text_cls" in names)
+        if "text_cls" in names:
+            if text_vectors is None:
+                from ..models.language import LanguageModel
+                from .text_vectors import TextVectors
+
+                lm = LanguageModel.from_pretrained(cfg.model.plm)
+                lm.freeze(0)
+                text_vectors = TextVectors(lm, rd.text, device, autocast_dtype(cfg.train.amp, device),
+                                           cfg.train.eval_batch_size or 256)
+            rd.text_vectors = text_vectors
+        return rd
 
     def split(self, name: str, fit: str, last: int | None = None, spans: bool = False) -> Split:
         """Split ``name`` under the encoding fitted on ``fit``; ``last``: only its most recent rows."""
@@ -139,11 +158,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
              data.name, data.sizes.train, data.sizes.valid, data.sizes.test, len(data.fields),
              cfg.model.name, device, cfg.train.protocol)
-    names = input_names(model)
-    if "text_cls" in names and text_vectors is None:
-        raise ValueError(f"model {cfg.model.name} reads precomputed text vectors: pass text_vectors")
-    rd = RunData(data, cfg, device, text="input_ids" in names or "text_cls" in names,
-                 text_vectors=text_vectors if "text_cls" in names else None)
+    rd = RunData.for_model(data, cfg, device, model, text_vectors)
     trainer = Trainer(cfg.train, device)
     metrics: dict = {"protocol": cfg.train.protocol, "dataset": data.name, "model": cfg.model.name}
 
@@ -200,7 +215,7 @@ def evaluate_run(run_dir: str | Path, data_root: Path | None = None) -> dict:
     model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"))
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     model.to(device)
-    rd = RunData(data, cfg, device, text="input_ids" in input_names(model))
+    rd = RunData.for_model(data, cfg, device, model)
     trainer = Trainer(cfg.train, device)
     encoding = saved.get("encoding", "train")
     out = {"run_dir": str(run_dir), "protocol": saved["protocol"], "selected_on": saved["selected_on"],
