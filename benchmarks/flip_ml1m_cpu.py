@@ -37,20 +37,32 @@ def main() -> None:
                                             f"train.seed={seed}", f"pretrain.seed={seed}",
                                             "train.progress=false", "pretrain.progress=false"])
         reports.append(run_flip(cfg, args.runs / f"{args.dataset}-{args.profile}-seed{seed}", profile=args.profile))
+    def sd(xs: list[float]) -> float:
+        return statistics.stdev(xs) if len(xs) > 1 else 0.0
+
     rows = []
     for variant in VARIANTS:
         aucs = [r["results"][variant]["test"]["auc"] for r in reports]
         lls = [r["results"][variant]["test"]["logloss"] for r in reports]
         valid = [r["results"][variant]["valid"]["auc"] for r in reports]
-        sd = (lambda xs: statistics.stdev(xs) if len(xs) > 1 else 0.0)
         rows.append({"variant": variant, "test_auc_mean": statistics.fmean(aucs), "test_auc_std": sd(aucs),
                      "test_logloss_mean": statistics.fmean(lls), "test_logloss_std": sd(lls),
                      "valid_auc_mean": statistics.fmean(valid), "test_auc_per_seed": aucs,
                      "paper": PAPER.get(args.dataset, {}).get(variant)})
+    paired = []  # per-seed differences: the seed is shared, so these are paired comparisons
+    # valid AUCs compare only where both models select on the whole validation split
+    for better, base, splits in (("flip_id", "scratch", ("valid", "test")), ("flip", "flip_id", ("test",)),
+                                 ("flip", "scratch", ("test",))):
+        for split in splits:
+            diffs = [r["results"][better][split]["auc"] - r["results"][base][split]["auc"] for r in reports]
+            paired.append({"comparison": f"{better} - {base}", "split": split, "auc_diff_mean": statistics.fmean(diffs),
+                           "auc_diff_std": sd(diffs), "auc_diff_per_seed": diffs,
+                           "seeds_better": sum(d > 0 for d in diffs)})
     report = {"command": " ".join(sys.argv), "profile": args.profile, "seeds": args.seeds,
               "overrides": args.overrides, "environment": environment_info(),
               "wall_seconds_per_seed": [r["wall_seconds"] for r in reports],
-              "pretrain_seconds_per_seed": [r["pretrain_seconds"] for r in reports], "results": rows}
+              "pretrain_seconds_per_seed": [r["pretrain_seconds"] for r in reports], "results": rows,
+              "paired": paired}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{args.name}.json", report)
     write_text(RESULTS / f"{args.name}.md", render(report))
@@ -69,6 +81,12 @@ def render(report: dict) -> str:
         lines.append(f"| {NAMES[r['variant']]} | {r['test_auc_mean']:.4f} ± {r['test_auc_std']:.4f} | "
                      f"{r['test_logloss_mean']:.4f} ± {r['test_logloss_std']:.4f} | {r['valid_auc_mean']:.4f} | "
                      f"{', '.join(f'{a:.4f}' for a in r['test_auc_per_seed'])} | {paper} |")
+    lines += ["", "Paired AUC differences (same seed):", "",
+              "| comparison | split | mean ± std | per seed | seeds better |", "|---|---|---|---|---|"]
+    for p in report.get("paired", []):
+        lines.append(f"| {p['comparison']} | {p['split']} | {p['auc_diff_mean']:+.4f} ± {p['auc_diff_std']:.4f} | "
+                     f"{', '.join(f'{d:+.4f}' for d in p['auc_diff_per_seed'])} | "
+                     f"{p['seeds_better']}/{len(p['auc_diff_per_seed'])} |")
     return "\n".join(lines) + "\n"
 
 

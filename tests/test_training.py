@@ -146,3 +146,26 @@ def test_compiled_training_step_learns_the_toy_task():
     torch.manual_seed(0)
     result = Trainer(cfg.train, torch.device("cpu")).fit(build_model(cfg.model, fmap), train, eval_split=train)
     assert result.best_eval["auc"] > 0.95
+
+
+def test_run_data_splits_last_rows_and_seeded_samples(ml1m_root):
+    import numpy as np
+
+    from flipctr.config import DataConfig
+    from flipctr.data.cache import prepare
+    from flipctr.training.runner import RunData
+
+    data = prepare(DataConfig("ml-1m"), ml1m_root)
+    rd = RunData(data, tiny_config(), torch.device("cpu"), text=False)
+    start, stop = data.sizes.bounds("train+valid")
+    ids = data.encoding("train+valid").ids
+    last = rd.split("train+valid", "train+valid", last=50)
+    np.testing.assert_array_equal(last.inputs["ids"].numpy(), ids[stop - 50:stop])
+    a = rd.split("train+valid", "train+valid", sample=50, seed=3)
+    b = rd.split("train+valid", "train+valid", sample=50, seed=3)
+    c = rd.split("train+valid", "train+valid", sample=50, seed=4)
+    assert len(a) == 50 and torch.equal(a.inputs["ids"], b.inputs["ids"])
+    assert not torch.equal(a.inputs["ids"], c.inputs["ids"])
+    rows = np.sort(np.random.default_rng(3).choice(np.arange(start, stop), 50, replace=False))
+    np.testing.assert_array_equal(a.inputs["ids"].numpy(), ids[rows])
+    np.testing.assert_array_equal(a.labels.numpy(), data.labels[rows])

@@ -104,7 +104,8 @@ class PretrainConfig:
     batch_size: int = 1024
     epochs: int = 30
     warmup_steps: int = 0
-    rows: int | None = None  # pretrain on the last N rows of train+valid only (None: all)
+    rows: int | None = None  # pretrain on N rows of train+valid only (None: all)
+    rows_from: str = "last"  # which N rows: "last" (the most recent) or "random" (a seeded uniform sample)
     seed: int = 2024
     amp: str = "auto"
     progress: bool = True

@@ -118,8 +118,14 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         model = FlipPretrainModel(build_model(backbone_cfg, encoding.feature_map), lm,
                                   torch.from_numpy(encoding.counts), cfg.flip, MASK_ID, tokenizer.mask_token_id,
                                   lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
-        split = rd.split("train+valid", ENCODING, cfg.pretrain.rows, spans=True)
-        log.info("pretraining on the last %d train+valid rows for %d epochs", len(split), cfg.pretrain.epochs)
+        if cfg.pretrain.rows_from not in ("last", "random"):
+            raise ValueError(f"pretrain.rows_from must be 'last' or 'random', not {cfg.pretrain.rows_from!r}")
+        if cfg.pretrain.rows_from == "last":
+            split = rd.split("train+valid", ENCODING, cfg.pretrain.rows, spans=True)
+        else:
+            split = rd.split("train+valid", ENCODING, spans=True, sample=cfg.pretrain.rows, seed=cfg.pretrain.seed)
+        log.info("pretraining on %d train+valid rows (%s) for %d epochs", len(split),
+                 cfg.pretrain.rows_from if cfg.pretrain.rows else "all", cfg.pretrain.epochs)
         pretrainer.fit(model, split, resume=resume)
         pretrained = load_file(str(run_dir / "pretrain" / "pretrained.safetensors"))
         pretrain_seconds = time.perf_counter() - tick

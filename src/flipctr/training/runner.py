@@ -96,17 +96,24 @@ class RunData:
             rd.text_vectors = text_vectors
         return rd
 
-    def split(self, name: str, fit: str, last: int | None = None, spans: bool = False) -> Split:
-        """Split ``name`` under the encoding fitted on ``fit``; ``last``: only its most recent rows."""
+    def split(self, name: str, fit: str, last: int | None = None, spans: bool = False,
+              sample: int | None = None, seed: int = 0) -> Split:
+        """Split ``name`` under the encoding fitted on ``fit``; ``last``: only its most recent rows;
+        ``sample``: a seeded uniform sample of that many of its rows (kept in time order)."""
         start, stop = self.data.sizes.bounds(name)
         if last is not None:
             start = max(start, stop - last)
-        labels = self.data.labels[start:stop]
-        arrays = {"ids": self.data.encoding(fit).ids[start:stop]}
+        rows: slice | np.ndarray = slice(start, stop)
+        if sample is not None and sample < stop - start:
+            if self.text_vectors is not None:
+                raise ValueError("text vectors are cached per row range: a random sample cannot use them")
+            rows = np.sort(np.random.default_rng(seed).choice(np.arange(start, stop), sample, replace=False))
+        labels = self.data.labels[rows]
+        arrays = {"ids": self.data.encoding(fit).ids[rows]}
         if self.text is not None:
-            arrays.update(input_ids=self.text.input_ids[start:stop], lengths=self.text.lengths[start:stop])
+            arrays.update(input_ids=self.text.input_ids[rows], lengths=self.text.lengths[rows])
             if spans:
-                arrays["value_spans"] = self.text.value_spans[start:stop]
+                arrays["value_spans"] = self.text.value_spans[rows]
         if self.text_vectors is not None:
             arrays["text_cls"] = self.text_vectors(start, stop)
         return Split.from_arrays(labels, self.device, **arrays)
