@@ -303,6 +303,8 @@ def test_frozen_encoder_builds_no_graph(tiny_plm):
     lm.freeze(0)
     out = lm(torch.tensor([[2, 7, 3]]), torch.ones(1, 3, dtype=torch.long))
     assert not lm.trainable and not out.cls.requires_grad
+    lm.train()  # a frozen encoder stays in eval mode (no dropout): its states are fixed features
+    assert not lm.training and not any(m.training for m in lm.modules())
 
 
 def test_flip_run_cpu_profile_with_frozen_encoder(ml1m_root, tiny_plm, tmp_path, monkeypatch):

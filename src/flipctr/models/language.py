@@ -208,6 +208,10 @@ class LanguageModel(nn.Module):
             for p in layer.parameters():
                 p.requires_grad_(True)
 
+    def train(self, mode: bool = True) -> "LanguageModel":
+        # a frozen encoder is a fixed feature extractor: no dropout, the same states in every pass
+        return super().train(mode and self.trainable)
+
     @property
     def trainable(self) -> bool:
         return any(p.requires_grad for p in self.encoder.parameters())
