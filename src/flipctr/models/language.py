@@ -224,14 +224,17 @@ class LanguageModel(nn.Module):
 
     @torch.no_grad()
     def sentence_vectors(self, input_ids: torch.Tensor, lengths: torch.Tensor, batch_size: int) -> torch.Tensor:
-        """``[CLS]`` of every row, (N, L) token ids padded per batch to its longest row -> (N, H) float32."""
+        """``[CLS]`` of every row, (N, L) token ids -> (N, H) float32. Rows run in order of
+        length, each batch padded to its longest row (little padding)."""
         self.eval()
         device = next(self.encoder.parameters()).device
-        out = []
+        order = torch.argsort(lengths, stable=True)
+        out = torch.empty(len(input_ids), self.hidden_size)
         for start in range(0, len(input_ids), batch_size):
-            lens = lengths[start:start + batch_size].to(device)
+            rows = order[start:start + batch_size]
+            lens = lengths[rows].to(device)
             width = int(lens.max())
-            ids = input_ids[start:start + batch_size, :width].to(device)
+            ids = input_ids[rows, :width].to(device)
             mask = (torch.arange(width, device=device) < lens[:, None]).long()
-            out.append(self(ids, mask).cls.float().cpu())
-        return torch.cat(out) if out else torch.empty(0, self.hidden_size)
+            out[rows] = self(ids, mask).cls.float().cpu()
+        return out
