@@ -2,7 +2,7 @@
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
-RUN_DIR ?= runs/dcnv2-ml-1m
+RUN_DIR ?= runs/flip-ml-1m
 # The CPU build of torch is pinned here (a bare `pip install torch` may pull a CUDA build);
 # pyproject.toml keeps a range for users.
 TORCH   := torch==2.13.0
@@ -18,9 +18,12 @@ $(BIN)/flipctr: pyproject.toml
 
 venv: $(BIN)/flipctr
 
+# FLIP on MovieLens-1M with the `cpu` profile: pretraining, then DCNv2 from scratch, FLIP_ID,
+# FLIP_PLM and FLIP (about half an hour on 2 cores); results in $(RUN_DIR)/results.md
 run: venv
 	$(BIN)/flipctr data get ml-1m --source auto
-	$(BIN)/flipctr train --dataset ml-1m --model dcnv2 --run-dir $(RUN_DIR)
+	$(BIN)/flipctr lm get minilm-l6
+	$(BIN)/flipctr run --dataset ml-1m --profile cpu --run-dir $(RUN_DIR)
 
 test: venv
 	$(BIN)/python -m pytest tests
