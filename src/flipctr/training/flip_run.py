@@ -44,6 +44,7 @@ PROFILES: dict[str, list[str]] = {
     ],
     "cpu": [
         "pretrain.lr=1e-3", "pretrain.batch_size=256", "pretrain.epochs=2", "pretrain.rows=25000",
+        "pretrain.rows_from=random",
         "model.plm_trainable_layers=0", "train.batch_size=256",
         "text_finetune.batch_size=256", "text_finetune.lr=1e-3", "text_finetune.id_lr=1e-4",
         "text_finetune.epochs=5", "text_finetune.train_rows=10000", "text_finetune.valid_rows=10000",
