@@ -337,7 +337,9 @@ def test_flip_run_cpu_profile_with_frozen_encoder(ml1m_root, tiny_plm, tmp_path,
     assert sorted(set(starts)) == [("flip_id", "final"), ("flip_id", "selected"),
                                    ("flip_plm", "final"), ("flip_plm", "selected")]
     cache = list(ml1m_root.rglob("cls-*/*.npy"))
-    assert cache, "text vectors were not cached"
+    # train subset, valid subset, refit rows (the last 120 of train+valid), whole test
+    sizes = sorted(int(p.stem.split("-")[1]) - int(p.stem.split("-")[0]) for p in cache)
+    assert len(sizes) == 4 and sizes.count(120) == 2 and 40 in sizes, sizes
     stamps = {p: p.stat().st_mtime_ns for p in cache}
     assert main([*args[:6], str(tmp_path / "run2"), *args[7:], "--variants", "flip_id", "flip_plm"]) == 0
     assert {p: p.stat().st_mtime_ns for p in cache} == stamps  # the second run reused them

@@ -133,7 +133,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     ``model_factory(feature_map)`` builds the model (default: by ``cfg.model``; FLIP passes
     one that loads pretrained weights); ``encoding`` fixes the encoding for every stage
     (default: ``train`` for selection, ``train+valid`` for refit and the paper protocol);
-    ``train_rows``/``valid_rows`` keep only the most recent rows of those splits (test is whole);
+    ``train_rows``/``valid_rows`` keep only the most recent rows of those splits (test is whole;
+    the refit then trains on the most recent ``train_rows`` rows of train+valid);
     ``refit_factory`` builds the refit stage's model (default: ``model_factory``);
     ``text_vectors(start, stop)`` gives the ``text_cls`` input of models over a frozen encoder.
     """
@@ -188,8 +189,9 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
             log.info("refit on train+valid for %g epochs", fit.best_epoch)
             fmap = data.encoding(refit_fit).feature_map
             model = new_model(fmap, refit=True)
-            refit_rows = None if train_rows is None else train_rows + data.sizes.valid
-            final_fit = trainer.fit(model, rd.split("train+valid", refit_fit, refit_rows),
+            # a training subset refits on as many rows, the most recent of train+valid: the
+            # selected number of epochs was chosen for that much data
+            final_fit = trainer.fit(model, rd.split("train+valid", refit_fit, train_rows),
                                     epochs=fit.best_epoch, lr_schedule=fit.lr_per_epoch)
             metrics["test"] = trainer.evaluate(model, rd.split("test", refit_fit))
         else:
