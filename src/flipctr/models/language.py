@@ -153,6 +153,14 @@ def load_tokenizer(name: str):
     return AutoTokenizer.from_pretrained(path, use_fast=True, local_files_only=Path(path).is_dir())
 
 
+def hidden_size(name: str) -> int:
+    """The encoder's hidden size, read from its config alone."""
+    from transformers import AutoConfig
+
+    path = resolve_language_model(name)
+    return AutoConfig.from_pretrained(path, local_files_only=Path(path).is_dir()).hidden_size
+
+
 @dataclass
 class LMOutput:
     hidden_states: torch.Tensor  # (B, L, H) last layer

@@ -22,7 +22,7 @@ from ..data.cache import prepare
 from ..data.encoder import MASK_ID, FeatureMap
 from ..models.backbones import build_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
-from ..models.language import LanguageModel, load_tokenizer
+from ..models.language import LanguageModel, hidden_size, load_tokenizer
 from ..models.plm import PLMCTRModel
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .pretrain import Pretrainer
@@ -92,6 +92,8 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
+    if cfg.pretrain.rows_from not in ("last", "random"):
+        raise ValueError(f"pretrain.rows_from must be 'last' or 'random', not {cfg.pretrain.rows_from!r}")
     setup_logging(run_dir)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
@@ -119,8 +121,6 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         model = FlipPretrainModel(build_model(backbone_cfg, encoding.feature_map), lm,
                                   torch.from_numpy(encoding.counts), cfg.flip, MASK_ID, tokenizer.mask_token_id,
                                   lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
-        if cfg.pretrain.rows_from not in ("last", "random"):
-            raise ValueError(f"pretrain.rows_from must be 'last' or 'random', not {cfg.pretrain.rows_from!r}")
         if cfg.pretrain.rows_from == "last":
             split = rd.split("train+valid", ENCODING, cfg.pretrain.rows, spans=True)
         else:
@@ -152,7 +152,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     # A frozen encoder is left out of the models, which read its [CLS] vectors, computed once per
     # row range and cached (pretraining cannot change a frozen encoder).
     frozen = cfg.model.plm_trainable_layers == 0
-    text_dim = LanguageModel.from_pretrained(cfg.model.plm).hidden_size if frozen else None
+    text_dim = hidden_size(cfg.model.plm) if frozen else None
 
     def text_model(load: bool) -> LanguageModel | None:
         return None if frozen else language_model(load)

@@ -78,22 +78,18 @@ class RunData:
                      report["tokens_max"], report["samples_truncated"], report["fields_lost"], max_length)
 
     @classmethod
-    def for_model(cls, data: PreparedData, cfg: Config, device: torch.device, model: torch.nn.Module,
-                  text_vectors: Callable[[int, int], np.ndarray] | None = None) -> "RunData":
-        """The inputs ``model`` reads; ``text_cls`` comes from ``text_vectors`` or, by default,
-        from the frozen ``cfg.model.plm``."""
+    def for_model(cls, data: PreparedData, cfg: Config, device: torch.device, model: torch.nn.Module) -> "RunData":
+        """The inputs ``model`` reads; ``text_cls``: the cached vectors of the frozen ``cfg.model.plm``."""
         names = input_names(model)
         rd = cls(data, cfg, device, text="input_ids" in names or "text_cls" in names)
         if "text_cls" in names:
-            if text_vectors is None:
-                from ..models.language import LanguageModel
-                from .text_vectors import TextVectors
+            from ..models.language import LanguageModel
+            from .text_vectors import TextVectors
 
-                lm = LanguageModel.from_pretrained(cfg.model.plm)
-                lm.freeze(0)
-                text_vectors = TextVectors(lm, rd.text, device, autocast_dtype(cfg.train.amp, device),
-                                           cfg.train.eval_batch_size or 256)
-            rd.text_vectors = text_vectors
+            lm = LanguageModel.from_pretrained(cfg.model.plm)
+            lm.freeze(0)
+            rd.text_vectors = TextVectors(lm, rd.text, device, autocast_dtype(cfg.train.amp, device),
+                                          cfg.train.eval_batch_size or 256)
         return rd
 
     def split(self, name: str, fit: str, last: int | None = None, spans: bool = False,
@@ -123,8 +119,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
               model_factory: Callable[[FeatureMap], torch.nn.Module] | None = None,
               encoding: str | None = None, train_rows: int | None = None,
               valid_rows: int | None = None,
-              refit_factory: Callable[[FeatureMap], torch.nn.Module] | None = None,
-              text_vectors: Callable[[int, int], np.ndarray] | None = None) -> dict:
+              refit_factory: Callable[[FeatureMap], torch.nn.Module] | None = None) -> dict:
     """Train one model under ``cfg.train.protocol`` and write the run folder.
 
     ``metrics.json``: ``{"protocol", "selected_on", "valid": {auc, logloss}, "test": {auc, logloss},
@@ -135,8 +130,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     (default: ``train`` for selection, ``train+valid`` for refit and the paper protocol);
     ``train_rows``/``valid_rows`` keep only the most recent rows of those splits (test is whole;
     the refit then trains on the most recent ``train_rows`` rows of train+valid);
-    ``refit_factory`` builds the refit stage's model (default: ``model_factory``);
-    ``text_vectors(start, stop)`` gives the ``text_cls`` input of models over a frozen encoder.
+    ``refit_factory`` builds the refit stage's model (default: ``model_factory``).
     """
     if cfg.train.protocol not in PROTOCOLS:
         raise ValueError(f"train.protocol must be one of {PROTOCOLS}, not {cfg.train.protocol!r}")
@@ -166,7 +160,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
              data.name, data.sizes.train, data.sizes.valid, data.sizes.test, len(data.fields),
              cfg.model.name, device, cfg.train.protocol)
-    rd = RunData.for_model(data, cfg, device, model, text_vectors)
+    rd = RunData.for_model(data, cfg, device, model)
     trainer = Trainer(cfg.train, device)
     metrics: dict = {"protocol": cfg.train.protocol, "dataset": data.name, "model": cfg.model.name}
 
