@@ -33,28 +33,44 @@ def write_ml1m(folder: Path, n_users: int = 30, n_movies: int = 20, n_ratings: i
     return folder
 
 
-def write_bx(folder: Path) -> Path:
-    """BX-CSV-Dump ``;``-separated quoted latin-1 CSVs (with an escaped quote, a NULL age)."""
+def write_bx(folder: Path, extra_users: int = 0) -> Path:
+    """BX-CSV-Dump ``;``-separated quoted latin-1 CSVs with the raw files' oddities: escaped quotes
+    in a title, a garbled ISBN, a rating by a user missing from BX-Users, NULL and implausible
+    ages, locations with trailing commas, empty parts or more than three parts, year 0,
+    publisher "n/a". ``extra_users`` adds users 100.. with a few ratings each (split tests)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "BX-Users.csv").write_bytes((
-        '"User-ID";"Location";"Age"\r\n'
-        '"1";"nyc, new york, usa";NULL\r\n'
-        '"2";"stockton, california, usa";"18"\r\n'
-        '"3";"porto, v.n.gaia, portugal";"244"\r\n').encode("latin-1"))
+    users = [
+        '"1";"nyc, new york, usa";NULL',
+        '"2";"stockton, california, usa";"18"',
+        '"3";"porto, v.n.gaia, portugal";"244"',
+        '"4";"cambridge, england, united kingdom,";"0"',
+        '"5";"berlin, , ";"4"',
+        '"6";"halifax, nova scotia";"101"',
+        '"7";"n/a, n/a, n/a";"60"',
+        '"8";"springfield, ohio, usa, ";"5"',
+    ] + [f'"{u}";"town, state, usa";"{20 + u % 50}"' for u in range(100, 100 + extra_users)]
+    (folder / "BX-Users.csv").write_bytes(
+        ('"User-ID";"Location";"Age"\r\n' + "".join(u + "\r\n" for u in users)).encode("latin-1"))
     (folder / "BX-Books.csv").write_bytes((
         '"ISBN";"Book-Title";"Book-Author";"Year-Of-Publication";"Publisher";"Image-URL-S";"Image-URL-M";"Image-URL-L"\r\n'
         '"0195153448";"Classical Mythology";"Mark P. O. Morford";"2002";"Oxford University Press";"s";"m";"l"\r\n'
-        '"0002005018";"Clara \\"Callan\\"";"Richard Bruce Wright";"2001";"HarperFlamingo Canada";"s";"m";"l"\r\n'
+        '"0002005018";"Clara \\"Callan\\"; a novel";"Richard Bruce Wright";"0";"n/a";"s";"m";"l"\r\n'
         '"0060973129";"Décision in Normandy";"Carlo D\'Este";"1991";"HarperPerennial";"s";"m";"l"\r\n'
+        '"3518365479<90";"Garbled";"Someone";"1999";"Nobody";"s";"m";"l"\r\n'
     ).encode("latin-1"))
-    (folder / "BX-Book-Ratings.csv").write_bytes((
-        '"User-ID";"ISBN";"Book-Rating"\r\n'
-        '"1";"0195153448";"0"\r\n'
-        '"2";"0002005018";"8"\r\n'
-        '"3";"0060973129";"6"\r\n'
-        '"2";"9999999999";"9"\r\n'   # ISBN not in BX-Books: dropped
-        '"3";"0195153448";"5"\r\n'
-        '"1";"0002005018";"10"\r\n').encode("latin-1"))
+    ratings = [
+        ("1", "0195153448", 0), ("2", "0002005018", 8), ("3", "0060973129", 6),
+        ("2", "9999999999", 9),     # ISBN not in BX-Books: dropped
+        ("3", "0195153448", 5), ("1", "0002005018", 10),
+        ("9", "0195153448", 7),     # user 9 is not in BX-Users: dropped
+        ("2", "3518365479<90", 9),  # ISBN of other than letters and digits: dropped
+        ("4", "0195153448", 3), ("5", "0060973129", 0), ("6", "0002005018", 7),
+        ("7", "0195153448", 9), ("8", "0060973129", 1),
+    ] + [(str(u), ("0195153448", "0002005018", "0060973129")[(u + k) % 3], 8 if (u + k) % 2 else 0)
+         for u in range(100, 100 + extra_users) for k in range(4)]
+    (folder / "BX-Book-Ratings.csv").write_bytes(
+        ('"User-ID";"ISBN";"Book-Rating"\r\n' + "".join(f'"{u}";"{i}";"{r}"\r\n' for u, i, r in ratings))
+        .encode("latin-1"))
     return folder
 
 

@@ -10,7 +10,7 @@ from flipctr.data.encoder import MASK_ID, FeatureEncoder
 from flipctr.data.errors import DataError
 from flipctr.data.splits import split_sizes
 
-from conftest import install_raw, write_ml1m
+from conftest import install_raw, write_bx, write_ml1m
 
 
 def test_split_sizes_are_chronological_80_10_10():
@@ -95,13 +95,35 @@ def test_limit_takes_the_first_samples_in_split_order(ml1m_root):
     np.testing.assert_array_equal(small.labels, full.labels[:100])
 
 
-def test_random_order_is_a_seeded_shuffle_with_its_own_cache(ml1m_root):
+def test_shuffle_order_is_seeded_with_its_own_cache(ml1m_root):
     base = prepare(DataConfig("ml-1m"), ml1m_root)
-    shuffled = prepare(DataConfig("ml-1m", order="random", order_seed=1), ml1m_root)
-    again = prepare(DataConfig("ml-1m", order="random", order_seed=1), ml1m_root)
-    assert shuffled.folder != base.folder and again.folder == shuffled.folder
+    assert base.meta["order"] == "time (timestamp, user ID, movie ID)"  # ML-1M's default
+    shuffled = prepare(DataConfig("ml-1m", order="shuffle", shuffle_seed=1), ml1m_root)
+    again = prepare(DataConfig("ml-1m", order="shuffle", shuffle_seed=1), ml1m_root)
+    other = prepare(DataConfig("ml-1m", order="shuffle", shuffle_seed=2), ml1m_root)
+    assert shuffled.folder != base.folder and again.folder == shuffled.folder != other.folder
     assert sorted(shuffled.values()["user ID"]) == sorted(base.values()["user ID"])
     assert not shuffled.values()["user ID"].equals(base.values()["user ID"])
-    assert shuffled.meta["order_key"] == "random (seed 1)"
+    assert not shuffled.values().equals(other.values())
+    assert shuffled.meta["order"] == "shuffle (seed 1)"
     with pytest.raises(DataError, match="data.order"):
         prepare(DataConfig("ml-1m", order="sideways"), ml1m_root)
+
+
+def test_bookcrossing_defaults_to_a_seeded_shuffle_with_disjoint_splits(tmp_path, data_root):
+    install_raw(data_root, "bookcrossing", write_bx(tmp_path / "bx", extra_users=60))
+    data = prepare(DataConfig("bookcrossing"), data_root)
+    assert data.meta["order"] == "shuffle (seed 42)" and data.meta["config"]["order"] == "shuffle"
+    assert data.meta["config"]["shuffle_seed"] == 42
+    # the splits are disjoint ranges covering every row once
+    rows = data.values().assign(label=np.asarray(data.labels))
+    parts = [rows.iloc[slice(*data.sizes.bounds(name))] for name in ("train", "valid", "test")]
+    assert sum(len(p) for p in parts) == len(rows)
+    whole = pd.concat(parts).sort_values(list(rows.columns)).reset_index(drop=True)
+    pd.testing.assert_frame_equal(whole, rows.sort_values(list(rows.columns)).reset_index(drop=True))
+    file_order = prepare(DataConfig("bookcrossing", order="file"), data_root)
+    assert file_order.meta["order"] == "file" and file_order.folder != data.folder
+    assert file_order.values()["user ID"].iloc[0] == "1"
+    stats = data.stats()
+    assert stats["features_per_field_all_samples"]["age"] == data.values()["age"].nunique()
+    assert stats["num_features_fit_on_train"] == data.encoding("train").feature_map.num_features

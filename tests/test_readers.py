@@ -4,24 +4,30 @@ import pytest
 import yaml
 
 from flipctr.data.errors import DataError
-from flipctr.data.readers import (BX_FIELDS, GOODREADS_FIELDS, ML1M_FIELDS, read_bookcrossing,
+from flipctr.data.readers import (BX_FIELDS, GOODREADS_FIELDS, ML1M_FIELDS, bx_age, read_bookcrossing,
                                   read_custom, read_goodreads, read_movielens_1m)
+
+from flipctr.data.splits import order_table
 
 from conftest import write_bx, write_goodreads, write_ml1m
 
 
 def test_movielens_labels_order_and_words(tmp_path):
     folder = write_ml1m(tmp_path)
-    table = read_movielens_1m(folder)
     raw = pd.read_csv(folder / "ratings.dat", sep="::", engine="python", header=None,
                       names=["u", "m", "r", "t"])
+    # every rating at one of three timestamps: the ties must be broken by user, then movie
+    raw["t"] = 978300000 + raw.index % 3
+    (folder / "ratings.dat").write_text("".join(f"{u}::{m}::{r}::{t}\n" for u, m, r, t in raw.to_numpy()))
+    table, described = order_table(read_movielens_1m(folder), "time", seed=0)
+    assert described == "time (timestamp, user ID, movie ID)"
     assert len(table) == int((raw["r"] != 3).sum())  # ratings of 3 are dropped
     assert table.fields == ML1M_FIELDS
-    # labels follow rating > 3, rows sorted by timestamp (stable)
-    kept = raw[raw["r"] != 3]
-    order = np.argsort(kept["t"].to_numpy(), kind="stable")
-    np.testing.assert_array_equal(table.labels, (kept["r"].to_numpy()[order] > 3).astype(np.int8))
-    np.testing.assert_array_equal(table.values["user ID"].to_numpy(), kept["u"].astype(str).to_numpy()[order])
+    # labels follow rating > 3; rows sorted by (timestamp, user ID, movie ID) as numbers
+    kept = raw[raw["r"] != 3].sort_values(["t", "u", "m"], kind="stable")
+    np.testing.assert_array_equal(table.labels, (kept["r"].to_numpy() > 3).astype(np.int8))
+    np.testing.assert_array_equal(table.values["user ID"].to_numpy(), kept["u"].astype(str).to_numpy())
+    np.testing.assert_array_equal(table.values["movie ID"].to_numpy(), kept["m"].astype(str).to_numpy())
     assert set(table.values["gender"]) <= {"female", "male"}
     assert set(table.values["age"]) <= {"under 18", "18-24", "25-34", "35-44", "45-49", "50-55", "56+"}
     assert "Action" in set(table.values["genre"]) and "Action|Comedy" not in set(table.values["genre"])
@@ -38,19 +44,51 @@ def test_movielens_occupation_words(tmp_path):
     assert set(table.values["gender"]) == {"female"}
 
 
-def test_bookcrossing_join_labels_country_age(tmp_path):
+def test_bookcrossing_rows_labels_and_values(tmp_path):
     table = read_bookcrossing(write_bx(tmp_path))
-    assert table.fields == BX_FIELDS
-    assert len(table) == 5  # the rating whose ISBN is not in BX-Books is dropped
-    np.testing.assert_array_equal(table.labels, [0, 1, 1, 0, 1])  # rating > 5, file order
-    assert table.values["location"].tolist() == ["usa", "usa", "portugal", "portugal", "usa"]
-    assert table.values["age"].tolist() == ["unknown", "18", "unknown", "unknown", "unknown"]
-    assert table.values["book title"].iloc[1] == 'Clara "Callan"'
-    assert table.values["book title"].iloc[2] == "Décision in Normandy"
+    assert table.fields == BX_FIELDS and table.time is None
+    # dropped: an ISBN missing from BX-Books, a garbled ISBN, a user missing from BX-Users
+    assert table.values["user ID"].tolist() == ["1", "2", "3", "3", "1", "4", "5", "6", "7", "8"]
+    assert "3518365479<90" not in set(table.values["ISBN"]) and "9" not in set(table.values["user ID"])
+    np.testing.assert_array_equal(table.labels, [0, 1, 1, 0, 1, 0, 0, 1, 1, 0])  # rating > 5, file order
+    by_user = table.values.drop_duplicates("user ID").set_index("user ID")
+    # country: after the second comma, trailing commas and empty parts cleaned, USA spelled so
+    assert by_user["location"].to_dict() == {"1": "USA", "2": "USA", "3": "Portugal", "4": "United Kingdom",
+                                             "5": "unknown", "6": "unknown", "7": "unknown", "8": "USA"}
+    # ages NULL, 244, 0, 4, 101 -> unknown; 18 -> 18-24; 60 -> 60+; 5 -> under 18
+    assert by_user["age"].to_dict() == {"1": "unknown", "2": "18-24", "3": "unknown", "4": "unknown",
+                                        "5": "unknown", "6": "unknown", "7": "60+", "8": "under 18"}
+    clara = table.values[table.values["ISBN"] == "0002005018"].iloc[0]
+    assert clara["book title"] == 'Clara "Callan"; a novel'  # escaped quotes and a ';' inside quotes
+    assert clara["publication year"] == "unknown" and clara["publisher"] == "unknown"  # year 0, "n/a"
+    assert table.values[table.values["ISBN"] == "0060973129"].iloc[0]["book title"] == "Décision in Normandy"
+
+
+def test_bx_age_buckets():
+    ages = pd.Series(["NULL", "", "0", "4", "5", "17", "18", "24", "25", "29", "30", "55", "59", "60",
+                      "100", "101", "24.5"])
+    assert bx_age(ages).tolist() == [
+        "unknown", "unknown", "unknown", "unknown", "under 18", "under 18", "18-24", "18-24", "25-29",
+        "25-29", "30-34", "55-59", "55-59", "60+", "60+", "unknown", "18-24"]
+
+
+def test_orders_shuffle_is_seeded_and_file_keeps_rows(tmp_path):
+    table = read_bookcrossing(write_bx(tmp_path, extra_users=40))
+    a, described = order_table(table, "shuffle", seed=42)
+    b, _ = order_table(table, "shuffle", seed=42)
+    c, _ = order_table(table, "shuffle", seed=7)
+    assert described == "shuffle (seed 42)"
+    pd.testing.assert_frame_equal(a.values, b.values)
+    assert not a.values.equals(c.values) and not a.values.equals(table.values)
+    key = lambda t: sorted(map(tuple, t.values.to_numpy()))  # noqa: E731
+    assert key(a) == key(table)  # a permutation: no row lost or repeated
+    assert order_table(table, "file", seed=0)[0] is table
+    with pytest.raises(DataError, match="has none"):
+        order_table(table, "time", seed=0)
 
 
 def test_goodreads_fields_labels_order(tmp_path):
-    table = read_goodreads(write_goodreads(tmp_path))
+    table, _ = order_table(read_goodreads(write_goodreads(tmp_path)), "time", seed=0)
     assert table.fields == GOODREADS_FIELDS
     assert len(table) == 3  # rating 0 (shelved, not rated) is no sample
     assert table.values["user ID"].tolist() == ["u2", "u2", "u1"]  # by date_added
@@ -68,7 +106,7 @@ def test_custom_schema_threshold_and_order(tmp_path):
     schema = {"name": "mine", "file": "log.csv", "fields": {"user ID": "uid", "item ID": "item"},
               "label": {"column": "stars", "threshold": 3, "drop_equal": True}, "order": "ts"}
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
-    table = read_custom(tmp_path / "s.yaml")
+    table, _ = order_table(read_custom(tmp_path / "s.yaml"), "time", seed=0)
     assert table.fields == ["user ID", "item ID"]
     assert table.values["item ID"].tolist() == ["z", "y", "x"]
     np.testing.assert_array_equal(table.labels, [1, 0, 1])

@@ -17,8 +17,10 @@ class DataConfig:
     valid_fraction: float = 1 / 9  # carved from the END of the training part
     min_count: int = 1  # values seen fewer times in the fitting rows map to OOV
     limit: int | None = None  # only the first N labelled samples, in split order
-    order: str = "dataset"  # "dataset" (timestamps / file order, as in SPEC) or "random" (seeded shuffle)
-    order_seed: int = 2024  # the shuffle of order="random"
+    # split order: "time" (chronological), "shuffle" (seeded), "file" (as in the raw file);
+    # None: the dataset's own (ML-1M, GoodReads: time; BookCrossing: shuffle). See data/splits.py.
+    order: str | None = None
+    shuffle_seed: int = 42  # the permutation of order="shuffle"
     max_length: int | None = None  # prompt tokens; None: per dataset (GoodReads 180, others 100)
 
 

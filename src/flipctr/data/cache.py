@@ -11,6 +11,7 @@ Two encodings are kept: one fitted on ``train`` (model selection) and one on
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import sys
@@ -24,12 +25,12 @@ from ..config import DataConfig
 from ..utils import atomic_dir, data_home, sha256_file, write_json
 from .encoder import FeatureEncoder, FeatureMap
 from .errors import DataError
-from .readers import READERS, read_custom
+from .readers import DEFAULT_ORDER, READERS, read_custom
 from .sources import SOURCES, raw_dir
-from .splits import SplitSizes, split_sizes
+from .splits import ORDERS, SplitSizes, order_table, split_sizes
 from .table import Table
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 FIT_SPLITS = ("train", "train+valid")
 
 
@@ -56,6 +57,21 @@ def raw_checksums(dataset: str, root: Path | None = None) -> dict[str, str]:
     if not source.exists():
         raise DataError(f"{dataset}: raw files not found in {folder}; run `flipctr data get {dataset}`")
     return json.loads(source.read_text())["sha256"]
+
+
+def resolve_data_config(cfg: DataConfig) -> DataConfig:
+    """``cfg`` with ``order`` set to the dataset's default where it is None."""
+    if cfg.order is not None:
+        if cfg.order not in ORDERS:
+            raise DataError(f"data.order must be one of {ORDERS}, not {cfg.order!r}")
+        return cfg
+    if _is_schema(cfg.dataset):
+        import yaml
+
+        schema = Path(cfg.dataset)
+        has_order = schema.exists() and bool((yaml.safe_load(schema.read_text()) or {}).get("order"))
+        return dataclasses.replace(cfg, order="time" if has_order else "file")
+    return dataclasses.replace(cfg, order=DEFAULT_ORDER.get(cfg.dataset, "file"))
 
 
 def load_table(dataset: str, root: Path | None = None) -> Table:
@@ -104,17 +120,22 @@ class PreparedData:
         return pd.read_parquet(self.folder / "values.parquet")
 
     def stats(self) -> dict:
+        """Counts; features per field both as fitted on train (the model's vocabulary, OOV slot
+        included) and as distinct values over all samples (how the paper's Table 1 counts)."""
         enc = self.encoding("train")
+        distinct = self.values().nunique()
         return {
             "dataset": self.name,
             "samples": self.sizes.total,
             "positives": int(np.asarray(self.labels, dtype=np.int64).sum()),
             "positive_rate": round(float(np.mean(self.labels)), 6),
             "fields": len(self.fields),
-            "order": self.meta["order_key"],
+            "order": self.meta["order"],
             "train": self.sizes.train, "valid": self.sizes.valid, "test": self.sizes.test,
-            "features_per_field": {f.name: f.size for f in enc.feature_map.fields},
-            "num_features": enc.feature_map.num_features,
+            "features_per_field_fit_on_train": {f.name: f.size for f in enc.feature_map.fields},
+            "num_features_fit_on_train": enc.feature_map.num_features,
+            "features_per_field_all_samples": {f: int(distinct[f]) for f in self.fields},
+            "num_features_all_samples": int(distinct.sum()),
             "cache": str(self.folder),
         }
 
@@ -126,14 +147,15 @@ def _encoding_dir(fit_split: str) -> str:
 def cache_key(dataset: str, cfg: DataConfig, checksums: dict[str, str]) -> str:
     spec = {"version": CACHE_VERSION, "dataset": dataset, "raw": checksums,
             "test_fraction": cfg.test_fraction, "valid_fraction": cfg.valid_fraction,
-            "min_count": cfg.min_count, "limit": cfg.limit,
-            **({"order": cfg.order, "order_seed": cfg.order_seed} if cfg.order != "dataset" else {})}
+            "min_count": cfg.min_count, "limit": cfg.limit, "order": cfg.order,
+            **({"shuffle_seed": cfg.shuffle_seed} if cfg.order == "shuffle" else {})}
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> PreparedData:
     """Return the prepared dataset, building its cache folder first if needed."""
     root = root or data_home()
+    cfg = resolve_data_config(cfg)
     checksums = raw_checksums(cfg.dataset, root)
     label = Path(cfg.dataset).stem if _is_schema(cfg.dataset) else cfg.dataset
     folder = root / "cache" / f"{label}-{cache_key(cfg.dataset, cfg, checksums)}"
@@ -141,15 +163,9 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
         return PreparedData(folder)
     if verbose:
         print(f"[flipctr] preparing {cfg.dataset} into {folder}", file=sys.stderr)
-    table = load_table(cfg.dataset, root)
-    if cfg.order == "random":  # for datasets whose file order is not chronological (BookCrossing)
-        perm = np.random.default_rng(cfg.order_seed).permutation(len(table))
-        table = Table(table.name, table.fields, table.values.iloc[perm].reset_index(drop=True),
-                      table.labels[perm], f"random (seed {cfg.order_seed})")
-    elif cfg.order != "dataset":
-        raise DataError(f"data.order must be 'dataset' or 'random', not {cfg.order!r}")
+    table, order = order_table(load_table(cfg.dataset, root), cfg.order, cfg.shuffle_seed)
     if cfg.limit is not None:
-        table = table.head(int(cfg.limit))
+        table = table.take(slice(0, int(cfg.limit)))
     sizes = split_sizes(len(table), cfg.test_fraction, cfg.valid_fraction)
     with atomic_dir(folder) as tmp:
         np.save(tmp / "labels.npy", np.ascontiguousarray(table.labels, dtype=np.int8))
@@ -162,7 +178,7 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
             np.save(sub / "ids.npy", encoder.transform(table.values))
             encoder.save(sub)
         write_json(tmp / "meta.json", {
-            "name": table.name, "fields": table.fields, "order_key": table.order_key,
+            "name": table.name, "fields": table.fields, "order": order,
             "sizes": asdict(sizes), "config": asdict(cfg), "raw_sha256": checksums,
             "cache_version": CACHE_VERSION,
         })

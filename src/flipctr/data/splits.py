@@ -1,10 +1,40 @@
-"""Chronological splits: contiguous ranges of the ordered table (train, then valid, then test)."""
+"""Splits: the table is put into one order, then cut into contiguous ranges (train, valid, test).
+
+Orders (``data.order``):
+
+- ``time``: chronological, a stable sort on the reader's time keys (ML-1M: timestamp, then
+  user ID, then movie ID); for data with timestamps.
+- ``shuffle``: a seeded random permutation (``data.shuffle_seed``); BookCrossing has no
+  timestamps and its file is grouped by user.
+- ``file``: the rows as the raw file holds them. On BookCrossing this is a cold-start
+  benchmark: nearly every test user is unseen in training.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import DataError
+from .table import Table
+
+ORDERS = ("time", "shuffle", "file")
+
+
+def order_table(table: Table, order: str, seed: int) -> tuple[Table, str]:
+    """``table`` in split order, and a description of that order (for stats and meta.json)."""
+    if order == "time":
+        if table.time is None:
+            raise DataError(f"{table.name}: data.order=time needs timestamps, and this data has none; "
+                            "use data.order=shuffle or data.order=file")
+        keys = [table.time[c].to_numpy() for c in reversed(table.time.columns)]
+        return table.take(np.lexsort(keys)), "time (" + ", ".join(table.time.columns) + ")"
+    if order == "shuffle":
+        return table.take(np.random.default_rng(seed).permutation(len(table))), f"shuffle (seed {seed})"
+    if order == "file":
+        return table, "file"
+    raise DataError(f"data.order must be one of {ORDERS}, not {order!r}")
 
 
 @dataclass(frozen=True)

@@ -12,17 +12,20 @@ from .errors import DataError
 
 @dataclass
 class Table:
-    """Labelled samples with one text column per field, rows already in split order.
+    """Labelled samples with one text column per field.
 
     ``fields`` are the names humans (and prompts) use, e.g. ``"zip code"``; ``values`` holds
-    one string column per field under that name; ``labels`` is 0/1 ``int8``.
+    one string column per field under that name; ``labels`` is 0/1 ``int8``. Readers give the
+    rows in file order; ``time`` holds the keys of a chronological order (most significant
+    column first, ties broken by the next), or None where the data has no timestamps.
+    :func:`flipctr.data.splits.order_table` puts the rows into split order.
     """
 
     name: str
     fields: list[str]
     values: pd.DataFrame
     labels: np.ndarray
-    order_key: str  # what the rows are sorted by ("timestamp", "file order", ...)
+    time: pd.DataFrame | None = None
 
     def __post_init__(self) -> None:
         missing = [f for f in self.fields if f not in self.values.columns]
@@ -32,11 +35,14 @@ class Table:
             raise DataError(f"{self.name}: {len(self.values)} rows but {len(self.labels)} labels")
         if len(self.values) == 0:
             raise DataError(f"{self.name}: no labelled samples")
+        if self.time is not None and len(self.time) != len(self.labels):
+            raise DataError(f"{self.name}: {len(self.time)} time keys for {len(self.labels)} rows")
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def head(self, n: int) -> "Table":
-        """The first ``n`` samples in split order (``--limit``)."""
-        return Table(self.name, self.fields, self.values.iloc[:n].reset_index(drop=True),
-                     self.labels[:n], self.order_key)
+    def take(self, rows: np.ndarray | slice) -> "Table":
+        """The samples at ``rows`` (positions), in that order."""
+        time = None if self.time is None else self.time.iloc[rows].reset_index(drop=True)
+        return Table(self.name, self.fields, self.values.iloc[rows].reset_index(drop=True),
+                     self.labels[rows], time)

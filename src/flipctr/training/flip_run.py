@@ -18,12 +18,13 @@ import yaml
 from safetensors.torch import load_file
 
 from ..config import Config, apply_override
-from ..data.cache import prepare
+from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
 from ..models.backbones import build_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
 from ..models.language import LanguageModel, hidden_size, load_tokenizer
 from ..models.plm import PLMCTRModel
+from ..paper import table2
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .pretrain import Pretrainer
 from .runner import RunData, setup_logging, train_run
@@ -52,17 +53,6 @@ PROFILES: dict[str, list[str]] = {
     ],
 }
 
-# Paper Table 2 (test AUC / Logloss; TinyBERT + DCNv2; selected on test).
-PAPER = {
-    "ml-1m": {"scratch": (0.8548, 0.3893), "flip_id": (0.8600, 0.3802), "flip_plm": (0.8460, 0.4127),
-              "flip": (0.8621, 0.3788)},
-    "bookcrossing": {"scratch": (0.7956, 0.5103), "flip_id": (0.8030, 0.5043), "flip_plm": (0.7924, 0.5304),
-                     "flip": (0.8061, 0.5004)},
-    "goodreads": {"scratch": (0.7724, 0.5057), "flip_id": (0.7779, 0.5014), "flip_plm": (0.7476, 0.5255),
-                  "flip": (0.7787, 0.5001)},
-}
-
-
 def profile_config(profile: str, overrides: list[str] | None = None, base: Config | None = None) -> Config:
     if profile not in PROFILES:
         raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
@@ -87,6 +77,7 @@ def finetuned_weights(folder: Path, stage: str) -> dict[str, torch.Tensor]:
 
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
              data_root: Path | None = None, profile: str | None = None) -> dict:
+    cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     unknown = set(variants) - set(VARIANTS)
@@ -105,6 +96,9 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     encoding = data.encoding(ENCODING)
     backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
 
+    prompts = None  # the truncation report of the prompts at data.max_length
+    if set(variants) & {"flip_id", "flip_plm", "flip"}:
+        prompts = RunData(data, cfg, device, text=True).text.report
     pretrained: dict[str, torch.Tensor] | None = None
     pretrain_seconds = 0.0
     wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
@@ -200,8 +194,9 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     report = {
         "dataset": data.name, "profile": profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
         "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
-        "flip": dataclasses.asdict(cfg.flip), "wall_seconds": round(time.perf_counter() - started, 1),
-        "results": results, "paper": PAPER.get(data.name, {}),
+        "flip": dataclasses.asdict(cfg.flip), "prompts": prompts, "wall_seconds": round(time.perf_counter() - started, 1),
+        "results": results,
+        "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else v) for v in results},
     }
     write_json(run_dir / "results.json", report)
     write_text(run_dir / "results.md", render_results(report))

@@ -27,7 +27,7 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
-from ..data.cache import PreparedData, prepare
+from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
 from ..models import build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
@@ -134,6 +134,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     """
     if cfg.train.protocol not in PROTOCOLS:
         raise ValueError(f"train.protocol must be one of {PROTOCOLS}, not {cfg.train.protocol!r}")
+    cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(run_dir)

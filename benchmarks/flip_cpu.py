@@ -1,10 +1,11 @@
-"""FLIP on ML-1M with the `cpu` profile, over several seeds.
+"""FLIP with the `cpu` profile, over several seeds.
 
-    python benchmarks/flip_ml1m_cpu.py [--seeds 1 2 3] [--profile cpu] [--set key=value ...]
+    python benchmarks/flip_cpu.py [--dataset ml-1m|bookcrossing] [--seeds 1 2 3] [--profile cpu]
+                                  [--set key=value ...]
 
 Each seed runs ``flipctr run`` (pretraining included; the seed drives pretraining and every
-finetuning). Writes ``benchmarks/results/flip_ml1m_cpu.{json,md}``: DCNv2 from scratch vs
-FLIP_ID vs FLIP_PLM vs FLIP, test AUC / Logloss mean ± std.
+finetuning). Writes ``benchmarks/results/flip_<ml1m|bx>_cpu.{json,md}``: the backbone from
+scratch vs FLIP_ID vs FLIP_PLM vs FLIP, test AUC / Logloss mean ± std, paired differences.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from flipctr.training.flip_run import PAPER, VARIANTS, profile_config, run_flip
+from flipctr.paper import table2
+from flipctr.training.flip_run import VARIANTS, profile_config, run_flip
 from flipctr.utils import environment_info, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
+SHORT = {"ml-1m": "ml1m", "bookcrossing": "bx"}
 NAMES = {"scratch": "DCNv2 (from scratch)", "flip_id": "FLIP_ID", "flip_plm": "FLIP_PLM", "flip": "FLIP"}
 
 
@@ -28,8 +31,9 @@ def main() -> None:
     parser.add_argument("--dataset", default="ml-1m")
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks/flip"))
-    parser.add_argument("--name", default="flip_ml1m_cpu")
+    parser.add_argument("--name", help="results file stem (default flip_<dataset>_<profile>)")
     args = parser.parse_args()
+    args.name = args.name or f"flip_{SHORT.get(args.dataset, args.dataset)}_{args.profile}"
 
     reports = []
     for seed in args.seeds:
@@ -48,7 +52,7 @@ def main() -> None:
         rows.append({"variant": variant, "test_auc_mean": statistics.fmean(aucs), "test_auc_std": sd(aucs),
                      "test_logloss_mean": statistics.fmean(lls), "test_logloss_std": sd(lls),
                      "valid_auc_mean": statistics.fmean(valid), "test_auc_per_seed": aucs,
-                     "paper": PAPER.get(args.dataset, {}).get(variant)})
+                     "paper": table2(args.dataset, variant)})
     paired = []  # per-seed differences: the seed is shared, so these are paired comparisons
     # valid AUCs compare only where both models select on the whole validation split
     for better, base, splits in (("flip_id", "scratch", ("valid", "test")), ("flip", "flip_id", ("test",)),
@@ -58,10 +62,11 @@ def main() -> None:
             paired.append({"comparison": f"{better} - {base}", "split": split, "auc_diff_mean": statistics.fmean(diffs),
                            "auc_diff_std": sd(diffs), "auc_diff_per_seed": diffs,
                            "seeds_better": sum(d > 0 for d in diffs)})
-    report = {"command": " ".join(sys.argv), "profile": args.profile, "seeds": args.seeds,
+    report = {"command": " ".join(sys.argv), "dataset": args.dataset, "profile": args.profile, "seeds": args.seeds,
               "overrides": args.overrides, "environment": environment_info(),
               "wall_seconds_per_seed": [r["wall_seconds"] for r in reports],
-              "pretrain_seconds_per_seed": [r["pretrain_seconds"] for r in reports], "results": rows,
+              "pretrain_seconds_per_seed": [r["pretrain_seconds"] for r in reports],
+              "prompts": reports[0].get("prompts"), "results": rows,
               "paired": paired}
     RESULTS.mkdir(parents=True, exist_ok=True)
     write_json(RESULTS / f"{args.name}.json", report)
@@ -70,10 +75,17 @@ def main() -> None:
 
 
 def render(report: dict) -> str:
-    lines = [f"# FLIP on ML-1M, profile `{report['profile']}`, seeds {report['seeds']}", "",
+    lines = [f"# FLIP on {report.get('dataset', 'ml-1m')}, profile `{report['profile']}`, seeds {report['seeds']}", "",
              f"Command: `{report['command']}`  ",
              f"Wall time per seed (s): {report['wall_seconds_per_seed']}; pretraining (s): "
-             f"{report['pretrain_seconds_per_seed']}", "",
+             f"{report['pretrain_seconds_per_seed']}", ""]
+    prompts = report.get("prompts")
+    if prompts:
+        lines += [f"Prompts: {prompts['tokens_mean']:.1f} tokens on average (p95 {prompts['tokens_p95']:.0f}, "
+                  f"max {prompts['tokens_max']}); at max_length {prompts['max_length']}, "
+                  f"{prompts['samples_truncated']} of {prompts['samples']} samples lost "
+                  f"{prompts['fields_lost']} field values to truncation.", ""]
+    lines += [
              "| model | test AUC | test Logloss | valid AUC | AUC per seed | paper AUC / Logloss (selected on test) |",
              "|---|---|---|---|---|---|"]
     for r in report["results"]:
