@@ -21,9 +21,11 @@ def main() -> None:
     before = backbone.embedding.weight.detach().clone()
     losses = []
     cfg = PretrainConfig(lr=1e-2, batch_size=4, epochs=1, progress=False, amp="off")
+    # 11 rows over 2 ranks: shards padded to 6 rows each, so 2 steps of 4 and 2 rows on every rank
+    # (unequal shards would leave one rank a step short and its collectives unmatched)
     Pretrainer(cfg, torch.device("cpu"), Path(sys.argv[1])).fit(
-        model, _pretrain_split(8), on_step=lambda e, s, loss: losses.append(loss))
-    assert len(losses) == 1, losses  # 8 rows / (4 per rank * 2 ranks) = one step
+        model, _pretrain_split(11), on_step=lambda e, s, loss: losses.append(loss))
+    assert len(losses) == 2, losses
     assert not torch.equal(before, backbone.embedding.weight)
     # gradients were averaged: every rank holds the same weights after the step
     for p in (backbone.embedding.weight, lm.encoder.embeddings.word_embeddings.weight):

@@ -8,7 +8,7 @@ def test_one_pretraining_step_under_torchrun_with_two_ranks(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
          str(script), str(tmp_path / "pretrain")],
-        capture_output=True, text=True, timeout=300)
+        capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok") == 2
     assert (tmp_path / "pretrain" / "pretrained.safetensors").exists()  # written by rank 0

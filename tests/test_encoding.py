@@ -60,15 +60,34 @@ def test_prepare_caches_and_reuses(ml1m_root):
     stats = data.stats()
     assert stats["train"] + stats["valid"] + stats["test"] == stats["samples"]
     assert stats["fields"] == 8
-    # the train encoding has never seen the valid/test-only values; train+valid has
-    train_ids, _ = data.split("valid", "train")
-    fmap = data.encoding("train").feature_map
-    offsets = np.array([f.offset for f in fmap.fields])
-    assert train_ids.dtype == np.int32 and (train_ids >= offsets).all()
+    valid_ids, _ = data.split("valid", "train")
+    assert valid_ids.dtype == np.int32
     mtime = (data.folder / "meta.json").stat().st_mtime_ns
     again = prepare(DataConfig("ml-1m"), ml1m_root)
     assert again.folder == data.folder and (again.folder / "meta.json").stat().st_mtime_ns == mtime
     assert isinstance(again.labels, np.memmap)
+
+
+def test_values_seen_only_after_train_map_to_oov(tmp_path, data_root):
+    # 20 rows in time order: 16 train, 2 valid, 2 test; users u5, u6 appear only in valid, u7 in test
+    users = [f"u{i % 4}" for i in range(16)] + ["u5", "u6", "u7", "u0"]
+    pd.DataFrame({"uid": users, "item": ["a", "b"] * 10, "click": [i % 2 for i in range(20)],
+                  "ts": range(20)}).to_csv(tmp_path / "log.csv", index=False)
+    import yaml
+
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"file": "log.csv", "fields": {"user ID": "uid", "item": "item"},
+                                                     "label": "click", "order": "ts"}))
+    data = prepare(DataConfig(str(tmp_path / "s.yaml")), data_root)
+    col = data.fields.index("user ID")
+    oov = data.encoding("train").feature_map.fields[col].offset
+    for fit, split, expected_oov in (("train", "valid", [True, True]), ("train", "test", [True, False]),
+                                     ("train+valid", "valid", [False, False]),
+                                     ("train+valid", "test", [True, False])):
+        ids, _ = data.split(split, fit)
+        offset = data.encoding(fit).feature_map.fields[col].offset
+        assert list(ids[:, col] == offset) == expected_oov, (fit, split)
+    train_ids, _ = data.split("train", "train")
+    assert (train_ids[:, col] > oov).all()  # every training value has its own id
 
 
 def test_prepare_failure_leaves_no_cache(tmp_path, data_root):

@@ -27,6 +27,14 @@ def test_nce_loss_by_hand():
     assert loss.item() == pytest.approx(expected, rel=1e-6)
 
 
+def test_info_nce_by_hand():
+    # z_a = [[1, 0], [0, 1]], z_b = [[3, 0], [2, 1]], τ = 0.5: logits = z_a z_bᵀ / τ = [[6, 4], [0, 2]]
+    a, b = torch.tensor([[1.0, 0.0], [0.0, 1.0]]), torch.tensor([[3.0, 0.0], [2.0, 1.0]])
+    text_to_id = (math.log(1 + math.exp(4 - 6)) + math.log(1 + math.exp(0 - 2))) / 2  # rows
+    id_to_text = (math.log(1 + math.exp(0 - 6)) + math.log(1 + math.exp(4 - 2))) / 2  # columns
+    assert info_nce(a, b, 0.5).item() == pytest.approx(0.5 * (text_to_id + id_to_text), rel=1e-6)
+
+
 def test_info_nce_is_symmetric_and_minimal_for_aligned_pairs():
     torch.manual_seed(0)
     a, b = torch.randn(6, 4), torch.randn(6, 4)
@@ -42,6 +50,7 @@ def test_choose_fields_exact_count_per_row():
     assert (chosen.sum(1) == 1).all()  # round(0.15 * 8) = 1
     assert (choose_fields(50, 8, 0.5).sum(1) == 4).all()
     assert (choose_fields(50, 3, 0.01).sum(1) == 1).all()  # at least one
+    assert (choose_fields(50, 3, 0.6).sum(1) == 2).all()  # rounded, not truncated: 1.8 -> 2
     assert chosen.any(0).all()  # every field gets chosen somewhere
 
 
@@ -63,13 +72,16 @@ def test_field_masking_touches_only_value_tokens_of_chosen_fields():
     changed = out.masked_input_ids != input_ids
     assert torch.equal(changed, out.text_positions)
     assert (out.masked_input_ids[out.text_positions] == 4).all()
-    # exactly round(0.67 * 3) = 2 fields chosen per sample: each chosen value masked whole
+    # exactly round(0.67 * 3) = 2 fields chosen per sample, each chosen value masked whole;
+    # sample 2's field c was cut by truncation: if chosen, it is counted as lost instead
+    masked_fields = []
     for i in range(2):
-        masked_fields = [f for f in range(3) if spans[i, f, 1] > 0 and out.text_positions[i, spans[i, f, 0]]]
-        for f in masked_fields:
+        masked_fields.append([f for f in range(3) if spans[i, f, 1] > 0 and out.text_positions[i, spans[i, f, 0]]])
+        for f in masked_fields[i]:
             assert out.text_positions[i, spans[i, f, 0]:spans[i, f, 1]].all()
-        assert len(masked_fields) + (1 if out.text_fields_lost and i == 1 else 0) <= 2
-    assert (out.tab_chosen.sum(1) == 1).all()
+    assert len(masked_fields[0]) == 2
+    assert len(masked_fields[1]) + out.text_fields_lost == 2
+    assert (out.tab_chosen.sum(1) == 1).all()  # round(0.34 * 3) = 1
 
 
 def test_tabular_mask_id_is_shared_across_fields():
@@ -89,10 +101,18 @@ def test_truncated_field_gives_no_target_and_is_counted():
 
 def test_token_level_masking_variant():
     ids, input_ids, attention, spans = _batch()
-    masker = FieldMasker(3, MASK_ID, 4, text_ratio=0.15, token_level=True, cls_id=2, sep_id=3)
-    out = masker(ids, input_ids, attention, spans, torch.Generator().manual_seed(0))
-    assert out.text_positions.any(1).all()
-    assert not out.text_positions[:, 0].any() and not out.text_positions[:, -1].any()
+    attention = attention.clone()
+    attention[1, 11:] = 0  # sample 2 is padded after its 11th token
+    masker = FieldMasker(3, MASK_ID, 4, text_ratio=0.3, token_level=True, cls_id=2, sep_id=3)
+    allowed = attention.bool() & (input_ids != 2) & (input_ids != 3)
+    touched = torch.zeros_like(allowed)
+    for seed in range(50):
+        out = masker(ids, input_ids, attention, spans, torch.Generator().manual_seed(seed))
+        assert out.text_positions.any(1).all()
+        assert not (out.text_positions & ~allowed).any()  # never [CLS], [SEP] or padding
+        touched |= out.text_positions
+    # unlike field-level masking, any real token may be chosen, field names included
+    assert torch.equal(touched, allowed)
 
 
 def _tiny_pair(config: FlipConfig | None = None):
@@ -154,6 +174,48 @@ def test_ablation_switches(switch):
     out.loss.backward()
 
 
+def test_without_joint_reconstruction_heads_see_one_modality(monkeypatch):
+    model, backbone, lm = _tiny_pair(FlipConfig(text_mask_ratio=0.67, tab_mask_ratio=0.34, joint_reconstruction=False))
+    dt, dv = lm.hidden_size, backbone.output_dim
+    assert model.mlm_head.net[0].in_features == dt  # MLM reads ŵ only
+    assert model.mtm_head.query is None and model.mtm_head.field_proj.shape[1] == dv  # MTM reads v̂ only
+    seen = {}
+    original = model.mtm_head.forward
+    monkeypatch.setattr(model.mtm_head, "forward",
+                        lambda v_hat, u, *a, **k: seen.setdefault("u", u) is None and original(v_hat, u, *a, **k))
+    model(*_batch(), generator=torch.Generator().manual_seed(0))
+    assert "u" in seen and seen["u"] is None
+    joint, backbone, lm = _tiny_pair()
+    assert joint.mlm_head.net[0].in_features == dt + dv
+    assert joint.mtm_head.field_proj.shape[1] == dv + dt
+
+
+def test_cross_attention_ignores_padded_positions():
+    torch.manual_seed(0)
+    head = MTMHead(6, 8, 3, torch.ones(10), 4)
+    v_hat, w = torch.randn(3, 6), torch.randn(3, 7, 8)
+    mask = torch.ones(3, 7, dtype=torch.long)
+    mask[0, 4:] = 0
+    mask[2, 2:] = 0
+    u = head.attend(v_hat, w, mask)
+    other = w.clone()
+    other[mask == 0] = torch.randn(int((mask == 0).sum()), 8) * 100  # different padding content
+    torch.testing.assert_close(head.attend(v_hat, other, mask), u)
+    other[0, 0] += 1.0  # a real position does count
+    assert not torch.allclose(head.attend(v_hat, other, mask)[0], u[0])
+
+
+def test_nce_noise_follows_training_frequency_and_skips_unseen_features():
+    counts = torch.tensor([0.0, 10.0, 0.0, 30.0, 60.0, 0.0])  # id 0 is <MASK>; ids 2, 5 never seen
+    head = MTMHead(4, 8, 2, counts, 4)
+    draws = head.sample_noise(20_000, 5, torch.Generator().manual_seed(0)).flatten()
+    freq = torch.bincount(draws, minlength=6).double() / len(draws)
+    assert freq[0] == 0 and freq[2] == 0 and freq[5] == 0
+    expected = counts.double() / counts.sum()
+    # 100k draws: the standard error of each frequency is below 0.0016; allow 4 of them
+    assert (freq - expected).abs().max() < 0.0065
+
+
 def test_no_objective_is_an_error():
     with pytest.raises(ValueError, match="at least one"):
         _tiny_pair(FlipConfig(mlm=False, mtm=False, icl=False))
@@ -175,14 +237,60 @@ def test_flip_joint_model_alpha_gets_gradient():
     loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(x, torch.ones(2))
                for x in (out.logits, *out.aux_logits))
     loss.backward()
-    assert model.alpha.grad is not None and model.alpha.grad.abs() > 0
+    assert model.alpha_logit.grad is not None and model.alpha_logit.grad.abs() > 0
+
+
+def _joint_on_one_informative_side(informative: str, steps_seed: int = 0):
+    """Train the joint model (frozen-text mode) where only the ``informative`` side carries the label."""
+    from flipctr.config import TrainConfig
+    from flipctr.data.encoder import FeatureMap, FieldInfo
+    from flipctr.training.trainer import Split, Trainer
+
+    g = torch.Generator().manual_seed(steps_seed)
+    n = 2048
+    labels = torch.randint(0, 2, (n,), generator=g).float()
+    informative_ids = torch.stack([1 + labels.long(), 3 + labels.long()], 1)
+    noise_ids = torch.randint(1, 5, (n, 2), generator=g)
+    text = torch.randn(n, 8, generator=g)
+    if informative == "text":
+        text[:, 0] += 3 * (2 * labels - 1)
+    ids = informative_ids if informative == "id" else noise_ids
+    fmap = FeatureMap([FieldInfo("a", 1, 2), FieldInfo("b", 3, 2)], 5, 1, n)
+    torch.manual_seed(0)
+    model = FlipCTRModel(build_model(tiny_config().model, fmap), None, hidden_size=8, alpha_lr_scale=10.0)
+    cfg = TrainConfig(lr=1e-3, batch_size=64, epochs=3, progress=False, amp="off", seed=0)
+    Trainer(cfg, torch.device("cpu")).fit(model, Split(labels, {"ids": ids.int(), "text_cls": text}))
+    return model
+
+
+def test_alpha_stays_in_unit_interval_and_moves_toward_the_informative_side():
+    towards_id = _joint_on_one_informative_side("id")
+    towards_text = _joint_on_one_informative_side("text")
+    assert 0.6 < towards_id.summary()["alpha"] <= 1.0
+    assert 0.0 <= towards_text.summary()["alpha"] < 0.4
+    with pytest.raises(ValueError, match="alpha"):
+        FlipCTRModel(towards_id.backbone, None, alpha=1.5, hidden_size=8)
+
+
+def test_alpha_has_its_own_learning_rate():
+    from flipctr.config import TrainConfig
+    from flipctr.training.trainer import make_optimizer
+
+    _, backbone, lm = _tiny_pair()
+    model = FlipCTRModel(backbone, lm, id_lr_scale=20.0, alpha_lr_scale=200.0)
+    assert model.summary()["alpha"] == pytest.approx(0.5)  # the start: both sides weighted equally
+    optimizer = make_optimizer(model, TrainConfig(lr=5e-5))
+    lr_of = {id(p): g["lr"] for g in optimizer.param_groups for p in g["params"]}
+    assert lr_of[id(model.alpha_logit)] == pytest.approx(1e-2)
+    assert lr_of[id(backbone.embedding.weight)] == pytest.approx(1e-3)
+    assert lr_of[id(model.plm_head.weight)] == pytest.approx(5e-5)
 
 
 def _pretrain_split(n=24):
     ids, input_ids, attention, spans = _batch()
     from flipctr.training.trainer import Split
 
-    rep = lambda t: t.repeat(n // 2, *([1] * (t.dim() - 1)))
+    rep = lambda t: t.repeat((n + 1) // 2, *([1] * (t.dim() - 1)))[:n]  # noqa: E731
     return Split(torch.zeros(n), {"ids": rep(ids), "input_ids": rep(input_ids),
                                   "lengths": torch.full((n,), input_ids.shape[1]), "value_spans": rep(spans)})
 
@@ -255,9 +363,16 @@ def test_flip_run_end_to_end_on_tiny_data(ml1m_root, tiny_plm, tmp_path, monkeyp
 
 
 def test_flip_run_ablation_without_pretraining(ml1m_root, tiny_plm, tmp_path, monkeypatch):
+    import json
+
     from flipctr.cli import main
+    from flipctr.training import flip_run
 
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    trained = []
+    original = flip_run.train_run
+    monkeypatch.setattr(flip_run, "train_run", lambda cfg, run_dir, *a, **k: trained.append(run_dir.name)
+                        or original(cfg, run_dir, *a, **k))
     tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "train.epochs=1", "train.progress=false",
             "train.amp=off"]
     args = ["run", "--dataset", "ml-1m", "--run-dir", str(tmp_path / "r"), "--plm", str(tiny_plm),
@@ -265,6 +380,12 @@ def test_flip_run_ablation_without_pretraining(ml1m_root, tiny_plm, tmp_path, mo
             *[x for t in tiny for x in ("--set", t)]]
     assert main(args) == 0
     assert not (tmp_path / "r" / "pretrain").exists()
+    # without pretraining FLIP_ID IS the backbone from scratch: trained once, same numbers
+    assert trained == ["scratch"]
+    results = json.loads((tmp_path / "r" / "results.json").read_text())["results"]
+    assert results["flip_id"]["test"] == results["scratch"]["test"]
+    assert (tmp_path / "r" / "flip_id" / "model.safetensors").read_bytes() == \
+        (tmp_path / "r" / "scratch" / "model.safetensors").read_bytes()
 
 
 def test_text_vectors_match_the_encoder_and_are_cached(tiny_plm, tmp_path):

@@ -167,3 +167,30 @@ def test_multipart_packaged_model_is_joined_and_unpacked(tmp_path, monkeypatch, 
     assert (folder / "config.json").exists()
     assert language.resolve_language_model("tiny-multipart") == str(folder)
     assert language.LanguageModel.from_pretrained("tiny-multipart").hidden_size == 16
+
+
+def test_field_masking_on_real_prompts_keeps_field_names_and_special_tokens(table, tokenizer):
+    from flipctr.data.masking import FieldMasker
+
+    prompts = PromptBuilder(list(table.columns)).build(table)
+    tok = tokenize_prompts(prompts, tokenizer, max_length=64)
+    split = Split.from_arrays(np.zeros(3), torch.device("cpu"), ids=np.ones((3, 4), np.int32),
+                              input_ids=tok.input_ids, lengths=tok.lengths, value_spans=tok.value_spans)
+    batch = split.batch(torch.arange(3), ("ids", "input_ids", "attention_mask", "value_spans"))
+    input_ids, spans = batch["input_ids"], batch["value_spans"]
+    pos = torch.arange(input_ids.shape[1])
+    value = ((pos >= spans[..., :1]) & (pos < spans[..., 1:])).any(1)  # (B, L) value tokens
+    masker = FieldMasker(4, tab_mask_id=0, text_mask_id=tokenizer.mask_token_id, text_ratio=0.5,
+                         cls_id=tokenizer.cls_token_id, sep_id=tokenizer.sep_token_id)
+    for seed in range(20):
+        out = masker(batch["ids"], input_ids, batch["attention_mask"], spans, torch.Generator().manual_seed(seed))
+        assert not (out.text_positions & ~value).any()
+        kept = ~out.text_positions
+        assert torch.equal(out.masked_input_ids[kept], input_ids[kept])  # names, "is", ".", specials, padding
+        assert (out.masked_input_ids[out.text_positions] == tokenizer.mask_token_id).all()
+    names = tokenizer.convert_tokens_to_ids(["user", "id", "zip", "code", "title", "genre", "is"])
+    everything = FieldMasker(4, 0, tokenizer.mask_token_id, text_ratio=1.0)(
+        batch["ids"], input_ids, batch["attention_mask"], spans)
+    assert torch.equal(everything.text_positions, value)  # ratio 1: every value token, nothing else
+    for token in [*names, tokenizer.cls_token_id, tokenizer.sep_token_id]:
+        assert torch.equal(everything.masked_input_ids == token, input_ids == token)

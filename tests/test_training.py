@@ -1,4 +1,5 @@
 import json
+import math
 
 import numpy as np
 import pytest
@@ -169,3 +170,88 @@ def test_run_data_splits_last_rows_and_seeded_samples(ml1m_root):
     rows = np.sort(np.random.default_rng(3).choice(np.arange(start, stop), 50, replace=False))
     np.testing.assert_array_equal(a.inputs["ids"].numpy(), ids[rows])
     np.testing.assert_array_equal(a.labels.numpy(), data.labels[rows])
+
+
+class _SplitSpy:
+    """Records which splits a run asks for and what the trainer does with them, in order."""
+
+    def __init__(self, monkeypatch):
+        from flipctr.training import runner, trainer
+
+        self.events, self.fits = [], []
+        original_split, original_fit = runner.RunData.split, trainer.Trainer.fit
+        original_evaluate = trainer.Trainer.evaluate
+        spy = self
+
+        def split(rd, name, fit, *args, **kwargs):
+            out = original_split(rd, name, fit, *args, **kwargs)
+            out.name = name
+            return out
+
+        def fit(trainer_self, model, train, eval_split=None, epochs=None, lr_schedule=None, **kwargs):
+            spy.events.append(("fit", train.name, getattr(eval_split, "name", None)))
+            result = original_fit(trainer_self, model, train, eval_split, epochs, lr_schedule, **kwargs)
+            spy.fits.append({"rows": len(train), "epochs": epochs, "lr_schedule": lr_schedule, "result": result})
+            return result
+
+        def evaluate(trainer_self, model, split):
+            spy.events.append(("evaluate", split.name))
+            return original_evaluate(trainer_self, model, split)
+
+        monkeypatch.setattr(runner.RunData, "split", split)
+        monkeypatch.setattr(trainer.Trainer, "fit", fit)
+        monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate)
+
+
+def test_paper_protocol_selects_on_test(ml1m_root, tmp_path, monkeypatch):
+    spy = _SplitSpy(monkeypatch)
+    metrics = _run(ml1m_root, tmp_path / "p", protocol="paper", epochs=4, patience=4, lr=0.05)
+    assert spy.events[0] == ("fit", "train+valid", "test")
+    evals = [e for r in metrics["history"] for e in r["evals"]]
+    # the weights kept are those of the best TEST evaluation: their test AUC is the reported one
+    best = max(evals, key=lambda e: e["auc"])
+    assert metrics["best_epoch"] == best["epoch"]
+    assert metrics["test"]["auc"] == pytest.approx(best["auc"])
+
+
+def test_clean_protocol_keeps_test_out_of_training_and_selection(ml1m_root, tmp_path, monkeypatch):
+    spy = _SplitSpy(monkeypatch)
+    _run(ml1m_root, tmp_path / "c", epochs=3, lr=0.05)
+    fits = [e for e in spy.events if e[0] == "fit"]
+    assert fits == [("fit", "train", "valid"), ("fit", "train+valid", None)]
+    # test is only evaluated, and only once training for selection has finished
+    first_test = spy.events.index(("evaluate", "test"))
+    assert first_test > spy.events.index(("fit", "train", "valid"))
+    assert all(e[0] == "evaluate" for e in spy.events if "test" in e)
+
+
+def test_refit_replays_the_selected_epochs_and_lr_schedule_on_train_plus_valid(ml1m_root, tmp_path, monkeypatch):
+    from flipctr.config import DataConfig
+    from flipctr.data.cache import prepare
+
+    spy = _SplitSpy(monkeypatch)
+    # two evaluations per epoch and a plateau schedule: a fractional epoch count and changing lrs
+    metrics = _run(ml1m_root, tmp_path / "r", epochs=6, lr=0.05, evals_per_epoch=2, patience=3,
+                   reduce_lr_on_plateau=True, reduce_lr_factor=0.5)
+    select, refit = spy.fits
+    sizes = prepare(DataConfig("ml-1m"), ml1m_root).sizes
+    assert select["rows"] == sizes.train and refit["rows"] == sizes.train + sizes.valid
+    assert refit["epochs"] == select["result"].best_epoch == metrics["best_epoch"]
+    assert refit["lr_schedule"] == select["result"].lr_per_epoch
+    history = refit["result"].history
+    assert [r.lr for r in history] == select["result"].lr_per_epoch[:len(history)]
+    n = sizes.train + sizes.valid
+    steps, total = math.ceil(n / 32), round(refit["epochs"] * math.ceil(n / 32))
+    expected = [n if total - e * steps >= steps else (total - e * steps) * 32 for e in range(len(history))]
+    assert [r.samples for r in history] == expected  # whole epochs of every row, then the fraction
+
+
+@pytest.mark.parametrize("model_name", ["plm", "flip"])
+def test_embedding_l2_works_for_text_models(model_name, ml1m_root, tiny_plm, tmp_path):
+    cfg = tiny_config(epochs=1, embedding_l2=1e-3)
+    cfg.model.name, cfg.model.plm = model_name, str(tiny_plm)
+    cfg.data.limit = 200
+    metrics = train_run(cfg, tmp_path / model_name, data_root=ml1m_root)
+    assert 0 <= metrics["test"]["auc"] <= 1
+    if model_name == "flip":
+        assert 0 < metrics["alpha"] < 1

@@ -120,6 +120,7 @@ class TextFinetuneConfig:
 
     lr: float = 5e-5  # the language model and its head
     id_lr: float = 1e-3  # the joint model's ID backbone
+    alpha_lr: float = 1e-2  # the joint model's α = sigmoid(a): a's learning rate
     batch_size: int = 256
     epochs: int = 10
     train_rows: int | None = None  # train on the last N training rows only (None: all)

@@ -202,31 +202,51 @@ class FlipPretrainModel(nn.Module):
 class FlipCTRModel(nn.Module):
     """Adaptive finetuning (Eq. 13-15): ``logit = α ℓ_ID + (1 − α) ℓ_PLM`` with α learnable;
     the ID and PLM logits are returned too, for their own BCE terms. ``language_model=None``:
-    the text side reads precomputed ``text_cls`` vectors (size ``hidden_size``) of a frozen encoder."""
+    the text side reads precomputed ``text_cls`` vectors (size ``hidden_size``) of a frozen encoder.
+
+    ``α = sigmoid(a)`` stays in [0, 1]; ``a`` trains at its own learning rate
+    (``alpha_lr_scale`` times the base lr): at a language model's lr (5e-5) it would barely move.
+    """
 
     default_lr = 5e-5
     default_eval_batch_size = 256
 
     def __init__(self, backbone: CTRModel, language_model: LanguageModel | None, alpha: float = 0.5,
-                 id_lr_scale: float = 1.0, hidden_size: int | None = None):
+                 id_lr_scale: float = 1.0, hidden_size: int | None = None, alpha_lr_scale: float = 1.0):
         super().__init__()
+        if not 0 < alpha < 1:
+            raise ValueError(f"the joint model's initial alpha must lie in (0, 1), not {alpha}")
         self.backbone, self.language_model = backbone, language_model
         self.input_names = ("ids", *(TEXT_INPUTS if language_model is not None else TEXT_VECTOR_INPUTS))
-        self.id_lr_scale = id_lr_scale
+        self.id_lr_scale, self.alpha_lr_scale = id_lr_scale, alpha_lr_scale
         self.plm_head = nn.Linear(language_model.hidden_size if language_model is not None else hidden_size, 1)
         nn.init.xavier_normal_(self.plm_head.weight)
         nn.init.zeros_(self.plm_head.bias)
-        self.alpha = nn.Parameter(torch.tensor(float(alpha)))
+        self.alpha_logit = nn.Parameter(torch.logit(torch.tensor(float(alpha))))
+
+    @property
+    def alpha(self) -> torch.Tensor:
+        return torch.sigmoid(self.alpha_logit)
+
+    def embed(self, ids: torch.Tensor) -> torch.Tensor:
+        """The ID side's field embeddings (B, F, D) (``train.embedding_l2``)."""
+        return self.backbone.embed(ids)
 
     def lr_groups(self) -> list[dict]:
         """The ID backbone trains at ``id_lr_scale`` times the base lr (an ID model wants ~1e-3,
-        a language model ~5e-5)."""
-        return [{"params": list(self.backbone.parameters()), "lr_scale": self.id_lr_scale}]
+        a language model ~5e-5), α at ``alpha_lr_scale`` times."""
+        return [{"params": list(self.backbone.parameters()), "lr_scale": self.id_lr_scale},
+                {"params": [self.alpha_logit], "lr_scale": self.alpha_lr_scale}]
+
+    def summary(self) -> dict[str, float]:
+        """What a run reports about the trained model (metrics.json)."""
+        return {"alpha": float(self.alpha.detach())}
 
     def forward(self, ids: torch.Tensor, input_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, text_cls: torch.Tensor | None = None) -> CTROutput:
         v = self.backbone.encode(ids)
         id_logit = self.backbone.logit(v)
         plm_logit = self.plm_head(text_vector(self.language_model, input_ids, attention_mask, text_cls)).squeeze(-1)
-        logits = self.alpha * id_logit + (1 - self.alpha) * plm_logit
+        alpha = self.alpha
+        logits = alpha * id_logit + (1 - alpha) * plm_logit
         return CTROutput(logits, v, aux_logits=(id_logit, plm_logit))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -158,6 +159,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         """``stage`` "selected"/"final": start from that stage of the finetuned FLIP_ID and FLIP_PLM."""
         model = FlipCTRModel(backbone(fm, load=stage is None), text_model(load=stage is None),
                              id_lr_scale=cfg.text_finetune.id_lr / cfg.text_finetune.lr,
+                             alpha_lr_scale=cfg.text_finetune.alpha_lr / cfg.text_finetune.lr,
                              hidden_size=text_dim)
         if stage is not None:
             model.backbone.load_state_dict(finetuned_weights(run_dir / "flip_id", stage))
@@ -186,6 +188,11 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     }
     results = {}
     for variant in variants:
+        if variant == "flip_id" and pretrained is None and "scratch" in results:
+            # without pretraining FLIP_ID is the backbone from scratch: the same run, not a second one
+            shutil.copytree(run_dir / "scratch", run_dir / "flip_id", dirs_exist_ok=True)
+            results[variant] = {**results["scratch"], "note": "no pretraining: the scratch run"}
+            continue
         variant_cfg, factory, options = plans[variant]
         metrics = train_run(variant_cfg, run_dir / variant, data_root, **{"model_factory": factory, **options},
                             encoding=ENCODING)
@@ -215,6 +222,8 @@ def render_results(report: dict) -> str:
         valid = f"{m['valid']['auc']:.4f}" if m.get("valid") else "—"
         lines.append(f"| {names[variant]} | {m['test']['auc']:.4f} | {m['test']['logloss']:.4f} | {valid} | "
                      f"{f'{paper[0]} / {paper[1]}' if paper else '—'} |")
+    if "alpha" in report["results"].get("flip", {}):
+        lines += ["", f"FLIP's α (weight of the ID side) after training: {report['results']['flip']['alpha']:.3f}."]
     lines += ["", f"Pretrained: {report['pretrained']} ({report['pretrain_seconds']:.0f} s); "
               f"total {report['wall_seconds']:.0f} s. Selection on validation; test evaluated once per model.", ""]
     return "\n".join(lines)

@@ -66,12 +66,13 @@ class Pretrainer:
         self.folder.mkdir(parents=True, exist_ok=True)
         model.to(self.device)
         module = model  # the unwrapped model: its config, weights and checkpoints
-        if world > 1:  # DDP: each rank takes every world-th row of the shared shuffle
+        if world > 1:  # DDP: each rank takes every world-th row of the shared shuffle, padded
             # the backbone's logit layer (and heads switched off) get no gradient in pretraining
             model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps_per_epoch = math.ceil(len(data) / (cfg.batch_size * world))
+        shard = math.ceil(len(data) / world)  # every rank the same number of rows, hence of steps
+        steps_per_epoch = math.ceil(shard / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
             optimizer, cosine_schedule(cfg.warmup_steps, steps_per_epoch * cfg.epochs))
         shuffle = torch.Generator().manual_seed(cfg.seed)
@@ -91,7 +92,10 @@ class Pretrainer:
             log.info("resumed pretraining after epoch %d", state["epoch"])
         for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
-            perm = torch.randperm(len(data), generator=shuffle)[rank::world].to(self.device)
+            perm = torch.randperm(len(data), generator=shuffle)
+            # pad by repeating the first rows (as DistributedSampler does), so that the shards
+            # have equal length and the ranks' collectives always see equal shapes
+            perm = torch.cat([perm, perm[:shard * world - len(data)]])[rank::world].to(self.device)
             sums = {k: 0.0 for k in (*OBJECTIVES, "loss")}
             lost, tick = 0, time.perf_counter()
             for step in tqdm(range(steps_per_epoch), desc=f"pretrain {epoch}", disable=not cfg.progress,

@@ -193,6 +193,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
             metrics["test"] = test_select
     fmap.save(run_dir / "feature_map.json")
     save_weights(model, run_dir / "model.safetensors")
+    metrics.update(getattr(model, "summary", dict)())
     metrics.update(
         encoding=refit_fit if (cfg.train.protocol == "paper" or cfg.train.refit) else select_fit,
         train_samples_per_second=round(fit.samples_per_second, 1),

@@ -260,6 +260,9 @@ class Trainer:
         result, best_state, bad_evals, stop = FitResult(), None, 0, False
         loss_fn = nn.BCEWithLogitsLoss()
         n, bs, names = len(train), cfg.batch_size, input_names(model)
+        embedding_l2 = cfg.embedding_l2 if hasattr(model, "embed") else 0.0
+        if cfg.embedding_l2 > 0 and not embedding_l2:
+            log.info("train.embedding_l2 ignored: %s has no ID embeddings", type(model).__name__)
 
         def step_loss(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
             """Forward and loss of one batch: BCE on the logits (+ each auxiliary head, FLIP Eq. 15)."""
@@ -269,8 +272,8 @@ class Trainer:
             loss = loss_fn(out.logits.float(), labels)
             for aux in out.aux_logits:
                 loss = loss + loss_fn(aux.float(), labels)
-            if cfg.embedding_l2 > 0:
-                loss = loss + cfg.embedding_l2 * model.embed(batch["ids"]).pow(2).sum() / len(labels)
+            if embedding_l2 > 0:
+                loss = loss + embedding_l2 * model.embed(batch["ids"]).pow(2).sum() / len(labels)
             return loss
 
         if cfg.compile:  # fuses the many small ops of an ID model's step; compiling costs ~15-40 s
