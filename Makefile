@@ -7,7 +7,7 @@ RUN_DIR ?= runs/flip-ml-1m
 # pyproject.toml keeps a range for users.
 TORCH   := torch==2.13.0
 
-.PHONY: run test venv clean
+.PHONY: run test venv clean gpu-pack
 
 $(BIN)/flipctr: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -24,6 +24,13 @@ run: venv
 	$(BIN)/flipctr data get ml-1m --source auto
 	$(BIN)/flipctr lm get minilm-l6
 	$(BIN)/flipctr run --dataset ml-1m --profile cpu --run-dir $(RUN_DIR)
+
+# What an offline GPU machine needs for the `gpu` profile (< 60 MiB): raw ML-1M, MiniLM-L6 in
+# bf16. There: bash benchmarks/gpu/run.sh gpu-pack OUT_DIR (README, "GPU")
+gpu-pack: venv
+	$(BIN)/flipctr data get ml-1m --source auto
+	$(BIN)/flipctr lm get minilm-l6
+	$(BIN)/python benchmarks/gpu/pack.py gpu-pack
 
 test: venv
 	$(BIN)/python -m pytest tests

@@ -153,13 +153,13 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="FLIP end to end: pretrain, then finetune the backbone from scratch, "
                                          "FLIP_ID, FLIP_PLM and FLIP; writes results.{json,md}")
     run.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
-    run.add_argument("--profile", choices=["cpu", "paper"], default="cpu")
+    run.add_argument("--profile", choices=["cpu", "gpu", "paper"], default="cpu")
     run.add_argument("--run-dir", type=Path, required=True)
     run.add_argument("--backbone", help="ID backbone (default dcnv2)")
     run.add_argument("--plm", help="language model (default minilm-l6)")
     run.add_argument("--variants", nargs="+", choices=["scratch", "flip_id", "flip_plm", "flip"])
     run.add_argument("--ablation", choices=sorted(ABLATIONS), default="none", help="paper Table 5 variants")
-    run.add_argument("--resume", action="store_true", help="continue a killed pretraining from its last epoch")
+    run.add_argument("--resume", action="store_true", help="continue a killed run: pretraining from its last epoch, finished models read back")
     _config_args(run)
     run.set_defaults(func=cmd_run)
 

@@ -196,7 +196,9 @@ class LanguageModel(nn.Module):
             hf_logging.set_verbosity(verbosity)
             if bars:
                 hf_logging.enable_progress_bar()
-        return cls(encoder)
+        # transformers keeps a checkpoint's stored dtype: a bf16 copy (the GPU pack) would train
+        # with bf16 master weights. Master weights are fp32; autocast decides the compute dtype.
+        return cls(encoder.float())
 
     @classmethod
     def from_config(cls, config) -> "LanguageModel":
