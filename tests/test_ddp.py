@@ -1,14 +1,89 @@
+"""Data parallelism through torchrun, two gloo ranks on the CPU."""
+
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
+import torch
+
+HERE = Path(__file__).parent
+
+
+def _torchrun(*args, env=None, timeout=180):
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
+                           *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
 
 def test_one_pretraining_step_under_torchrun_with_two_ranks(tmp_path):
-    script = Path(__file__).parent / "ddp_pretrain_step.py"
-    proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone",
-         str(script), str(tmp_path / "pretrain")],
-        capture_output=True, text=True, timeout=180)
+    proc = _torchrun(HERE / "ddp_pretrain_step.py", tmp_path / "pretrain")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("ok") == 2
     assert (tmp_path / "pretrain" / "pretrained.safetensors").exists()  # written by rank 0
+
+
+def deterministic_pair():
+    """A tiny FLIP pretraining model whose step has no randomness: every field masked in both
+    modalities, no dropout, no BatchNorm (its batch statistics are per rank), MTM off (its
+    noise is drawn per rank); MLM and ICL, whose negatives cross ranks, are on."""
+    from transformers import BertConfig
+
+    from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
+    from flipctr.models.backbones import build_model
+    from flipctr.models.flip import FlipConfig, FlipPretrainModel
+    from flipctr.models.language import LanguageModel
+
+    from conftest import tiny_config
+
+    fmap = FeatureMap([FieldInfo(f"f{i}", 1 + 10 * i, 10) for i in range(3)], 31, 1, 100)
+    torch.manual_seed(0)
+    model_cfg = tiny_config().model
+    model_cfg.batch_norm = False
+    backbone = build_model(model_cfg, fmap)
+    lm = LanguageModel.from_config(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=16, max_position_embeddings=32,
+                                              hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+    config = FlipConfig(text_mask_ratio=1.0, tab_mask_ratio=1.0, mtm=False, mlm_dropout=0.0)
+    return FlipPretrainModel(backbone, lm, torch.arange(31).float(), config, tab_mask_id=MASK_ID, text_mask_id=4,
+                             vocab_size=30, cls_id=2, sep_id=3)
+
+
+def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
+    from test_flip import _pretrain_split
+
+    split = _pretrain_split(8)
+    batch = split.batch(torch.arange(8), ("ids", "input_ids", "attention_mask", "value_spans"))
+    batch["ids"][:, 0] = torch.arange(1, 9)  # distinct rows, so that every ICL pair differs
+    batch["input_ids"][:, 3] = torch.arange(20, 28)
+    model = deterministic_pair()
+    out = model(**batch)
+    out.loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.save({**batch, "loss": out.loss.detach(), "grads": grads}, tmp_path / "reference.pt")
+    proc = _torchrun(HERE / "ddp_equal_step.py", tmp_path / "reference.pt")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("equal ok") == 2
+
+
+def test_flip_run_under_torchrun_writes_one_run_folder(ml1m_root, tiny_plm, tmp_path):
+    tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.epochs=1",
+            "train.progress=false", "pretrain.progress=false", "train.amp=off", "pretrain.amp=off",
+            "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.rows=101", "text_finetune.epochs=1",
+            "text_finetune.batch_size=32", "text_finetune.train_rows=100", "text_finetune.valid_rows=40",
+            "model.plm_trainable_layers=null"]
+    env = {**os.environ, "FLIPCTR_DATA": str(ml1m_root)}
+    proc = _torchrun("-m", "flipctr.cli", "run", "--dataset", "ml-1m", "--profile", "cpu", "--plm", tiny_plm,
+                     "--run-dir", tmp_path / "runs" / "run", *[x for t in tiny for x in ("--set", t)], env=env, timeout=400)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("# FLIP on ml-1m") == 1  # rank 0 alone reports
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run"]
+    run = tmp_path / "runs" / "run"
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "environment.json", "flip", "flip_id",
+                                                     "flip_plm", "pretrain", "results.json", "results.md",
+                                                     "scratch", "train.log"]
+    report = json.loads((run / "results.json").read_text())
+    assert set(report["results"]) == {"scratch", "flip_id", "flip_plm", "flip"}
+    assert json.loads((run / "environment.json").read_text())["world_size"] == 2
+    history = json.loads((run / "pretrain" / "pretrain_history.json").read_text())
+    assert len(history) == 1

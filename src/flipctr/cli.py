@@ -68,8 +68,10 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
+    from .training.distributed import init_distributed
     from .training.runner import train_run
 
+    init_distributed()
     cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model, "model.plm": args.plm})
     metrics = train_run(cfg, args.run_dir)
     print(format_metrics(metrics))
@@ -89,8 +91,10 @@ ABLATIONS = {  # paper Table 5, as switches of the same run
 
 
 def cmd_run(args: argparse.Namespace) -> None:
+    from .training.distributed import init_distributed
     from .training.flip_run import VARIANTS, profile_config, render_results, run_flip
 
+    init_distributed()
     base = load_config(args.config) if args.config else None
     overrides = [*ABLATIONS[args.ablation], *args.overrides]
     if args.dataset:
@@ -104,7 +108,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = profile_config(args.profile, overrides, base)
     report = run_flip(cfg, args.run_dir, tuple(args.variants or VARIANTS), resume=args.resume,
                       profile=args.profile)
-    print(render_results(report))
+    if report is not None:  # None on the ranks other than 0 under torchrun
+        print(render_results(report))
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:

@@ -40,23 +40,28 @@ def nce_loss(target_scores: torch.Tensor, noise_scores: torch.Tensor, target_log
     return F.softplus(-pos) + F.softplus(neg).sum(-1)
 
 
-def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE with dot-product similarity (Eq. 11): z_a, z_b (B, d) -> scalar."""
-    logits = z_a @ z_b.t() / temperature
-    target = torch.arange(len(z_a), device=z_a.device)
-    return 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.t(), target))
+def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, rows: slice = slice(None)) -> torch.Tensor:
+    """Symmetric InfoNCE with dot-product similarity (Eq. 11): z_a, z_b (N, d) -> scalar.
+
+    Row i of ``z_a`` and of ``z_b`` is a pair; ``rows`` are the queries (under DDP this rank's
+    rows of the gathered batch), each scored against all N rows of the other modality. The
+    loss is the mean over the queries, both directions averaged.
+    """
+    target = torch.arange(len(z_a), device=z_a.device)[rows]
+    a_to_b = z_a[rows] @ z_b.t() / temperature
+    b_to_a = z_b[rows] @ z_a.t() / temperature
+    return 0.5 * (F.cross_entropy(a_to_b, target) + F.cross_entropy(b_to_a, target))
 
 
-def gather_negatives(z: torch.Tensor) -> torch.Tensor:
-    """All ranks' rows under DDP, this rank's own rows kept in the graph (the others are
-    constants: no collective runs in the backward pass, where it could interleave with DDP's
-    gradient all-reduce); identity outside DDP."""
+def gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every rank's rows under DDP, in rank order, the gradient flowing back to their owners
+    (``torch.distributed.nn``), and the offset of this rank's rows; ``(z, 0)`` outside DDP.
+    Each rank must hold the same number of rows (the pretraining shards are padded to it)."""
     if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return z
-    parts = [torch.empty_like(z) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(parts, z.detach().contiguous())
-    parts[torch.distributed.get_rank()] = z
-    return torch.cat(parts, dim=0)
+        return z, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(z.contiguous()), dim=0), torch.distributed.get_rank() * len(z)
 
 
 class MLMHead(nn.Module):
@@ -135,9 +140,12 @@ class ICLHead(nn.Module):
         self.temperature = temperature
 
     def forward(self, cls: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        z_text = gather_negatives(self.text_proj(cls))
-        z_tab = gather_negatives(self.tab_proj(v))
-        return info_nce(z_text, z_tab, self.temperature)
+        """Under DDP this rank's pairs are scored against the negatives of every rank; with the
+        gradient gathered too and DDP's averaging, loss and gradients equal one process on
+        the global batch."""
+        z_text, offset = gather_with_grad(self.text_proj(cls))
+        z_tab, _ = gather_with_grad(self.tab_proj(v))
+        return info_nce(z_text, z_tab, self.temperature, slice(offset, offset + len(cls)))
 
 
 @dataclass

@@ -30,7 +30,7 @@ from ..paper import table2
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .pretrain import Pretrainer
 from .runner import RunData, setup_logging, train_run
-from .trainer import resolve_device
+from .distributed import barrier, is_main, leave, rank_world, resolve_device
 
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
@@ -90,7 +90,7 @@ def finetuned_weights(folder: Path, stage: str) -> dict[str, torch.Tensor]:
 
 
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
-             data_root: Path | None = None, profile: str | None = None) -> dict:
+             data_root: Path | None = None, profile: str | None = None) -> dict | None:
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -99,20 +99,28 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if cfg.pretrain.rows_from not in ("last", "random"):
         raise ValueError(f"pretrain.rows_from must be 'last' or 'random', not {cfg.pretrain.rows_from!r}")
-    setup_logging(run_dir)
+    # under torchrun: pretraining runs on every rank; rank 0 alone writes and then finetunes
+    rank, world = rank_world()
+    if is_main():
+        setup_logging(run_dir)
     device = resolve_device(cfg.train.device)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_json(run_dir / "environment.json", {**environment_info(str(device)), "profile": profile})
+    if is_main():
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_json(run_dir / "environment.json", {**environment_info(str(device)), "profile": profile,
+                                                  "world_size": world})
     started = time.perf_counter()
+    if not is_main():
+        barrier()  # rank 0 builds the caches first
     data = prepare(cfg.data, data_root)
     encoding = data.encoding(ENCODING)
     backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
-
     prompts = None  # the truncation report of the prompts at data.max_length
     if set(variants) & {"flip_id", "flip_plm", "flip"}:
         prompts = RunData(data, cfg, device, text=True).text.report
+    if is_main():
+        barrier()
     pretrained: dict[str, torch.Tensor] | None = None
     pretrain_seconds = 0.0
     wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
@@ -136,9 +144,17 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         log.info("pretraining on %d train+valid rows (%s) for %d epochs", len(split),
                  cfg.pretrain.rows_from if cfg.pretrain.rows else "all", cfg.pretrain.epochs)
         pretrainer.fit(model, split, resume=resume)
+        leave()  # finetuning is not data-parallel yet: the other ranks stop here
+        if rank != 0:
+            return None
         pretrained = load_file(str(run_dir / "pretrain" / "pretrained.safetensors"))
         pretrain_seconds = time.perf_counter() - tick
         del model, split
+
+    if world > 1 and pretrained is None:
+        leave()
+        if rank != 0:
+            return None
 
     def backbone(fmap: FeatureMap, load: bool) -> torch.nn.Module:
         model = build_model(backbone_cfg, fmap)

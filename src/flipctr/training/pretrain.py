@@ -16,17 +16,12 @@ from tqdm.auto import tqdm
 
 from ..config import PretrainConfig
 from ..utils import atomic_path, write_json
+from .distributed import rank_world
 from .runner import save_weights
 from .trainer import Split, autocast_dtype
 
 log = logging.getLogger("flipctr")
 OBJECTIVES = ("mlm", "mtm", "icl")
-
-
-def distributed_rank_world() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
 
 
 def cosine_schedule(warmup: int, total: int) -> Callable[[int], float]:
@@ -62,7 +57,7 @@ class Pretrainer:
             on_step: Callable[[int, int, float], None] | None = None) -> list[dict]:
         """Pretrain for ``cfg.epochs``; with ``resume`` continue from the last saved epoch."""
         cfg = self.cfg
-        rank, world = distributed_rank_world()
+        rank, world = rank_world()
         self.folder.mkdir(parents=True, exist_ok=True)
         model.to(self.device)
         module = model  # the unwrapped model: its config, weights and checkpoints

@@ -31,8 +31,8 @@ from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
 from ..models import build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
-from .trainer import (Split, Trainer, autocast_dtype, input_names, resolve_device,
-                      resolve_train_config)
+from .distributed import rank_world, resolve_device
+from .trainer import Split, Trainer, autocast_dtype, input_names, resolve_train_config
 
 log = logging.getLogger("flipctr")
 PROTOCOLS = ("clean", "paper")
@@ -134,6 +134,9 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     """
     if cfg.train.protocol not in PROTOCOLS:
         raise ValueError(f"train.protocol must be one of {PROTOCOLS}, not {cfg.train.protocol!r}")
+    if rank_world()[1] > 1:
+        raise ValueError("finetuning is not data-parallel yet: run `flipctr train` as one process, "
+                         "without torchrun (`flipctr run` pretrains on every rank, then finetunes on rank 0)")
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -24,12 +24,6 @@ from .metrics import ctr_metrics
 log = logging.getLogger("flipctr")
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 @dataclass
 class Split:
     """One split as tensors on the training device, row-aligned: ``labels (N,)`` float and

@@ -1,0 +1,61 @@
+"""The one place that decides the process group and the device of this process.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_distributed` creates the process group from
+the environment: NCCL with one GPU per ``LOCAL_RANK`` where CUDA exists, gloo on CPUs. Without
+it everything runs as one process.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes (once); returns ``(rank, world size)``."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank())
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return rank_world()
+
+
+def rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def is_main() -> bool:
+    """Rank 0 (or the only process): the one that writes files and logs."""
+    return rank_world()[0] == 0
+
+
+def barrier() -> None:
+    if rank_world()[1] > 1:
+        dist.barrier()
+
+
+def leave() -> None:
+    """Leave the process group (after a data-parallel stage; later stages run on rank 0 alone)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def resolve_device(name: str) -> torch.device:
+    """``train.device``: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
+    Under torchrun on CUDA each process takes the GPU of its ``LOCAL_RANK``."""
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and rank_world()[1] > 1:
+        return torch.device("cuda", local_rank())
+    return torch.device(name)

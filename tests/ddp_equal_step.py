@@ -1,0 +1,38 @@
+"""One FLIP pretraining step under DDP on half of a global batch per rank (run by test_ddp.py
+through torchrun, gloo): the loss and the averaged gradients must equal those of one process
+on the whole batch, which test_ddp.py computed and saved in argv[1]."""
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from test_ddp import deterministic_pair  # noqa: E402
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    ref = torch.load(sys.argv[1], weights_only=True)
+    model = deterministic_pair()
+    ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    rows = len(ref["ids"]) // world
+    part = {k: ref[k][rank * rows:(rank + 1) * rows] for k in ("ids", "input_ids", "attention_mask", "value_spans")}
+    out = ddp(**part)
+    out.loss.backward()
+    loss = out.loss.detach().clone()
+    dist.all_reduce(loss)
+    torch.testing.assert_close(loss / world, ref["loss"], atol=1e-5, rtol=1e-5)
+    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    assert set(grads) == set(ref["grads"]), set(grads) ^ set(ref["grads"])
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, ref["grads"][name], atol=1e-5, rtol=1e-5, msg=name)
+    print(f"rank {rank}: loss and {len(grads)} gradients equal ok", flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
