@@ -54,7 +54,8 @@ class MaskedBatch:
     tab_chosen: torch.Tensor  # (B, F) fields masked on the tabular side
     masked_input_ids: torch.Tensor  # (B, L) text with mask tokens
     text_positions: torch.Tensor  # (B, L) masked token positions (the MLM targets)
-    text_fields_lost: int  # chosen text fields with no tokens (cut by truncation)
+    text_fields_lost: torch.Tensor | int  # chosen text fields with no tokens (cut by truncation); a
+    # 0-dim tensor on the batch's device, so that counting it never waits on the host
 
 
 class FieldMasker:
@@ -80,6 +81,6 @@ class FieldMasker:
         else:
             text = choose_fields(batch, self.num_fields, self.text_ratio, generator, device)
             positions = span_token_mask(value_spans, text, input_ids.shape[1])
-            lost = int((text & (value_spans[..., 1] == 0)).sum())
+            lost = (text & (value_spans[..., 1] == 0)).sum()
         return MaskedBatch(mask_tabular(ids, tab, self.tab_mask_id), tab,
                            input_ids.masked_fill(positions, self.text_mask_id), positions, lost)

@@ -154,7 +154,7 @@ class PretrainOutput:
     mlm: torch.Tensor | None = None
     mtm: torch.Tensor | None = None
     icl: torch.Tensor | None = None
-    text_fields_lost: int = 0
+    text_fields_lost: torch.Tensor | int = 0
 
 
 class FlipPretrainModel(nn.Module):

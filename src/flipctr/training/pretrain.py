@@ -90,12 +90,16 @@ class Pretrainer:
             perm = torch.randperm(len(data), generator=shuffle)
             # pad by repeating the first rows (as DistributedSampler does), so that the shards
             # have equal length and the ranks' collectives always see equal shapes
-            perm = torch.cat([perm, perm[:shard * world - len(data)]])[rank::world].to(self.device)
-            sums = {k: 0.0 for k in (*OBJECTIVES, "loss")}
-            lost, tick = 0, time.perf_counter()
+            perm = torch.cat([perm, perm[:shard * world - len(data)]])[rank::world]
+            widths = data.batch_widths(perm, cfg.batch_size)
+            perm = perm.to(self.device)
+            # losses add up on the device and are read once per epoch: no step waits on the host
+            sums = {k: torch.zeros((), device=self.device) for k in (*OBJECTIVES, "loss")}
+            lost, tick = torch.zeros((), dtype=torch.long, device=self.device), time.perf_counter()
             for step in tqdm(range(steps_per_epoch), desc=f"pretrain {epoch}", disable=not cfg.progress,
                              leave=False, mininterval=2.0):
-                batch = data.batch(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], self.names)
+                batch = data.batch(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], self.names,
+                                   widths[step])
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
                     out = model(**batch, generator=masking)
@@ -103,18 +107,18 @@ class Pretrainer:
                 out.loss.backward()
                 optimizer.step()
                 scheduler.step()
-                sums["loss"] += out.loss.item()
+                sums["loss"] += out.loss.detach()
                 for name in OBJECTIVES:
                     value = getattr(out, name)
                     if value is not None:
-                        sums[name] += value.item()
+                        sums[name] += value.detach()
                 lost += out.text_fields_lost
-                if on_step is not None:
+                if on_step is not None:  # a callback reads the loss, and so waits for it
                     on_step(epoch, step, out.loss.item())
             seconds = time.perf_counter() - tick
             record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1),
-                      "samples_per_second": round(len(data) / seconds, 1), "text_fields_lost": lost,
-                      **{k: v / steps_per_epoch for k, v in sums.items()
+                      "samples_per_second": round(len(data) / seconds, 1), "text_fields_lost": int(lost),
+                      **{k: float(v) / steps_per_epoch for k, v in sums.items()
                          if k == "loss" or getattr(module.config, k, False)}}
             history.append(record)
             log.info("pretrain epoch %d  %s  %.0f samples/s", epoch,

@@ -31,6 +31,7 @@ class Split:
 
     labels: torch.Tensor
     inputs: dict[str, torch.Tensor]
+    _host_lengths: torch.Tensor | None = field(default=None, repr=False)
 
     @classmethod
     def from_arrays(cls, labels: np.ndarray, device: torch.device, **arrays: np.ndarray) -> "Split":
@@ -41,9 +42,21 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, index: torch.Tensor, names: tuple[str, ...]) -> dict[str, torch.Tensor]:
+    def batch_widths(self, order: torch.Tensor, batch_size: int) -> list[int] | None:
+        """The text width of each batch of ``order`` (CPU row indices, cut into batches of
+        ``batch_size``), computed on the host once per epoch; None without text."""
+        if "lengths" not in self.inputs:
+            return None
+        if self._host_lengths is None:
+            self._host_lengths = self.inputs["lengths"].cpu()
+        lengths = self._host_lengths[order]
+        return [int(lengths[i:i + batch_size].max()) for i in range(0, len(order), batch_size)]
+
+    def batch(self, index: torch.Tensor, names: tuple[str, ...], width: int | None = None) -> dict[str, torch.Tensor]:
         """The named inputs of rows ``index``. Text is padded only to the longest row of the
-        batch (dynamic padding) and gets its ``attention_mask``."""
+        batch (dynamic padding) and gets its ``attention_mask``. ``width``: that longest
+        length, known on the host (:meth:`batch_widths`); else it is read from the device,
+        which waits for it."""
         out = {}
         for name in names:
             if name == "attention_mask":
@@ -51,7 +64,7 @@ class Split:
             out[name] = self.inputs[name][index]
         if "input_ids" in out:
             lengths = self.inputs["lengths"][index]
-            width = int(lengths.max())
+            width = int(lengths.max()) if width is None else width
             out["input_ids"] = out["input_ids"][:, :width]
             out["attention_mask"] = (torch.arange(width, device=lengths.device) < lengths[:, None]).long()
         return out
@@ -204,8 +217,10 @@ def predict(model: nn.Module, split: Split, batch_size: int = 8192,
             amp_dtype: torch.dtype | None = None) -> np.ndarray:
     model.eval()
     names, device, out = input_names(model), split.labels.device, []
-    for i in range(0, len(split), batch_size):
-        batch = split.batch(torch.arange(i, min(i + batch_size, len(split)), device=device), names)
+    widths = split.batch_widths(torch.arange(len(split)), batch_size)
+    for k, i in enumerate(range(0, len(split), batch_size)):
+        batch = split.batch(torch.arange(i, min(i + batch_size, len(split)), device=device), names,
+                            widths[k] if widths else None)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out.append(torch.sigmoid(model(**batch).logits.float()))
     return torch.cat(out).cpu().numpy()
@@ -281,7 +296,9 @@ class Trainer:
                 optimizer.set_lr(lr_schedule[min(epoch, len(lr_schedule)) - 1])
             lr = optimizer.param_groups[0]["lr"]
             model.train()
-            perm = torch.randperm(n, generator=generator).to(self.device)
+            perm = torch.randperm(n, generator=generator)
+            widths = train.batch_widths(perm, bs)
+            perm = perm.to(self.device)
             steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
             total, seen, train_seconds = torch.zeros((), device=self.device), 0, 0.0
             record = EpochRecord(epoch, lr, 0.0, 0.0, 0.0)
@@ -289,7 +306,7 @@ class Trainer:
             for step in tqdm(range(steps), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False,
                              mininterval=2.0, unit="batch"):
                 index = perm[step * bs:(step + 1) * bs]
-                batch, labels = train.batch(index, names), train.labels[index]
+                batch, labels = train.batch(index, names, widths[step] if widths else None), train.labels[index]
                 loss = step_loss(batch, labels)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
