@@ -28,9 +28,9 @@ from ..models.language import LanguageModel, hidden_size, load_tokenizer
 from ..models.plm import PLMCTRModel
 from ..paper import table2
 from ..utils import environment_info, seed_everything, write_json, write_text
+from .distributed import barrier, is_main, leave, rank_world, resolve_device
 from .pretrain import Pretrainer
 from .runner import RunData, setup_logging, train_run
-from .distributed import barrier, is_main, leave, rank_world, resolve_device
 
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
