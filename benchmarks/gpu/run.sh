@@ -23,7 +23,8 @@ if [[ ${FLIPCTR_NO_INSTALL:-0} != 1 ]]; then
 fi
 if [[ ! -f $FLIPCTR_DATA/raw/$dataset/SOURCE.json ]]; then
     mkdir -p "$FLIPCTR_DATA/raw"
-    tar -xJf "$pack/raw-$dataset.tar.xz" -C "$FLIPCTR_DATA/raw"
+    python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
+        "$pack/raw-$dataset.tar.xz" "$FLIPCTR_DATA/raw"
 fi
 status=0
 timeout --signal=TERM "$step_seconds" python3 -m flipctr.cli run --dataset "$dataset" --profile gpu \
