@@ -116,9 +116,8 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     data = prepare(cfg.data, data_root)
     encoding = data.encoding(ENCODING)
     backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
-    prompts = None  # the truncation report of the prompts at data.max_length
-    if set(variants) & {"flip_id", "flip_plm", "flip"}:
-        prompts = RunData(data, cfg, device, text=True).text.report
+    text_rd = RunData(data, cfg, device, text=True) if set(variants) & {"flip_id", "flip_plm", "flip"} else None
+    prompts = text_rd.text.report if text_rd else None  # truncation of the prompts at data.max_length
     if is_main():
         barrier()
     pretrained: dict[str, torch.Tensor] | None = None
@@ -127,7 +126,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     if wants_pretrain and set(variants) & {"flip_id", "flip_plm", "flip"}:
         tick = time.perf_counter()
         tokenizer = load_tokenizer(cfg.model.plm)
-        rd = RunData(data, cfg, device, text=True)
+        rd = text_rd
         seed_everything(cfg.pretrain.seed)
         lm = LanguageModel.from_pretrained(cfg.model.plm)
         lm.freeze(cfg.model.plm_trainable_layers)
