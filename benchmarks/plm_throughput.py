@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from flipctr.config import DataConfig
+from flipctr.data.batching import Split
 from flipctr.data.cache import prepare
 from flipctr.data.text import load_or_build_text
 from flipctr.models.language import LanguageModel, load_tokenizer
-from flipctr.training.trainer import Split, bf16_supported
+from flipctr.training.trainer import bf16_supported
 from flipctr.utils import environment_info, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"

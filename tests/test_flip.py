@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
-from flipctr.data.masking import FieldMasker, choose_fields, span_token_mask
+from flipctr.data.masking import FieldMasker, choose_fields, field_mask, span_token_mask
 from flipctr.models.backbones import build_model
 from flipctr.models.flip import (FlipConfig, FlipCTRModel, FlipPretrainModel, MTMHead, info_nce,
                                  nce_loss)
@@ -47,11 +47,13 @@ def test_info_nce_is_symmetric_and_minimal_for_aligned_pairs():
 
 def test_choose_fields_exact_count_per_row():
     chosen = choose_fields(100, 8, 0.15, torch.Generator().manual_seed(0))
-    assert (chosen.sum(1) == 1).all()  # round(0.15 * 8) = 1
-    assert (choose_fields(50, 8, 0.5).sum(1) == 4).all()
-    assert (choose_fields(50, 3, 0.01).sum(1) == 1).all()  # at least one
-    assert (choose_fields(50, 3, 0.6).sum(1) == 2).all()  # rounded, not truncated: 1.8 -> 2
-    assert chosen.any(0).all()  # every field gets chosen somewhere
+    assert chosen.shape == (100, 1)  # round(0.15 * 8) = 1
+    assert choose_fields(50, 8, 0.5).shape == (50, 4)
+    assert choose_fields(50, 3, 0.01).shape == (50, 1)  # at least one
+    assert choose_fields(50, 3, 0.6).shape == (50, 2)  # rounded, not truncated: 1.8 -> 2
+    four = choose_fields(50, 8, 0.5)
+    assert (field_mask(four, 8).sum(1) == 4).all()  # distinct fields within a row
+    assert set(chosen.flatten().tolist()) == set(range(8))  # every field gets chosen somewhere
 
 
 def _batch():
@@ -81,7 +83,8 @@ def test_field_masking_touches_only_value_tokens_of_chosen_fields():
             assert out.text_positions[i, spans[i, f, 0]:spans[i, f, 1]].all()
     assert len(masked_fields[0]) == 2
     assert len(masked_fields[1]) + out.text_fields_lost == 2
-    assert (out.tab_chosen.sum(1) == 1).all()  # round(0.34 * 3) = 1
+    assert out.tab_fields.shape == (2, 1)  # round(0.34 * 3) = 1
+    assert torch.equal(out.masked_ids == MASK_ID, field_mask(out.tab_fields, 3))
 
 
 def test_tabular_mask_id_is_shared_across_fields():
@@ -244,7 +247,8 @@ def _joint_on_one_informative_side(informative: str, steps_seed: int = 0):
     """Train the joint model (frozen-text mode) where only the ``informative`` side carries the label."""
     from flipctr.config import TrainConfig
     from flipctr.data.encoder import FeatureMap, FieldInfo
-    from flipctr.training.trainer import Split, Trainer
+    from flipctr.data.batching import Split
+    from flipctr.training.trainer import Trainer
 
     g = torch.Generator().manual_seed(steps_seed)
     n = 2048
@@ -288,7 +292,7 @@ def test_alpha_has_its_own_learning_rate():
 
 def _pretrain_split(n=24):
     ids, input_ids, attention, spans = _batch()
-    from flipctr.training.trainer import Split
+    from flipctr.data.batching import Split
 
     rep = lambda t: t.repeat((n + 1) // 2, *([1] * (t.dim() - 1)))[:n]  # noqa: E731
     return Split(torch.zeros(n), {"ids": rep(ids), "input_ids": rep(input_ids),
@@ -468,3 +472,59 @@ def test_flip_run_cpu_profile_with_frozen_encoder(ml1m_root, tiny_plm, tmp_path,
 
     again = evaluate_run(tmp_path / "run" / "flip", data_root=ml1m_root)
     assert again["test"] == pytest.approx(report["results"]["flip"]["test"])
+
+
+def test_mlm_on_a_host_bound_of_targets_equals_the_exact_count():
+    model, _, _ = _tiny_pair()
+    model.eval()  # no dropout: both calls see the same network
+    ids, input_ids, attention, spans = _batch()
+    bound = model.max_text_targets(spans, attention.sum(1))
+    exact = model(ids, input_ids, attention, spans, torch.Generator().manual_seed(5))
+    bounded = model(ids, input_ids, attention, spans, torch.Generator().manual_seed(5),
+                    text_targets=int(bound.sum()) + 7)
+    masked = model.masker(ids, input_ids, attention, spans, torch.Generator().manual_seed(5)).text_positions
+    assert (masked.sum(1) <= bound).all()  # a bound, never exceeded
+    torch.testing.assert_close(bounded.mlm, exact.mlm)
+    torch.testing.assert_close(bounded.loss, exact.loss)
+
+
+def test_field_level_bound_is_the_k_longest_values():
+    masker = FieldMasker(3, MASK_ID, 4, text_ratio=0.67)  # k = 2
+    spans = torch.tensor([[[3, 4], [7, 9], [12, 15]], [[3, 4], [7, 9], [0, 0]]])
+    assert masker.max_text_targets(spans, torch.tensor([15, 15])).tolist() == [5, 3]
+
+
+def test_clean_and_masked_text_share_one_encoder_pass(monkeypatch):
+    model, _, lm = _tiny_pair()
+    model.eval()
+    ids, input_ids, attention, spans = _batch()
+    calls = []
+    original = lm.forward
+    monkeypatch.setattr(lm, "forward", lambda i, m: calls.append(i.shape[0]) or original(i, m))
+    out = model(ids, input_ids, attention, spans, torch.Generator().manual_seed(0))
+    assert calls == [2 * len(ids)]
+    # rows of a batch do not see each other: the 2B pass equals two B passes
+    masked = model.masker(ids, input_ids, attention, spans, torch.Generator().manual_seed(0))
+    both = original(torch.cat([input_ids, masked.masked_input_ids]), torch.cat([attention, attention]))
+    torch.testing.assert_close(both.hidden_states[:2], original(input_ids, attention).hidden_states)
+    torch.testing.assert_close(both.hidden_states[2:], original(masked.masked_input_ids, attention).hidden_states)
+    assert torch.isfinite(out.loss)
+
+
+def test_mtm_loss_is_the_mean_over_each_samples_masked_fields():
+    torch.manual_seed(0)
+    head = MTMHead(6, 8, 4, torch.arange(1, 21).float(), 5)
+    v_hat, u = torch.randn(3, 6), torch.randn(3, 8)
+    targets = torch.randint(1, 20, (3, 4))
+    fields = torch.tensor([[0, 2], [3, 1], [1, 0]])
+    loss = head(v_hat, u, fields, targets, k=3, generator=torch.Generator().manual_seed(1))
+    noise = head.sample_noise(6, 3, torch.Generator().manual_seed(1)).view(3, 2, 3)
+    for b in range(3):
+        per_field = []
+        for m in range(2):
+            f, t = fields[b, m], targets[b, fields[b, m]]
+            h = torch.cat([v_hat[b], u[b]]) @ head.field_proj[f]
+            pos = h @ head.output.weight[t] + head.bias[t]
+            neg = head.output.weight[noise[b, m]] @ h + head.bias[noise[b, m]]
+            per_field.append(nce_loss(pos, neg, head.log_q[t], head.log_q[noise[b, m]], 3))
+        torch.testing.assert_close(loss[b], torch.stack(per_field).mean())

@@ -8,7 +8,7 @@ import torch
 
 from flipctr.data.prompts import PromptBuilder
 from flipctr.data.text import load_or_build_text, tokenize_prompts
-from flipctr.training.trainer import Split
+from flipctr.data.batching import Split
 
 from conftest import tiny_tokenizer
 

@@ -76,6 +76,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None keeps torch's default
     amp: str = "auto"  # bf16 autocast: "auto" (where the hardware has fast bf16), "bf16", "off"
     compile: bool = False  # torch.compile the training step
+    length_buckets: int = 50  # text: batches of similar prompt length, sorted within chunks of N batches (0: off)
     progress: bool = True
 
 
@@ -110,6 +111,8 @@ class PretrainConfig:
     rows_from: str = "last"  # which N rows: "last" (the most recent) or "random" (a seeded uniform sample)
     seed: int = 2024
     amp: str = "auto"
+    length_buckets: int = 50  # batches of similar prompt length, sorted within chunks of N batches (0: off)
+    compile: bool = False  # torch.compile the language model (widths come in multiples of 8: few shapes)
     progress: bool = True
 
 

@@ -14,13 +14,21 @@ from dataclasses import dataclass
 import torch
 
 
+def fields_per_sample(num_fields: int, ratio: float) -> int:
+    """k = ``max(1, round(ratio * F))`` fields masked per sample."""
+    return max(1, round(ratio * num_fields))
+
+
 def choose_fields(batch: int, num_fields: int, ratio: float, generator: torch.Generator | None = None,
                   device: torch.device | None = None) -> torch.Tensor:
-    """(B, F) bool: exactly ``max(1, round(ratio * F))`` True per row, uniformly placed."""
-    k = max(1, round(ratio * num_fields))
+    """(B, k) int64: k distinct fields per row, uniformly drawn (a fixed shape: no host sync)."""
     scores = torch.rand(batch, num_fields, generator=generator, device=device)
-    chosen = torch.zeros(batch, num_fields, dtype=torch.bool, device=device)
-    return chosen.scatter_(1, scores.argsort(dim=1)[:, :k], True)
+    return scores.argsort(dim=1)[:, :fields_per_sample(num_fields, ratio)]
+
+
+def field_mask(fields: torch.Tensor, num_fields: int) -> torch.Tensor:
+    """fields (B, k) -> (B, F) bool, True at the chosen fields."""
+    return torch.zeros(len(fields), num_fields, dtype=torch.bool, device=fields.device).scatter_(1, fields, True)
 
 
 def mask_tabular(ids: torch.Tensor, chosen: torch.Tensor, mask_id: int) -> torch.Tensor:
@@ -51,7 +59,7 @@ def random_token_mask(attention_mask: torch.Tensor, special: torch.Tensor, ratio
 @dataclass
 class MaskedBatch:
     masked_ids: torch.Tensor  # (B, F) tabular ids with <MASK>
-    tab_chosen: torch.Tensor  # (B, F) fields masked on the tabular side
+    tab_fields: torch.Tensor  # (B, k) fields masked on the tabular side
     masked_input_ids: torch.Tensor  # (B, L) text with mask tokens
     text_positions: torch.Tensor  # (B, L) masked token positions (the MLM targets)
     text_fields_lost: torch.Tensor | int  # chosen text fields with no tokens (cut by truncation); a
@@ -72,7 +80,7 @@ class FieldMasker:
                  value_spans: torch.Tensor, generator: torch.Generator | None = None) -> MaskedBatch:
         batch, device = ids.shape[0], ids.device
         tab = choose_fields(batch, self.num_fields, self.tab_ratio, generator, device)
-        lost = 0
+        lost: torch.Tensor | int = 0
         if self.token_level:
             special = torch.zeros_like(input_ids, dtype=torch.bool)
             for token in self.special_ids:
@@ -80,7 +88,16 @@ class FieldMasker:
             positions = random_token_mask(attention_mask, special, self.text_ratio, generator)
         else:
             text = choose_fields(batch, self.num_fields, self.text_ratio, generator, device)
-            positions = span_token_mask(value_spans, text, input_ids.shape[1])
-            lost = (text & (value_spans[..., 1] == 0)).sum()
-        return MaskedBatch(mask_tabular(ids, tab, self.tab_mask_id), tab,
+            positions = span_token_mask(value_spans, field_mask(text, self.num_fields), input_ids.shape[1])
+            lost = (value_spans[..., 1] == 0).gather(1, text).sum()
+        return MaskedBatch(mask_tabular(ids, field_mask(tab, self.num_fields), self.tab_mask_id), tab,
                            input_ids.masked_fill(positions, self.text_mask_id), positions, lost)
+
+    def max_text_targets(self, value_spans: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(N,) an upper bound on each row's masked text tokens, from host copies of its value
+        spans (N, F, 2) and lengths (N,): the k longest values (field-level), or every
+        non-special token (token-level). Summed over a batch, it sizes the MLM targets."""
+        if self.token_level:
+            return (lengths - len(self.special_ids)).clamp_min(1)
+        k = fields_per_sample(self.num_fields, self.text_ratio)
+        return (value_spans[..., 1] - value_spans[..., 0]).clamp_min(0).topk(k, dim=1).values.sum(1)

@@ -21,7 +21,7 @@ from torch import nn
 from ..config import FlipSettings
 from ..data.masking import FieldMasker, MaskedBatch
 from .backbones import CTRModel, CTROutput
-from .language import LanguageModel
+from .language import LanguageModel, LMOutput
 from .plm import TEXT_INPUTS, TEXT_VECTOR_INPUTS, text_vector
 
 
@@ -110,24 +110,20 @@ class MTMHead(nn.Module):
         """(n, k) feature ids drawn by training frequency."""
         return torch.multinomial(self.noise_probs, n * k, replacement=True, generator=generator).view(n, k)
 
-    def forward(self, v_hat: torch.Tensor, u: torch.Tensor | None, chosen: torch.Tensor, targets: torch.Tensor,
+    def forward(self, v_hat: torch.Tensor, u: torch.Tensor | None, fields: torch.Tensor, targets: torch.Tensor,
                 k: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """Per-sample MTM loss (B,): mean NCE loss over the sample's masked fields (Eq. 9-10).
 
-        chosen (B, F) masked fields, targets (B, F) the original ids. ``u`` None: no text
-        reference (ablation "w/o joint reconstruction").
+        fields (B, m) the masked fields, targets (B, F) the original ids; fixed shapes, so no
+        step waits on the host. ``u`` None: no text reference (ablation "w/o joint reconstruction").
         """
-        rows, fields = chosen.nonzero(as_tuple=True)
         ctx = v_hat if u is None else torch.cat([v_hat, u], -1)
-        h = torch.einsum("nd,nde->ne", ctx[rows], self.field_proj[fields])  # (N, dim)
-        target = targets[rows, fields].long()
-        noise = self.sample_noise(len(rows), k, generator).to(target.device)
+        h = torch.einsum("bd,bmde->bme", ctx, self.field_proj[fields])  # (B, m, dim)
+        target = targets.gather(1, fields).long()  # (B, m)
+        noise = self.sample_noise(target.numel(), k, generator).to(target.device).view(*target.shape, k)
         target_scores = (h * self.output(target)).sum(-1) + self.bias[target]
-        noise_scores = torch.einsum("ne,nke->nk", h, self.output(noise)) + self.bias[noise]
-        per_target = nce_loss(target_scores, noise_scores, self.log_q[target], self.log_q[noise], k)
-        per_sample = torch.zeros(len(chosen), device=v_hat.device, dtype=per_target.dtype)
-        per_sample.index_add_(0, rows, per_target)
-        return per_sample / chosen.sum(1).clamp_min(1)
+        noise_scores = torch.einsum("bme,bmke->bmk", h, self.output(noise)) + self.bias[noise]
+        return nce_loss(target_scores, noise_scores, self.log_q[target], self.log_q[noise], k).mean(1)
 
 
 class ICLHead(nn.Module):
@@ -178,33 +174,60 @@ class FlipPretrainModel(nn.Module):
                          if config.mtm else None)
         self.icl_head = ICLHead(dt, dv, config.icl_dim, config.temperature) if config.icl else None
 
+    def max_text_targets(self, value_spans: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """(N,) per-row bound on the MLM targets (host tensors; see ``FieldMasker``)."""
+        return self.masker.max_text_targets(value_spans, lengths)
+
     def forward(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                value_spans: torch.Tensor, generator: torch.Generator | None = None) -> PretrainOutput:
+                value_spans: torch.Tensor, generator: torch.Generator | None = None,
+                text_targets: int | None = None) -> PretrainOutput:
+        """``text_targets``: an upper bound on the batch's masked tokens (the sum of
+        :meth:`max_text_targets` over its rows, known on the host); the MLM head then runs on
+        that many positions, padding weighted 0, and nothing waits on the device. None: the
+        exact count is read from the device."""
         cfg = self.config
         masked: MaskedBatch = self.masker(ids, input_ids, attention_mask, value_spans, generator)
         need_clean_text = cfg.icl or (cfg.mtm and cfg.joint_reconstruction)
         need_clean_tab = cfg.icl or (cfg.mlm and cfg.joint_reconstruction)
-        w = self.language_model(input_ids, attention_mask) if need_clean_text else None
+        w = w_hat = None
+        if need_clean_text and cfg.mlm:  # clean and masked text as one batch of 2B: one encoder pass
+            both = self.language_model(torch.cat([input_ids, masked.masked_input_ids]),
+                                       torch.cat([attention_mask, attention_mask]))
+            w = LMOutput(both.hidden_states[:len(ids)], both.cls[:len(ids)])
+            w_hat = both.hidden_states[len(ids):]
+        elif need_clean_text:
+            w = self.language_model(input_ids, attention_mask)
+        elif cfg.mlm:
+            w_hat = self.language_model(masked.masked_input_ids, attention_mask).hidden_states
         v = self.backbone.encode(ids) if need_clean_tab else None
         losses: dict[str, torch.Tensor] = {}
         if cfg.mlm:
-            w_hat = self.language_model(masked.masked_input_ids, attention_mask).hidden_states
-            rows, cols = masked.text_positions.nonzero(as_tuple=True)
-            ref = v[rows] if cfg.joint_reconstruction else w_hat.new_zeros(len(rows), 0)
-            logits = self.mlm_head(w_hat[rows, cols], ref)
-            per_token = F.cross_entropy(logits.float(), input_ids[rows, cols].long(), reduction="none")
-            per_sample = torch.zeros(len(ids), device=ids.device).index_add_(0, rows, per_token)
-            counts = masked.text_positions.sum(1)
-            has_target = counts > 0
-            losses["mlm"] = (per_sample[has_target] / counts[has_target]).sum() / len(ids)  # Eq. 6, 12
+            losses["mlm"] = self._mlm_loss(w_hat, v, input_ids, masked.text_positions, text_targets)
         if cfg.mtm:
             v_hat = self.backbone.encode(masked.masked_ids)
             u = self.mtm_head.attend(v_hat, w.hidden_states, attention_mask) if cfg.joint_reconstruction else None
-            losses["mtm"] = self.mtm_head(v_hat, u, masked.tab_chosen, ids, cfg.nce_noise, generator).float().mean()
+            losses["mtm"] = self.mtm_head(v_hat, u, masked.tab_fields, ids, cfg.nce_noise, generator).float().mean()
         if cfg.icl:
             losses["icl"] = self.icl_head(w.cls, v)
         return PretrainOutput(sum(losses.values()), losses.get("mlm"), losses.get("mtm"), losses.get("icl"),
                               masked.text_fields_lost)
+
+    def _mlm_loss(self, w_hat: torch.Tensor, v: torch.Tensor | None, input_ids: torch.Tensor,
+                  positions: torch.Tensor, budget: int | None) -> torch.Tensor:
+        """Eq. 6: per sample, the mean cross-entropy over its masked tokens; summed over the
+        samples and divided by B (Eq. 12's mean). ``positions`` (B, L) bool."""
+        if budget is None:
+            where = positions.nonzero()
+        else:  # a fixed number of rows (the bound), the rest filled with -1
+            where = torch.nonzero_static(positions, size=max(1, budget), fill_value=-1)
+        valid = where[:, 0] >= 0
+        rows, cols = where.clamp_min(0).unbind(1)
+        ref = v[rows] if self.config.joint_reconstruction else w_hat.new_zeros(len(rows), 0)
+        logits = self.mlm_head(w_hat[rows, cols], ref)
+        per_token = F.cross_entropy(logits.float(), input_ids[rows, cols].long(), reduction="none")
+        per_sample = torch.zeros(len(input_ids), device=input_ids.device).index_add_(
+            0, rows, per_token * valid)
+        return (per_sample / positions.sum(1).clamp_min(1)).sum() / len(input_ids)
 
 
 class FlipCTRModel(nn.Module):

@@ -20,6 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ..config import Config, apply_override
+from ..data.batching import Split
 from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
 from ..models.backbones import build_model
@@ -89,6 +90,28 @@ def finetuned_weights(folder: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
+def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
+                      folder: Path) -> tuple[FlipPretrainModel, Split, Pretrainer]:
+    """The pretraining model (backbone + language model + heads), its train+valid rows and the
+    loop, as ``cfg`` says (``benchmarks/pretrain_throughput.py`` measures exactly this)."""
+    tokenizer = load_tokenizer(cfg.model.plm)
+    seed_everything(cfg.pretrain.seed)
+    lm = LanguageModel.from_pretrained(cfg.model.plm)
+    lm.freeze(cfg.model.plm_trainable_layers)
+    pretrainer = Pretrainer(cfg.pretrain, device, folder)
+    if not lm.trainable and pretrainer.amp_dtype is not None:
+        lm.to(pretrainer.amp_dtype)  # a frozen encoder runs in bf16 weights: no per-op casts
+    backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
+    model = FlipPretrainModel(build_model(backbone_cfg, encoding.feature_map), lm,
+                              torch.from_numpy(encoding.counts), cfg.flip, MASK_ID, tokenizer.mask_token_id,
+                              lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    if cfg.pretrain.rows_from == "last":
+        split = rd.split("train+valid", ENCODING, cfg.pretrain.rows, spans=True)
+    else:
+        split = rd.split("train+valid", ENCODING, spans=True, sample=cfg.pretrain.rows, seed=cfg.pretrain.seed)
+    return model, split, pretrainer
+
+
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
              data_root: Path | None = None, profile: str | None = None) -> dict | None:
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
@@ -125,21 +148,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
     if wants_pretrain and set(variants) & {"flip_id", "flip_plm", "flip"}:
         tick = time.perf_counter()
-        tokenizer = load_tokenizer(cfg.model.plm)
-        rd = text_rd
-        seed_everything(cfg.pretrain.seed)
-        lm = LanguageModel.from_pretrained(cfg.model.plm)
-        lm.freeze(cfg.model.plm_trainable_layers)
-        pretrainer = Pretrainer(cfg.pretrain, device, run_dir / "pretrain")
-        if not lm.trainable and pretrainer.amp_dtype is not None:
-            lm.to(pretrainer.amp_dtype)  # a frozen encoder runs in bf16 weights: no per-op casts
-        model = FlipPretrainModel(build_model(backbone_cfg, encoding.feature_map), lm,
-                                  torch.from_numpy(encoding.counts), cfg.flip, MASK_ID, tokenizer.mask_token_id,
-                                  lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
-        if cfg.pretrain.rows_from == "last":
-            split = rd.split("train+valid", ENCODING, cfg.pretrain.rows, spans=True)
-        else:
-            split = rd.split("train+valid", ENCODING, spans=True, sample=cfg.pretrain.rows, seed=cfg.pretrain.seed)
+        model, split, pretrainer = pretraining_setup(cfg, text_rd, encoding, device, run_dir / "pretrain")
         log.info("pretraining on %d train+valid rows (%s) for %d epochs", len(split),
                  cfg.pretrain.rows_from if cfg.pretrain.rows else "all", cfg.pretrain.epochs)
         pretrainer.fit(model, split, resume=resume)

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from ..config import PretrainConfig
+from ..data.batching import Split
 from ..utils import atomic_path, write_json
 from .distributed import rank_world
 from .runner import save_weights
-from .trainer import Split, autocast_dtype
+from .trainer import autocast_dtype
 
 log = logging.getLogger("flipctr")
 OBJECTIVES = ("mlm", "mtm", "icl")
@@ -61,11 +62,11 @@ class Pretrainer:
         self.folder.mkdir(parents=True, exist_ok=True)
         model.to(self.device)
         module = model  # the unwrapped model: its config, weights and checkpoints
-        if world > 1:  # DDP: each rank takes every world-th row of the shared shuffle, padded
-            # the backbone's logit layer (and heads switched off) get no gradient in pretraining
+        if world > 1:  # DDP: the backbone's logit layer (and heads switched off) get no gradient in pretraining
             model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
         params = [p for p in model.parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+        # fused: one pass over every tensor (a trained encoder + MLM head are ~36M parameters)
+        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         shard = math.ceil(len(data) / world)  # every rank the same number of rows, hence of steps
         steps_per_epoch = math.ceil(shard / cfg.batch_size)
         scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -85,13 +86,21 @@ class Pretrainer:
             torch.set_rng_state(state["torch_rng"])
             history, start_epoch = state["history"], state["epoch"] + 1
             log.info("resumed pretraining after epoch %d", state["epoch"])
+        if cfg.compile:  # the encoder's shapes: a few bucket widths (multiples of 8) times the batch size
+            module.language_model.encoder.compile()  # in place: the weights' names stay
+        # the MLM head runs on a bound of each batch's masked tokens, known on the host
+        bound = (module.max_text_targets(data.host("value_spans"), data.host("lengths"))
+                 if module.config.mlm and "value_spans" in data.inputs else None)
         for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
-            perm = torch.randperm(len(data), generator=shuffle)
-            # pad by repeating the first rows (as DistributedSampler does), so that the shards
-            # have equal length and the ranks' collectives always see equal shapes
+            # one order for the global batch (every rank's rows, length-bucketed), then each rank
+            # takes every world-th row; padded by repeating the first rows (as DistributedSampler
+            # does), so that the shards have equal length and the ranks' collectives equal shapes
+            perm = data.order(shuffle, cfg.batch_size * world, cfg.length_buckets)
             perm = torch.cat([perm, perm[:shard * world - len(data)]])[rank::world]
             widths = data.batch_widths(perm, cfg.batch_size)
+            targets = None if bound is None else [
+                -(-int(bound[perm[i:i + cfg.batch_size]].sum()) // 64) * 64 for i in range(0, len(perm), cfg.batch_size)]
             perm = perm.to(self.device)
             # losses add up on the device and are read once per epoch: no step waits on the host
             sums = {k: torch.zeros((), device=self.device) for k in (*OBJECTIVES, "loss")}
@@ -100,6 +109,8 @@ class Pretrainer:
                              leave=False, mininterval=2.0):
                 batch = data.batch(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], self.names,
                                    widths[step])
+                if targets is not None:
+                    batch["text_targets"] = targets[step]
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
                     out = model(**batch, generator=masking)

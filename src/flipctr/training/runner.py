@@ -27,12 +27,13 @@ import yaml
 from safetensors.torch import load_file, save_file
 
 from ..config import Config
+from ..data.batching import Split
 from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
 from ..models import build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
 from .distributed import rank_world, resolve_device
-from .trainer import Split, Trainer, autocast_dtype, input_names, resolve_train_config
+from .trainer import Trainer, autocast_dtype, input_names, resolve_train_config
 
 log = logging.getLogger("flipctr")
 PROTOCOLS = ("clean", "paper")

@@ -19,55 +19,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..config import TrainConfig
+from ..data.batching import Split
 from .metrics import ctr_metrics
 
 log = logging.getLogger("flipctr")
-
-
-@dataclass
-class Split:
-    """One split as tensors on the training device, row-aligned: ``labels (N,)`` float and
-    named inputs, e.g. ``ids (N, F)``, or ``input_ids (N, L)`` + ``lengths (N,)`` for text."""
-
-    labels: torch.Tensor
-    inputs: dict[str, torch.Tensor]
-    _host_lengths: torch.Tensor | None = field(default=None, repr=False)
-
-    @classmethod
-    def from_arrays(cls, labels: np.ndarray, device: torch.device, **arrays: np.ndarray) -> "Split":
-        # np.array copies: cached arrays are read-only memory maps
-        return cls(torch.from_numpy(np.asarray(labels, dtype=np.float32)).to(device),
-                   {k: torch.from_numpy(np.array(v)).to(device) for k, v in arrays.items()})
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def batch_widths(self, order: torch.Tensor, batch_size: int) -> list[int] | None:
-        """The text width of each batch of ``order`` (CPU row indices, cut into batches of
-        ``batch_size``), computed on the host once per epoch; None without text."""
-        if "lengths" not in self.inputs:
-            return None
-        if self._host_lengths is None:
-            self._host_lengths = self.inputs["lengths"].cpu()
-        lengths = self._host_lengths[order]
-        return [int(lengths[i:i + batch_size].max()) for i in range(0, len(order), batch_size)]
-
-    def batch(self, index: torch.Tensor, names: tuple[str, ...], width: int | None = None) -> dict[str, torch.Tensor]:
-        """The named inputs of rows ``index``. Text is padded only to the longest row of the
-        batch (dynamic padding) and gets its ``attention_mask``. ``width``: that longest
-        length, known on the host (:meth:`batch_widths`); else it is read from the device,
-        which waits for it."""
-        out = {}
-        for name in names:
-            if name == "attention_mask":
-                continue
-            out[name] = self.inputs[name][index]
-        if "input_ids" in out:
-            lengths = self.inputs["lengths"][index]
-            width = int(lengths.max()) if width is None else width
-            out["input_ids"] = out["input_ids"][:, :width]
-            out["attention_mask"] = (torch.arange(width, device=lengths.device) < lengths[:, None]).long()
-        return out
 
 
 @dataclass
@@ -296,7 +251,7 @@ class Trainer:
                 optimizer.set_lr(lr_schedule[min(epoch, len(lr_schedule)) - 1])
             lr = optimizer.param_groups[0]["lr"]
             model.train()
-            perm = torch.randperm(n, generator=generator)
+            perm = train.order(generator, bs, cfg.length_buckets)
             widths = train.batch_widths(perm, bs)
             perm = perm.to(self.device)
             steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
