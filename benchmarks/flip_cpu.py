@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 from flipctr.paper import table2
-from flipctr.training.flip_run import VARIANTS, profile_config, run_flip
+from flipctr.profiles import profile_config
+from flipctr.training.flip_run import VARIANTS, run_flip
 from flipctr.utils import environment_info, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -26,7 +26,8 @@ import torch
 from flipctr.data.batching import padding_fraction
 from flipctr.data.cache import prepare, resolve_data_config
 from flipctr.training.distributed import resolve_device
-from flipctr.training.flip_run import ENCODING, pretraining_setup, profile_config
+from flipctr.profiles import profile_config
+from flipctr.training.flip_run import ENCODING, pretraining_setup
 from flipctr.training.runner import RunData
 from flipctr.training.trainer import bf16_supported
 from flipctr.utils import environment_info, write_json, write_text

@@ -92,7 +92,9 @@ ABLATIONS = {  # paper Table 5, as switches of the same run
 
 def cmd_run(args: argparse.Namespace) -> None:
     from .training.distributed import init_distributed
-    from .training.flip_run import VARIANTS, profile_config, render_results, run_flip
+    from .profiles import profile_config
+    from .report import render_results
+    from .training.flip_run import VARIANTS, run_flip
 
     init_distributed()
     base = load_config(args.config) if args.config else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 from ..config import ModelConfig
@@ -11,19 +12,29 @@ from ..data.encoder import FeatureMap
 from .backbones import MODELS, build_model
 
 
+def text_encoder(config: ModelConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module | None, int]:
+    """The one decision on the text side of a CTR model: ``(language model, hidden size)``, the
+    model loaded from ``state`` when given, with its top ``plm_trainable_layers`` layers
+    trainable; or ``(None, hidden size)`` when it is frozen (``plm_trainable_layers=0``): a
+    frozen encoder is left out of the CTR models, which read its ``text_cls`` vectors, computed
+    once per row range and cached."""
+    from .language import LanguageModel, hidden_size
+
+    if config.plm_trainable_layers == 0:
+        return None, hidden_size(config.plm)
+    language_model = LanguageModel.from_pretrained(config.plm)
+    if state is not None:
+        language_model.load_state_dict(state)
+    language_model.freeze(config.plm_trainable_layers)
+    return language_model, language_model.hidden_size
+
+
 def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: float = 1.0) -> nn.Module:
     """An ID backbone by name; ``plm``: the language-model-only CTR model; ``flip``: the joint
-    FLIP model over ``config.backbone`` and the language model. With ``plm_trainable_layers=0``
-    the encoder is frozen and left out: the model reads its ``text_cls`` vectors."""
+    FLIP model over ``config.backbone`` and the language model (see :func:`text_encoder`)."""
     name = config.name.lower()
     if name in ("plm", "flip"):
-        from .language import LanguageModel
-
-        language_model = LanguageModel.from_pretrained(config.plm)
-        language_model.freeze(config.plm_trainable_layers)
-        hidden_size = language_model.hidden_size
-        if not language_model.trainable:
-            language_model = None  # a frozen encoder: the model reads its precomputed text vectors
+        language_model, hidden_size = text_encoder(config)
         if name == "plm":
             from .plm import PLMCTRModel
 
@@ -35,4 +46,4 @@ def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: f
     return build_model(config, feature_map)
 
 
-__all__ = ["MODELS", "build_ctr_model", "build_model"]
+__all__ = ["MODELS", "build_ctr_model", "build_model", "text_encoder"]

@@ -19,15 +19,17 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ..config import Config, apply_override
+from ..config import Config
 from ..data.batching import Split
 from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
+from ..models import text_encoder
 from ..models.backbones import build_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
 from ..models.language import LanguageModel, hidden_size, load_tokenizer
 from ..models.plm import PLMCTRModel
 from ..paper import table2
+from ..report import render_results
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, leave, rank_world, resolve_device
 from .pretrain import Pretrainer
@@ -36,46 +38,6 @@ from .runner import RunData, setup_logging, train_run
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
 ENCODING = "train+valid"
-
-# Named settings. `paper`: the paper's hyperparameters (4.1.4; needs a GPU for ML-1M).
-# `cpu`: a reduced schedule for a 2-core CPU (see README for every reduction).
-PROFILES: dict[str, list[str]] = {
-    "paper": [
-        "pretrain.lr=5e-5", "pretrain.batch_size=1024", "pretrain.epochs=30", "pretrain.rows=null",
-        "train.batch_size=256", "text_finetune.batch_size=256", "text_finetune.lr=5e-5",
-        "text_finetune.train_rows=null", "text_finetune.valid_rows=null", "text_finetune.refit=true",
-        "model.plm_trainable_layers=null", "text_finetune.joint_init=pretrained",
-    ],
-    # `gpu`: the paper's hyperparameters with the pretraining epochs that fit in about 8 minutes
-    # on one H100, ESTIMATED (no GPU has run it yet): ~7 GFLOP per row (two MiniLM-L6 passes
-    # forward+backward over ~52 tokens, the MLM head at the masked tokens), 665k train+valid
-    # rows, so ~4.7 PFLOP per epoch; at 10-25 % of the H100's ~790 bf16 TFLOP/s that is
-    # 25-60 s per epoch, and 1-2 minutes with today's per-step host syncs. 5 epochs.
-    "gpu": [
-        "pretrain.lr=5e-5", "pretrain.batch_size=1024", "pretrain.epochs=5", "pretrain.rows=null",
-        "train.batch_size=256", "text_finetune.batch_size=256", "text_finetune.lr=5e-5",
-        "text_finetune.train_rows=null", "text_finetune.valid_rows=null", "text_finetune.refit=true",
-        "model.plm_trainable_layers=null", "text_finetune.joint_init=pretrained",
-        "train.eval_batch_size=4096",
-    ],
-    "cpu": [
-        "pretrain.lr=1e-3", "pretrain.batch_size=256", "pretrain.epochs=2", "pretrain.rows=25000",
-        "pretrain.rows_from=random",
-        "model.plm_trainable_layers=0", "train.batch_size=256",
-        "text_finetune.batch_size=256", "text_finetune.lr=1e-3", "text_finetune.id_lr=1e-4",
-        "text_finetune.epochs=5", "text_finetune.train_rows=10000", "text_finetune.valid_rows=10000",
-        "text_finetune.refit=true", "text_finetune.joint_init=finetuned",
-    ],
-}
-
-def profile_config(profile: str, overrides: list[str] | None = None, base: Config | None = None) -> Config:
-    if profile not in PROFILES:
-        raise ValueError(f"unknown profile {profile!r}; choose one of {sorted(PROFILES)}")
-    cfg = base or Config()
-    for assignment in [*PROFILES[profile], *(overrides or [])]:
-        apply_override(cfg, assignment)
-    return cfg
-
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -170,24 +132,14 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
             model.load_state_dict(_prefixed(pretrained, "backbone."))
         return model
 
-    def language_model(load: bool) -> LanguageModel:
-        lm = LanguageModel.from_pretrained(cfg.model.plm)
-        if load and pretrained is not None:
-            lm.load_state_dict(_prefixed(pretrained, "language_model."))
-        lm.freeze(cfg.model.plm_trainable_layers)
-        return lm
+    def text_model(load: bool) -> LanguageModel | None:
+        return text_encoder(cfg.model, _prefixed(pretrained, "language_model.") if load and pretrained else None)[0]
 
+    text_dim = hidden_size(cfg.model.plm)
     text_train = dataclasses.replace(cfg.train, lr=cfg.text_finetune.lr, batch_size=cfg.text_finetune.batch_size,
                                      epochs=cfg.text_finetune.epochs, refit=cfg.text_finetune.refit,
                                      eval_batch_size=cfg.train.eval_batch_size or 256)
     rows = {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
-    # A frozen encoder is left out of the models, which read its [CLS] vectors, computed once per
-    # row range and cached (pretraining cannot change a frozen encoder).
-    frozen = cfg.model.plm_trainable_layers == 0
-    text_dim = hidden_size(cfg.model.plm) if frozen else None
-
-    def text_model(load: bool) -> LanguageModel | None:
-        return None if frozen else language_model(load)
 
     def plm_model(fm: FeatureMap) -> PLMCTRModel:
         return PLMCTRModel(text_model(load=True), hidden_size=text_dim)
@@ -251,21 +203,3 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     write_text(run_dir / "results.md", render_results(report))
     log.info("\n%s", render_results(report))
     return report
-
-
-def render_results(report: dict) -> str:
-    names = {"scratch": f"{report['backbone']} (from scratch)", "flip_id": "FLIP_ID", "flip_plm": "FLIP_PLM",
-             "flip": "FLIP"}
-    lines = [f"# FLIP on {report['dataset']} (profile {report['profile']}, {report['backbone']} + {report['plm']})",
-             "", "| model | test AUC | test Logloss | valid AUC | paper AUC / Logloss (selected on test) |",
-             "|---|---|---|---|---|"]
-    for variant, m in report["results"].items():
-        paper = report["paper"].get(variant)
-        valid = f"{m['valid']['auc']:.4f}" if m.get("valid") else "—"
-        lines.append(f"| {names[variant]} | {m['test']['auc']:.4f} | {m['test']['logloss']:.4f} | {valid} | "
-                     f"{f'{paper[0]} / {paper[1]}' if paper else '—'} |")
-    if "alpha" in report["results"].get("flip", {}):
-        lines += ["", f"FLIP's α (weight of the ID side) after training: {report['results']['flip']['alpha']:.3f}."]
-    lines += ["", f"Pretrained: {report['pretrained']} ({report['pretrain_seconds']:.0f} s); "
-              f"total {report['wall_seconds']:.0f} s. Selection on validation; test evaluated once per model.", ""]
-    return "\n".join(lines)
