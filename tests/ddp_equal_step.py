@@ -14,19 +14,22 @@ from test_ddp import deterministic_pair  # noqa: E402
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    backend = sys.argv[2] if len(sys.argv) > 2 else "gloo"  # "nccl": one GPU per rank
+    dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     ref = torch.load(sys.argv[1], weights_only=True)
-    model = deterministic_pair()
+    model = deterministic_pair().to(device)
     ddp = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
     rows = len(ref["ids"]) // world
-    part = {k: ref[k][rank * rows:(rank + 1) * rows] for k in ("ids", "input_ids", "attention_mask", "value_spans")}
+    part = {k: ref[k][rank * rows:(rank + 1) * rows].to(device)
+            for k in ("ids", "input_ids", "attention_mask", "value_spans")}
     out = ddp(**part)
     out.loss.backward()
     loss = out.loss.detach().clone()
     dist.all_reduce(loss)
-    torch.testing.assert_close(loss / world, ref["loss"], atol=1e-5, rtol=1e-5)
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+    torch.testing.assert_close(loss.cpu() / world, ref["loss"], atol=1e-5, rtol=1e-5)
+    grads = {n: p.grad.cpu() for n, p in model.named_parameters() if p.grad is not None}
     assert set(grads) == set(ref["grads"]), set(grads) ^ set(ref["grads"])
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref["grads"][name], atol=1e-5, rtol=1e-5, msg=name)

@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 HERE = Path(__file__).parent
@@ -49,7 +50,9 @@ def deterministic_pair():
                              vocab_size=30, cls_id=2, sep_id=3)
 
 
-def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
+@pytest.mark.parametrize("backend", [
+    "gloo", pytest.param("nccl", marks=pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs"))])
+def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path, backend):
     from test_flip import _pretrain_split
 
     split = _pretrain_split(8)
@@ -61,9 +64,67 @@ def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path):
     out.loss.backward()
     grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
     torch.save({**batch, "loss": out.loss.detach(), "grads": grads}, tmp_path / "reference.pt")
-    proc = _torchrun(HERE / "ddp_equal_step.py", tmp_path / "reference.pt")
+    proc = _torchrun(HERE / "ddp_equal_step.py", tmp_path / "reference.pt", backend)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("equal ok") == 2
+
+
+def finetune_setup(batch_size: int):
+    """A tiny deterministic finetuning task: no dropout, no BatchNorm (per-rank statistics),
+    dense embedding gradients; 128 train rows (4 global batches of 32), 51 eval rows (odd: the
+    gathered evaluation must drop the padding)."""
+    from flipctr.data.batching import Split
+    from flipctr.data.encoder import FeatureMap, FieldInfo
+    from flipctr.models.backbones import build_model
+    from flipctr.training.trainer import Trainer
+
+    from conftest import tiny_config
+
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randint(0, 4, (179,), generator=g), torch.randint(0, 4, (179,), generator=g)
+    ids = torch.stack([1 + a, 6 + b], 1).to(torch.int32)
+    labels = ((a + b + torch.randint(0, 2, (179,), generator=g)) % 2 == 0).float()
+    cfg = tiny_config(batch_size=batch_size, epochs=2, sparse_embeddings="off", lr=1e-2, patience=5)
+    cfg.model.name, cfg.model.batch_norm = "dcnv2", False
+    torch.manual_seed(0)
+    model = build_model(cfg.model, FeatureMap([FieldInfo("a", 1, 5), FieldInfo("b", 6, 5)], 11, 1, 179))
+    return (model, Trainer(cfg.train, torch.device("cpu")), Split(labels[:128], {"ids": ids[:128]}),
+            Split(labels[128:], {"ids": ids[128:]}))
+
+
+def test_ddp_finetuning_equals_one_process_on_the_global_batch(tmp_path):
+    from flipctr.training.trainer import predict
+
+    model, trainer, train, valid = finetune_setup(batch_size=32)
+    fit = trainer.fit(model, train, eval_split=valid)
+    proc = _torchrun(HERE / "ddp_finetune.py", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    for name, weight in model.state_dict().items():
+        torch.testing.assert_close(ranks[0]["state"][name], weight, atol=1e-5, rtol=1e-5, msg=name)
+    reference = torch.from_numpy(predict(model, valid))
+    for r in ranks:  # both ranks hold every row's score, in order, and agree on the metrics
+        assert r["scores"].shape == (51,)
+        torch.testing.assert_close(r["scores"], reference, atol=1e-5, rtol=1e-5)
+        assert r["best"]["auc"] == pytest.approx(fit.best_eval["auc"], abs=1e-6)
+
+
+def test_flipctr_train_under_torchrun_writes_one_run_folder(ml1m_root, tmp_path, monkeypatch):
+    env = {**os.environ, "FLIPCTR_DATA": str(ml1m_root)}
+    proc = _torchrun("-m", "flipctr.cli", "train", "--dataset", "ml-1m", "--model", "dcnv2", "--run-dir",
+                     tmp_path / "runs" / "dcnv2", "--set", "model.embedding_dim=4", "--set", "model.dnn_hidden=[8]",
+                     "--set", "train.epochs=2", "--set", "train.progress=false", env=env)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports
+    folder = tmp_path / "runs" / "dcnv2"
+    assert [p.name for p in (tmp_path / "runs").iterdir()] == ["dcnv2"]
+    assert json.loads((folder / "environment.json").read_text())["world_size"] == 2
+    metrics = json.loads((folder / "metrics.json").read_text())
+    # the saved model, re-evaluated by one process, gives the test AUC the two ranks gathered
+    from flipctr.training.runner import evaluate_run
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    assert evaluate_run(folder)["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)
 
 
 def test_flip_run_under_torchrun_writes_one_run_folder(ml1m_root, tiny_plm, tmp_path):

@@ -7,9 +7,9 @@ import torch
 from safetensors.torch import load_file
 
 from flipctr.cli import main
+from flipctr.data.batching import Split
 from flipctr.models.backbones import build_model
 from flipctr.training.runner import evaluate_run, train_run
-from flipctr.data.batching import Split
 from flipctr.training.trainer import Trainer
 
 from conftest import tiny_config

@@ -68,14 +68,17 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training.distributed import init_distributed
+    from .training.distributed import init_distributed, is_main, leave
     from .training.runner import train_run
 
     init_distributed()
     cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model, "model.plm": args.plm})
     metrics = train_run(cfg, args.run_dir)
-    print(format_metrics(metrics))
-    print(f"run folder: {args.run_dir}")
+    main = is_main()  # asked before the process group is left
+    leave()
+    if main:
+        print(format_metrics(metrics))
+        print(f"run folder: {args.run_dir}")
 
 
 ABLATIONS = {  # paper Table 5, as switches of the same run
@@ -91,9 +94,9 @@ ABLATIONS = {  # paper Table 5, as switches of the same run
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from .training.distributed import init_distributed
     from .profiles import profile_config
     from .report import render_results
+    from .training.distributed import init_distributed, leave
     from .training.flip_run import VARIANTS, run_flip
 
     init_distributed()
@@ -110,6 +113,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = profile_config(args.profile, overrides, base)
     report = run_flip(cfg, args.run_dir, tuple(args.variants or VARIANTS), resume=args.resume,
                       profile=args.profile)
+    leave()
     if report is not None:  # None on the ranks other than 0 under torchrun
         print(render_results(report))
 

@@ -65,6 +65,9 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def to(self, device: torch.device) -> "Split":
+        return Split(self.labels.to(device), {k: v.to(device) for k, v in self.inputs.items()})
+
     def host(self, name: str) -> torch.Tensor | None:
         """A CPU copy of input ``name`` (made once), or None when the split has no such input."""
         if name not in self.inputs:

@@ -45,7 +45,7 @@ def barrier() -> None:
 
 
 def leave() -> None:
-    """Leave the process group (after a data-parallel stage; later stages run on rank 0 alone)."""
+    """Leave the process group at the end of a command (every rank waits for the others first)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()

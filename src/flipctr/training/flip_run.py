@@ -31,7 +31,7 @@ from ..models.plm import PLMCTRModel
 from ..paper import table2
 from ..report import render_results
 from ..utils import environment_info, seed_everything, write_json, write_text
-from .distributed import barrier, is_main, leave, rank_world, resolve_device
+from .distributed import barrier, is_main, rank_world, resolve_device
 from .pretrain import Pretrainer
 from .runner import RunData, setup_logging, train_run
 
@@ -84,8 +84,8 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if cfg.pretrain.rows_from not in ("last", "random"):
         raise ValueError(f"pretrain.rows_from must be 'last' or 'random', not {cfg.pretrain.rows_from!r}")
-    # under torchrun: pretraining runs on every rank; rank 0 alone writes and then finetunes
-    rank, world = rank_world()
+    # under torchrun every stage is data-parallel (each rank a shard of every batch); rank 0 alone writes
+    world = rank_world()[1]
     if is_main():
         setup_logging(run_dir)
     device = resolve_device(cfg.train.device)
@@ -114,17 +114,10 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         log.info("pretraining on %d train+valid rows (%s) for %d epochs", len(split),
                  cfg.pretrain.rows_from if cfg.pretrain.rows else "all", cfg.pretrain.epochs)
         pretrainer.fit(model, split, resume=resume)
-        leave()  # finetuning is not data-parallel yet: the other ranks stop here
-        if rank != 0:
-            return None
+        barrier()  # rank 0 has written the weights
         pretrained = load_file(str(run_dir / "pretrain" / "pretrained.safetensors"))
         pretrain_seconds = time.perf_counter() - tick
         del model, split
-
-    if world > 1 and pretrained is None:
-        leave()
-        if rank != 0:
-            return None
 
     def backbone(fmap: FeatureMap, load: bool) -> torch.nn.Module:
         model = build_model(backbone_cfg, fmap)
@@ -184,13 +177,15 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
             continue
         if variant == "flip_id" and pretrained is None and "scratch" in results:
             # without pretraining FLIP_ID is the backbone from scratch: the same run, not a second one
-            shutil.copytree(run_dir / "scratch", run_dir / "flip_id", dirs_exist_ok=True)
+            if is_main():
+                shutil.copytree(run_dir / "scratch", run_dir / "flip_id", dirs_exist_ok=True)
             results[variant] = {**results["scratch"], "note": "no pretraining: the scratch run"}
             continue
         variant_cfg, factory, options = plans[variant]
         metrics = train_run(variant_cfg, run_dir / variant, data_root, **{"model_factory": factory, **options},
                             encoding=ENCODING)
-        setup_logging(run_dir)  # train_run pointed the log at the variant's folder
+        if is_main():
+            setup_logging(run_dir)  # train_run pointed the log at the variant's folder
         results[variant] = {k: v for k, v in metrics.items() if k != "history"}
     report = {
         "dataset": data.name, "profile": profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
@@ -199,6 +194,8 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         "results": results,
         "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else v) for v in results},
     }
+    if not is_main():
+        return None
     write_json(run_dir / "results.json", report)
     write_text(run_dir / "results.md", render_results(report))
     log.info("\n%s", render_results(report))

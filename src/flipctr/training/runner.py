@@ -32,7 +32,7 @@ from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
 from ..models import build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
-from .distributed import rank_world, resolve_device
+from .distributed import barrier, is_main, rank_world, resolve_device
 from .trainer import Trainer, autocast_dtype, input_names, resolve_train_config
 
 log = logging.getLogger("flipctr")
@@ -135,18 +135,22 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     """
     if cfg.train.protocol not in PROTOCOLS:
         raise ValueError(f"train.protocol must be one of {PROTOCOLS}, not {cfg.train.protocol!r}")
-    if rank_world()[1] > 1:
-        raise ValueError("finetuning is not data-parallel yet: run `flipctr train` as one process, "
-                         "without torchrun (`flipctr run` pretrains on every rank, then finetunes on rank 0)")
+    # under torchrun every rank trains its shard of each batch (Trainer); rank 0 alone writes
+    main = is_main()
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(run_dir)
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        setup_logging(run_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     device = resolve_device(cfg.train.device)
     started = time.perf_counter()
+    if not main:
+        barrier()  # rank 0 builds the caches first
     data = prepare(cfg.data, data_root)
+    if main:
+        barrier()
     # the paper protocol trains on the whole 90 %, so its encoding is fitted there
     select_fit = encoding or ("train+valid" if cfg.train.protocol == "paper" else "train")
     refit_fit = encoding or "train+valid"
@@ -159,9 +163,11 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     fmap = data.encoding(select_fit).feature_map
     model = new_model(fmap)
     cfg = dataclasses.replace(cfg, train=resolve_train_config(cfg.train, model))
-    write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    write_json(run_dir / "environment.json", {**environment_info(str(device)), "seed": cfg.train.seed,
-                                              "amp": str(autocast_dtype(cfg.train.amp, device))})
+    if main:
+        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+        write_json(run_dir / "environment.json", {**environment_info(str(device)), "seed": cfg.train.seed,
+                                                  "amp": str(autocast_dtype(cfg.train.amp, device)),
+                                                  "world_size": rank_world()[1]})
     log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
              data.name, data.sizes.train, data.sizes.valid, data.sizes.test, len(data.fields),
              cfg.model.name, device, cfg.train.protocol)
@@ -184,7 +190,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         metrics.update(selected_on="valid", valid=fit.best_eval, test_before_refit=test_select)
         final_fit = fit
         if cfg.train.refit:
-            save_weights(model, run_dir / "model-selected.safetensors")
+            if main:
+                save_weights(model, run_dir / "model-selected.safetensors")
             log.info("refit on train+valid for %g epochs", fit.best_epoch)
             fmap = data.encoding(refit_fit).feature_map
             model = new_model(fmap, refit=True)
@@ -195,8 +202,6 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
             metrics["test"] = trainer.evaluate(model, rd.split("test", refit_fit))
         else:
             metrics["test"] = test_select
-    fmap.save(run_dir / "feature_map.json")
-    save_weights(model, run_dir / "model.safetensors")
     metrics.update(getattr(model, "summary", dict)())
     metrics.update(
         encoding=refit_fit if (cfg.train.protocol == "paper" or cfg.train.refit) else select_fit,
@@ -206,7 +211,11 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         wall_seconds=round(time.perf_counter() - started, 1),
         history=[vars(r) for r in fit.history],
     )
-    write_json(run_dir / "metrics.json", metrics)
+    if main:
+        fmap.save(run_dir / "feature_map.json")
+        save_weights(model, run_dir / "model.safetensors")
+        write_json(run_dir / "metrics.json", metrics)
+    barrier()  # the run folder is complete before any rank goes on (a next stage may read it)
     log.info("test AUC %.4f  Logloss %.4f  (%s protocol, selected on %s)", metrics["test"]["auc"],
              metrics["test"]["logloss"], metrics["protocol"], metrics["selected_on"])
     return metrics

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.batching import Split
+from .distributed import rank_world
 from .metrics import ctr_metrics
 
 log = logging.getLogger("flipctr")
@@ -170,15 +171,24 @@ def input_names(model: nn.Module) -> tuple[str, ...]:
 @torch.no_grad()
 def predict(model: nn.Module, split: Split, batch_size: int = 8192,
             amp_dtype: torch.dtype | None = None) -> np.ndarray:
+    """Probabilities for every row of ``split``. Under DDP each rank scores every world-th row
+    (the last ones wrapping round to equal counts) and the scores are gathered: every rank
+    returns all of them, so all ranks agree on metrics and early stopping."""
     model.eval()
+    rank, world = rank_world()
     names, device, out = input_names(model), split.labels.device, []
-    widths = split.batch_widths(torch.arange(len(split)), batch_size)
-    for k, i in enumerate(range(0, len(split), batch_size)):
-        batch = split.batch(torch.arange(i, min(i + batch_size, len(split)), device=device), names,
-                            widths[k] if widths else None)
+    order = torch.arange(rank, math.ceil(len(split) / world) * world, world) % len(split)
+    widths = split.batch_widths(order, batch_size)
+    for k, i in enumerate(range(0, len(order), batch_size)):
+        batch = split.batch(order[i:i + batch_size].to(device), names, widths[k] if widths else None)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out.append(torch.sigmoid(model(**batch).logits.float()))
-    return torch.cat(out).cpu().numpy()
+    scores = torch.cat(out)
+    if world > 1:
+        gathered = [torch.empty_like(scores) for _ in range(world)]
+        torch.distributed.all_gather(gathered, scores)
+        scores = torch.stack(gathered, 1).reshape(-1)[:len(split)]  # row i*world+k came from rank k
+    return scores.cpu().numpy()
 
 
 def evaluate(model: nn.Module, split: Split, batch_size: int = 8192,
@@ -216,17 +226,26 @@ class Trainer:
         """
         cfg = resolve_train_config(self.cfg, model)
         epochs = cfg.epochs if epochs is None else epochs
+        rank, world = rank_world()
+        if world > 1 and cfg.sparse_embeddings != "off":
+            log.info("data-parallel: embedding tables get dense gradients (train.sparse_embeddings=off)")
+            cfg = dataclasses.replace(cfg, sparse_embeddings="off")
         model.to(self.device)
         optimizer = make_optimizer(model, cfg)
+        module = model  # the unwrapped model: evaluation, weights, L2
+        if world > 1:  # each rank a shard of every batch; DDP averages the gradients
+            model = nn.parallel.DistributedDataParallel(
+                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
         reduce_lr = cfg.reduce_lr_on_plateau and eval_split is not None and lr_schedule is None
         last_epoch_auc = -math.inf
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         result, best_state, bad_evals, stop = FitResult(), None, 0, False
         loss_fn = nn.BCEWithLogitsLoss()
-        n, bs, names = len(train), cfg.batch_size, input_names(model)
-        embedding_l2 = cfg.embedding_l2 if hasattr(model, "embed") else 0.0
+        n, bs, names = len(train), cfg.batch_size, input_names(module)
+        shard = math.ceil(n / world)  # rows per rank, padded as DistributedSampler does
+        embedding_l2 = cfg.embedding_l2 if hasattr(module, "embed") else 0.0
         if cfg.embedding_l2 > 0 and not embedding_l2:
-            log.info("train.embedding_l2 ignored: %s has no ID embeddings", type(model).__name__)
+            log.info("train.embedding_l2 ignored: %s has no ID embeddings", type(module).__name__)
 
         def step_loss(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
             """Forward and loss of one batch: BCE on the logits (+ each auxiliary head, FLIP Eq. 15)."""
@@ -237,12 +256,12 @@ class Trainer:
             for aux in out.aux_logits:
                 loss = loss + loss_fn(aux.float(), labels)
             if embedding_l2 > 0:
-                loss = loss + embedding_l2 * model.embed(batch["ids"]).pow(2).sum() / len(labels)
+                loss = loss + embedding_l2 * module.embed(batch["ids"]).pow(2).sum() / len(labels)
             return loss
 
         if cfg.compile:  # fuses the many small ops of an ID model's step; compiling costs ~15-40 s
             step_loss = torch.compile(step_loss)
-        steps_per_epoch = math.ceil(n / bs)
+        steps_per_epoch = math.ceil(shard / bs)
         total_steps = round(epochs * steps_per_epoch)
         evals = max(1, cfg.evals_per_epoch)
         eval_steps = {round(steps_per_epoch * k / evals) for k in range(1, evals + 1)}
@@ -251,7 +270,9 @@ class Trainer:
                 optimizer.set_lr(lr_schedule[min(epoch, len(lr_schedule)) - 1])
             lr = optimizer.param_groups[0]["lr"]
             model.train()
-            perm = train.order(generator, bs, cfg.length_buckets)
+            # one order for the global batch of every rank's rows; rank r takes every world-th row
+            perm = train.order(generator, bs * world, cfg.length_buckets)
+            perm = torch.cat([perm, perm[:shard * world - n]])[rank::world]
             widths = train.batch_widths(perm, bs)
             perm = perm.to(self.device)
             steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
@@ -271,12 +292,12 @@ class Trainer:
                 if eval_split is not None and step + 1 in eval_steps:
                     train_seconds += time.perf_counter() - tick
                     at = round(epoch - 1 + (step + 1) / steps_per_epoch, 4)
-                    metrics = self.evaluate(model, eval_split)
+                    metrics = self.evaluate(module, eval_split)
                     record.evals.append({"epoch": at, **metrics})
                     log.info("  epoch %.2f  eval auc %.5f  logloss %.5f", at, metrics["auc"], metrics["logloss"])
                     if result.best_eval is None or metrics["auc"] > result.best_eval["auc"]:
                         result.best_epoch, result.best_eval, bad_evals = at, metrics, 0
-                        best_state = copy.deepcopy(model.state_dict())
+                        best_state = copy.deepcopy(module.state_dict())
                     else:
                         bad_evals += 1
                     model.train()
@@ -301,5 +322,5 @@ class Trainer:
                          result.best_epoch)
                 break
         if best_state is not None:
-            model.load_state_dict(best_state)
+            module.load_state_dict(best_state)
         return result
