@@ -1,7 +1,8 @@
 """FLIP pretraining throughput against the bare cost of its encoder work.
 
     python benchmarks/pretrain_throughput.py [--dataset ml-1m] [--batch-size 32] [--steps 4]
-                                             [--device cpu] [--name pretrain_throughput]
+                                             [--device cpu] [--plm minilm-l6] [--out DIR]
+                                             [--name pretrain_throughput]
 
 For each setting (language model trained, as in the paper; frozen, as in the ``cpu`` profile)
 and precision (fp32; bf16 autocast where the device has fast bf16), it times one epoch of the
@@ -10,7 +11,7 @@ after an epoch of warm-up) and the same batches, in the same order and widths, t
 language model alone: clean and masked text as one pass, forward+backward when the model is
 trained, forward only when frozen. The ratio (loop time / bare encoder time) is the overhead
 of everything that is not the encoder: heads, ID backbone, masking, batching, optimizer,
-host waits. Target: <= 1.3. Writes ``benchmarks/results/<name>.{json,md}``.
+host waits. Target: <= 1.3. Writes ``<out>/<name>.{json,md}`` (default ``benchmarks/results``).
 """
 
 from __future__ import annotations
@@ -76,7 +77,7 @@ def measure(setting: str, precision: str, args, data, rd: RunData, device: torch
         f"data.dataset={args.dataset}", f"pretrain.batch_size={args.batch_size}",
         f"pretrain.rows={args.batch_size * args.steps}", "pretrain.rows_from=random", "pretrain.epochs=2",
         f"pretrain.amp={'bf16' if precision == 'bf16' else 'off'}", "pretrain.progress=false",
-        f"train.device={device}"])
+        f"train.device={device}", f"model.plm={args.plm}"])
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     with tempfile.TemporaryDirectory() as tmp:
         model, split, pretrainer = pretraining_setup(cfg, rd, data.encoding(ENCODING), device, Path(tmp))
@@ -101,10 +102,12 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="timed batches (after as many of warm-up)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--settings", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
+    parser.add_argument("--plm", default="minilm-l6", help="language model name or folder")
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--name", default="pretrain_throughput")
     args = parser.parse_args()
     device = resolve_device(args.device)
-    base = profile_config("cpu", [f"data.dataset={args.dataset}"])
+    base = profile_config("cpu", [f"data.dataset={args.dataset}", f"model.plm={args.plm}"])
     base = dataclasses.replace(base, data=resolve_data_config(base.data))
     data = prepare(base.data)
     rd = RunData(data, base, device, text=True)
@@ -117,12 +120,13 @@ def main() -> None:
             rows.append(measure(setting, precision, args, data, rd, device))
             print(rows[-1], flush=True)
     command = "python benchmarks/pretrain_throughput.py " + " ".join(
-        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items())
+        f"--{k.replace('_', '-')} {' '.join(v) if isinstance(v, list) else v}" for k, v in vars(args).items()
+        if k != "out")
     report = {"command": command, "dataset": args.dataset, "environment": environment_info(str(device)),
               "cpu_capability": torch.backends.cpu.get_cpu_capability(), "results": rows, "skipped": skipped}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    write_json(RESULTS / f"{args.name}.json", report)
-    write_text(RESULTS / f"{args.name}.md", render(report))
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / f"{args.name}.json", report)
+    write_text(args.out / f"{args.name}.md", render(report))
     print(render(report))
 
 

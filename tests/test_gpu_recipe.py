@@ -38,7 +38,7 @@ def test_pack_then_run_in_resuming_steps(ml1m_root, tiny_plm, tmp_path, monkeypa
     assert {p.dtype for p in LanguageModel.from_pretrained(str(pack / "plm")).parameters()} == {torch.float32}
 
     # a fresh data folder, as on the GPU machine; python3 is this interpreter
-    env = {**os.environ, "FLIPCTR_DATA": str(tmp_path / "gpu-data"), "FLIPCTR_NO_INSTALL": "1",
+    env = {**os.environ, "FLIPCTR_DATA": str(tmp_path / "gpu-data"), "FLIPCTR_NO_INSTALL": "1", "THROUGHPUT_BATCH": "8",
            "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     sets = [x for t in TINY for x in ("--set", t)]
 
@@ -59,5 +59,9 @@ def test_pack_then_run_in_resuming_steps(ml1m_root, tiny_plm, tmp_path, monkeypa
     assert set(results["results"]) == {"scratch", "flip_id", "flip_plm", "flip"} and results["profile"] == "gpu"
     assert results["results"]["flip_id"]["test"] == json.loads((out / "flip_id_metrics.json").read_text())["test"]
     assert (out / "pretrain_pretrain_history.json").exists() and (out / "train.log").exists()
+    throughput = json.loads((out / "pretrain_throughput.json").read_text())  # measured once, before the run
+    assert [r["setting"] for r in throughput["results"]] == ["trained", "frozen"]
+    assert all(r["ratio"] > 0 and r["batch_size"] == 8 for r in throughput["results"])
+    assert first.stdout.count("FLIP pretraining throughput") == 1 and "throughput" not in second.stdout
     config = (out / "config.yaml").read_text()
     assert "plm_trainable_layers: null" in config  # the language model trains in the gpu profile

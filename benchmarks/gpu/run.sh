@@ -10,6 +10,8 @@
 # $FLIPCTR_DATA (default /tmp/flipctr-data) and keeps its run folder in $RUN_DIR (default
 # $FLIPCTR_DATA/runs/gpu): both must survive between calls on the same machine.
 # FLIPCTR_NO_INSTALL=1 skips `pip install --no-deps -e .` (the package is already installed).
+# The first call measures pretraining throughput (benchmarks/pretrain_throughput.py, about a
+# minute on a GPU) into OUT_DIR/pretrain_throughput.{json,md} before the run; THROUGHPUT=0 skips it.
 set -euo pipefail
 pack=$(realpath "$1"); out=$(mkdir -p "$2" && realpath "$2"); shift 2
 step_seconds=540
@@ -25,6 +27,10 @@ if [[ ! -f $FLIPCTR_DATA/raw/$dataset/SOURCE.json ]]; then
     mkdir -p "$FLIPCTR_DATA/raw"
     python3 -c "import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter='data')" \
         "$pack/raw-$dataset.tar.xz" "$FLIPCTR_DATA/raw"
+fi
+if [[ ${THROUGHPUT:-1} == 1 && ! -f $out/pretrain_throughput.json ]]; then
+    python3 benchmarks/pretrain_throughput.py --dataset "$dataset" --plm "$pack/plm" --batch-size "${THROUGHPUT_BATCH:-256}" \
+        --steps 4 --out "$out" || echo "throughput measurement failed; going on with the run"
 fi
 status=0
 timeout --signal=TERM "$step_seconds" python3 -m flipctr.cli run --dataset "$dataset" --profile gpu \
