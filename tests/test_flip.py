@@ -2,11 +2,13 @@
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
 from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
 from flipctr.data.masking import FieldMasker, choose_fields, field_mask, span_token_mask
+from flipctr.inference import Scorer
 from flipctr.models.backbones import build_model
 from flipctr.models.flip import (FlipConfig, FlipCTRModel, FlipPretrainModel, MTMHead, info_nce,
                                  nce_loss)
@@ -364,6 +366,18 @@ def test_flip_run_end_to_end_on_tiny_data(ml1m_root, tiny_plm, tmp_path, monkeyp
     assert report["results"]["flip_id"]["test"] != report["results"]["scratch"]["test"]
     again = evaluate_run(tmp_path / "run" / "flip", data_root=ml1m_root)
     assert again["test"] == pytest.approx(report["results"]["flip"]["test"])
+    # FLIP_ID ships as an ID model: loaded in one line, exported to ONNX with the same scores
+    import flipctr
+
+    flip_id = flipctr.load(tmp_path / "run" / "flip_id")
+    ids = np.load(ml1m_root / "cache" / next(p.name for p in (ml1m_root / "cache").iterdir())
+                  / "encoding-fit-train-valid" / "ids.npy")[-50:].astype(np.int64)
+    import onnxruntime as ort
+    flip_id.export_onnx(tmp_path / "flip_id.onnx")
+    onnx_scores = ort.InferenceSession(str(tmp_path / "flip_id.onnx")).run(None, {"ids": ids})[0]
+    with torch.no_grad():
+        torch_scores = Scorer(flip_id.model)(torch.from_numpy(ids)).numpy()
+    np.testing.assert_allclose(onnx_scores, torch_scores, atol=1e-5)
 
 
 def test_flip_run_ablation_without_pretraining(ml1m_root, tiny_plm, tmp_path, monkeypatch):

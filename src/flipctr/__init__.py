@@ -1,3 +1,10 @@
 """flipctr: CTR prediction with ID-based models aligned to pretrained language models (FLIP)."""
 
 __version__ = "0.1.0"
+
+
+def load(run_dir):
+    """The trained model of a run folder, ready for ``.predict(frame)`` (see ``flipctr.inference``)."""
+    from .inference import load as _load
+
+    return _load(run_dir)

@@ -1,4 +1,5 @@
-"""Command line: ``flipctr data get|stats``, ``flipctr train``, ``flipctr evaluate``."""
+"""Command line: ``flipctr data get|stats``, ``flipctr lm get``, ``flipctr train``, ``flipctr run``,
+``flipctr evaluate``, ``flipctr predict``, ``flipctr export``."""
 
 from __future__ import annotations
 
@@ -124,6 +125,39 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
     print(json.dumps(evaluate_run(args.run_dir), indent=2))
 
 
+def cmd_predict(args: argparse.Namespace) -> None:
+    import pandas as pd
+
+    from .inference import Predictor, read_frame
+    from .training.metrics import ctr_metrics
+    from .utils import atomic_path
+
+    predictor = Predictor.load(args.run_dir)
+    frame = read_frame(args.input)
+    scores = predictor.predict(frame) if len(frame) else []
+    labels = predictor.labels(frame)
+    out = pd.DataFrame({"score": scores})
+    if labels is not None:
+        out["label"] = labels
+        if 0 < labels.sum() < len(labels):
+            metrics = ctr_metrics(labels, out["score"].to_numpy())
+            print(f"AUC {metrics['auc']:.6f}  Logloss {metrics['logloss']:.6f}  ({len(out)} rows)", file=sys.stderr)
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(args.output) as tmp:
+        if args.output.suffix == ".parquet":
+            out.to_parquet(tmp, index=False)
+        else:
+            out.to_csv(tmp, index=False)
+    print(f"{len(out)} scores written to {args.output}")
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from .inference import Predictor
+
+    path = Predictor.load(args.run_dir).export_onnx(args.out)
+    print(f"ONNX model written to {path}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flipctr", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -177,6 +211,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = verbs.add_parser("evaluate", help="evaluate a finished run folder's model on its test split")
     evaluate.add_argument("--run-dir", type=Path, required=True)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = verbs.add_parser("predict", help="score the rows of a CSV or Parquet file with a run's model")
+    predict.add_argument("--run-dir", type=Path, required=True)
+    predict.add_argument("--input", type=Path, required=True, help="rows with the columns the run was trained on")
+    predict.add_argument("--output", type=Path, required=True, help=".csv or .parquet: a score column "
+                         "(and the label, when the input has it), in the input's order")
+    predict.set_defaults(func=cmd_predict)
+
+    export = verbs.add_parser("export", help="export a run's ID model (FLIP_ID included)")
+    export.add_argument("--run-dir", type=Path, required=True)
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--out", type=Path, required=True)
+    export.set_defaults(func=cmd_export)
     return parser
 
 

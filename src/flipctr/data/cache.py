@@ -108,6 +108,22 @@ class PreparedData:
                 np.load(sub / "counts.npy"))
         return self._encodings[fit_split]
 
+    def encoding_folder(self, fit_split: str) -> Path:
+        """Where the encoding fitted on ``fit_split`` lives (``FeatureEncoder.load`` reads it)."""
+        return self.folder / _encoding_dir(fit_split)
+
+    def input_columns(self) -> tuple[dict[str, str], dict]:
+        """How raw rows name the fields and the label: ``({field: column}, {"column", "threshold"?})``.
+        Built-in datasets: the field names and a 0/1 ``label`` column; custom data: its schema's."""
+        dataset = self.meta["config"]["dataset"]
+        if _is_schema(dataset):
+            import yaml
+
+            schema = yaml.safe_load(Path(dataset).read_text())
+            label = schema["label"] if isinstance(schema["label"], dict) else {"column": schema["label"]}
+            return dict(schema["fields"]), {k: label[k] for k in ("column", "threshold") if k in label}
+        return {f: f for f in self.fields}, {"column": "label"}
+
     def split(self, name: str, fit_split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """``(ids, labels)`` of one split under the encoding fitted on ``fit_split``."""
         start, stop = self.sizes.bounds(name)

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -48,6 +49,19 @@ def setup_logging(run_dir: Path) -> None:
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
+
+
+def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding: str) -> None:
+    """What ``flipctr.load`` needs beside the weights: ``config.json`` (model and data settings,
+    the input column of every field and of the label) and the encoding the model was trained
+    with (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
+    columns, label = data.input_columns()
+    write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+                                         "encoding": encoding, "fields": data.fields, "columns": columns,
+                                         "label": label})
+    for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
+        with atomic_path(run_dir / name) as tmp:
+            shutil.copyfile(data.encoding_folder(encoding) / name, tmp)
 
 
 def save_weights(model: torch.nn.Module, path: Path) -> None:
@@ -212,7 +226,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         history=[vars(r) for r in fit.history],
     )
     if main:
-        fmap.save(run_dir / "feature_map.json")
+        save_for_inference(run_dir, cfg, data, metrics["encoding"])
         save_weights(model, run_dir / "model.safetensors")
         write_json(run_dir / "metrics.json", metrics)
     barrier()  # the run folder is complete before any rank goes on (a next stage may read it)

@@ -1,0 +1,98 @@
+"""Using a trained run: flipctr.load, flipctr predict, flipctr export (ONNX)."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+
+import flipctr
+from flipctr.cli import main
+from flipctr.data.errors import DataError
+from flipctr.training.runner import evaluate_run, train_run
+
+from conftest import tiny_config
+
+
+def _custom_dataset(tmp_path, n=1200):
+    """A click log whose label depends on the item (and a little on the user), with a text
+    timestamp column; 10 % of the rows, the latest, are the test split."""
+    rng = np.random.default_rng(0)
+    users, items = rng.integers(0, 40, n), rng.integers(0, 60, n)
+    p = 1 / (1 + np.exp(-(np.sin(items) * 2 + (users % 3 - 1) * 0.5)))
+    frame = pd.DataFrame({"uid": [f"u{u}" for u in users], "item": items, "ts": rng.permutation(n) * 60,
+                          "click": (rng.random(n) < p).astype(int)})
+    frame.to_csv(tmp_path / "log.csv", index=False)
+    schema = {"name": "log", "file": "log.csv", "fields": {"user ID": "uid", "item ID": "item"},
+              "label": {"column": "click"}, "order": "ts"}
+    (tmp_path / "log.yaml").write_text(yaml.safe_dump(schema, sort_keys=False))
+    return frame.sort_values("ts", kind="stable").reset_index(drop=True)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("custom")
+    frame = _custom_dataset(tmp)
+    cfg = tiny_config(epochs=3)
+    cfg.data.dataset = str(tmp / "log.yaml")
+    cfg.model.name = "dcnv2"
+    train_run(cfg, tmp / "run", data_root=tmp / "home")
+    return tmp, frame
+
+
+def test_predict_on_held_out_rows_matches_evaluate(trained, tmp_path, capsys):
+    tmp, frame = trained
+    test_rows = frame.iloc[len(frame) - 120:]  # the last 10 % in time: the run's test split
+    test_rows.to_csv(tmp_path / "held_out.csv", index=False)
+    assert main(["predict", "--run-dir", str(tmp / "run"), "--input", str(tmp_path / "held_out.csv"),
+                 "--output", str(tmp_path / "scores.csv")]) == 0
+    out = pd.read_csv(tmp_path / "scores.csv")
+    assert list(out.columns) == ["score", "label"] and len(out) == 120
+    np.testing.assert_array_equal(out["label"], test_rows["click"])
+    from sklearn.metrics import roc_auc_score
+
+    expected = evaluate_run(tmp / "run", data_root=tmp / "home")["test"]["auc"]
+    assert roc_auc_score(out["label"], out["score"]) == pytest.approx(expected, abs=1e-6)
+    assert f"AUC {expected:.6f}" in capsys.readouterr().err
+    # the same scores from Python, in one line
+    scores = flipctr.load(tmp / "run").predict(test_rows)
+    np.testing.assert_allclose(scores, out["score"], atol=1e-6)
+
+
+def test_run_folder_reads_like_a_hugging_face_one(trained):
+    tmp, _ = trained
+    config = json.loads((tmp / "run" / "config.json").read_text())
+    assert config["model"]["name"] == "dcnv2" and config["columns"] == {"user ID": "uid", "item ID": "item"}
+    assert (tmp / "run" / "model.safetensors").exists() and (tmp / "run" / "vocab.parquet").exists()
+
+
+def test_unseen_values_missing_columns_and_bad_files(trained, tmp_path):
+    tmp, frame = trained
+    model = flipctr.load(tmp / "run")
+    unseen = pd.DataFrame({"uid": ["never-seen", "u1"], "item": [10_000, 3]})
+    ids = model.encode(unseen)
+    offsets = [f.offset for f in model.encoder.feature_map.fields]
+    assert ids[0].tolist() == offsets  # every unseen value is its field's OOV id
+    assert np.isfinite(model.predict(unseen)).all()
+    with pytest.raises(DataError, match="missing column.*'item'"):
+        model.predict(unseen[["uid"]])
+    (tmp_path / "broken.parquet").write_bytes(b"not parquet")
+    assert main(["predict", "--run-dir", str(tmp / "run"), "--input", str(tmp_path / "broken.parquet"),
+                 "--output", str(tmp_path / "o.csv")]) == 2
+    assert not (tmp_path / "o.csv").exists()
+
+
+def test_onnx_export_matches_pytorch(trained, tmp_path):
+    import onnxruntime as ort
+    tmp, frame = trained
+    assert main(["export", "--run-dir", str(tmp / "run"), "--format", "onnx", "--out", str(tmp_path / "m.onnx")]) == 0
+    model = flipctr.load(tmp / "run")
+    before = model.predict(frame)
+    model.export_onnx(tmp_path / "again.onnx")
+    np.testing.assert_array_equal(model.predict(frame), before)  # exporting leaves the model as it was
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"))
+    for rows in (frame.iloc[:1], frame.iloc[:333]):  # the batch size is dynamic
+        ids = model.encode(rows).astype(np.int64)
+        onnx_scores = session.run(None, {"ids": ids})[0]
+        np.testing.assert_allclose(onnx_scores, model.predict(rows), atol=1e-5)
