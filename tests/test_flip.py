@@ -356,6 +356,12 @@ def test_flip_run_end_to_end_on_tiny_data(ml1m_root, tiny_plm, tmp_path, monkeyp
     assert report["pretrained"] and set(report["results"]) == {"scratch", "flip_id", "flip_plm", "flip"}
     history = json.loads((tmp_path / "run" / "pretrain" / "pretrain_history.json").read_text())
     assert len(history) == 2 and {"mlm", "mtm", "icl"} <= set(history[0])
+    from test_training import tensorboard_scalars
+
+    curves = tensorboard_scalars(tmp_path / "run" / "pretrain" / "tensorboard")
+    assert curves["pretrain/mlm"] == pytest.approx([r["mlm"] for r in history], rel=1e-6)
+    assert {"pretrain/mtm", "pretrain/icl", "pretrain/lr"} <= set(curves)
+    assert "model/alpha" in tensorboard_scalars(tmp_path / "run" / "flip" / "tensorboard")  # the joint model's α
     # FLIP_ID is exported without a language model; the joint model has one
     from safetensors.torch import load_file
 

@@ -88,6 +88,18 @@ def test_clean_protocol_writes_run_folder_and_refits(ml1m_root, tmp_path):
     assert all(isinstance(v, torch.Tensor) for v in load_file(str(run / "model.safetensors")).values())
     again = evaluate_run(run, data_root=ml1m_root)
     assert again["test"] == pytest.approx(metrics["test"])
+    # TensorBoard: the training curves as the log has them
+    scalars = tensorboard_scalars(run / "tensorboard")
+    assert {"train/loss", "train/lr", "valid/auc", "valid/logloss", "refit/loss"} <= set(scalars)
+    assert scalars["train/loss"] == pytest.approx([r["train_loss"] for r in saved["history"]], rel=1e-6)
+    assert scalars["valid/auc"] == pytest.approx([e["auc"] for r in saved["history"] for e in r["evals"]], rel=1e-6)
+
+
+def tensorboard_scalars(folder) -> dict[str, list[float]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(folder)).Reload()
+    return {tag: [e.value for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
 def test_same_seed_gives_identical_metrics(ml1m_root, tmp_path):

@@ -19,6 +19,7 @@ from ..data.batching import Split
 from ..utils import atomic_path, write_json
 from .distributed import rank_world
 from .runner import save_weights
+from .tracking import Tracker
 from .trainer import autocast_dtype
 
 log = logging.getLogger("flipctr")
@@ -76,6 +77,7 @@ class Pretrainer:
         torch.manual_seed(cfg.seed + 2 + rank)  # dropout
         history: list[dict] = []
         start_epoch = 1
+        tracker = Tracker(self.folder / "tensorboard")
         if resume and self.state_path.exists():
             state = torch.load(self.state_path, weights_only=True)
             module.load_state_dict(load_file(str(self.weights_path), device=str(self.device)))
@@ -135,8 +137,11 @@ class Pretrainer:
             log.info("pretrain epoch %d  %s  %.0f samples/s", epoch,
                      "  ".join(f"{k} {record[k]:.4f}" for k in ("loss", *OBJECTIVES) if k in record),
                      record["samples_per_second"])
+            tracker.scalars(epoch * steps_per_epoch, {f"pretrain/{k}": record[k] for k in
+                                                      ("loss", *OBJECTIVES, "lr", "samples_per_second") if k in record})
             if rank == 0:
                 self._checkpoint(module, optimizer, scheduler, shuffle, masking, history, epoch)
+        tracker.close()
         if rank == 0:
             self._plot(history)
         return history

@@ -34,6 +34,7 @@ from ..data.encoder import FeatureMap
 from ..models import build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world, resolve_device
+from .tracking import Tracker
 from .trainer import Trainer, autocast_dtype, input_names, resolve_train_config
 
 log = logging.getLogger("flipctr")
@@ -187,19 +188,20 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
              cfg.model.name, device, cfg.train.protocol)
     rd = RunData.for_model(data, cfg, device, model)
     trainer = Trainer(cfg.train, device)
+    tracker = Tracker(run_dir / "tensorboard")
     metrics: dict = {"protocol": cfg.train.protocol, "dataset": data.name, "model": cfg.model.name}
 
     if cfg.train.protocol == "paper":
         # Paper protocol: early-stop on TEST, as the official code did.
         test = rd.split("test", select_fit)
-        fit = trainer.fit(model, rd.split("train+valid", select_fit, train_rows), eval_split=test)
+        fit = trainer.fit(model, rd.split("train+valid", select_fit, train_rows), eval_split=test, tracker=tracker)
         metrics.update(selected_on="test", note="selected on test (paper protocol; not a clean estimate)",
                        valid=None, test=trainer.evaluate(model, test),
                        test_before_refit=None)
         final_fit = fit
     else:
         valid = rd.split("valid", select_fit, valid_rows)
-        fit = trainer.fit(model, rd.split("train", select_fit, train_rows), eval_split=valid)
+        fit = trainer.fit(model, rd.split("train", select_fit, train_rows), eval_split=valid, tracker=tracker)
         test_select = trainer.evaluate(model, rd.split("test", select_fit))
         metrics.update(selected_on="valid", valid=fit.best_eval, test_before_refit=test_select)
         final_fit = fit
@@ -212,7 +214,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
             # a training subset refits on as many rows, the most recent of train+valid: the
             # selected number of epochs was chosen for that much data
             final_fit = trainer.fit(model, rd.split("train+valid", refit_fit, train_rows),
-                                    epochs=fit.best_epoch, lr_schedule=fit.lr_per_epoch)
+                                    epochs=fit.best_epoch, lr_schedule=fit.lr_per_epoch, tracker=tracker,
+                                    stage="refit")
             metrics["test"] = trainer.evaluate(model, rd.split("test", refit_fit))
         else:
             metrics["test"] = test_select
@@ -225,6 +228,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         wall_seconds=round(time.perf_counter() - started, 1),
         history=[vars(r) for r in fit.history],
     )
+    tracker.close()
     if main:
         save_for_inference(run_dir, cfg, data, metrics["encoding"])
         save_weights(model, run_dir / "model.safetensors")

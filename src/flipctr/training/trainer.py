@@ -22,6 +22,7 @@ from ..config import TrainConfig
 from ..data.batching import Split
 from .distributed import rank_world
 from .metrics import ctr_metrics
+from .tracking import Tracker
 
 log = logging.getLogger("flipctr")
 
@@ -216,13 +217,16 @@ class Trainer:
         epochs: float | None = None,
         lr_schedule: list[float] | None = None,
         on_epoch_end: Callable[[EpochRecord], None] | None = None,
+        tracker: Tracker | None = None,
+        stage: str = "train",
     ) -> FitResult:
         """Train for ``epochs`` (default ``cfg.epochs``; a fraction trains part of the last epoch).
 
         With ``eval_split``: evaluate ``cfg.evals_per_epoch`` times per epoch, keep the weights
         of the best AUC, stop after ``cfg.patience`` evaluations without gain, and restore the
         best weights before returning. ``lr_schedule`` replays per-epoch learning rates (the
-        refit repeats the selection run's).
+        refit repeats the selection run's). ``tracker``: TensorBoard scalars under ``stage``
+        (``<stage>/loss``, ``<stage>/lr``, ``valid/auc``, ``valid/logloss``, the model's summary).
         """
         cfg = resolve_train_config(self.cfg, model)
         epochs = cfg.epochs if epochs is None else epochs
@@ -295,6 +299,10 @@ class Trainer:
                     metrics = self.evaluate(module, eval_split)
                     record.evals.append({"epoch": at, **metrics})
                     log.info("  epoch %.2f  eval auc %.5f  logloss %.5f", at, metrics["auc"], metrics["logloss"])
+                    if tracker is not None:
+                        tracker.scalars((epoch - 1) * steps_per_epoch + step + 1,
+                                        {"valid/auc": metrics["auc"], "valid/logloss": metrics["logloss"],
+                                         **{f"model/{k}": v for k, v in getattr(module, "summary", dict)().items()}})
                     if result.best_eval is None or metrics["auc"] > result.best_eval["auc"]:
                         result.best_epoch, result.best_eval, bad_evals = at, metrics, 0
                         best_state = copy.deepcopy(module.state_dict())
@@ -315,6 +323,10 @@ class Trainer:
             result.history.append(record)
             log.info("epoch %d  lr %.2e  train loss %.5f  %.0f samples/s", epoch, lr, record.train_loss,
                      record.samples_per_second)
+            if tracker is not None:
+                tracker.scalars((epoch - 1) * steps_per_epoch + steps,
+                                {f"{stage}/loss": record.train_loss, f"{stage}/lr": lr,
+                                 f"{stage}/samples_per_second": record.samples_per_second})
             if on_epoch_end is not None:
                 on_epoch_end(record)
             if stop:

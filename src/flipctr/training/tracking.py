@@ -1,0 +1,38 @@
+"""TensorBoard event files beside a run's ``train.log`` (``tensorboard --logdir RUN_DIR``).
+
+Written by rank 0 only. Without the ``tensorboard`` package (``pip install flipctr[tensorboard]``)
+the run says so once in its log and writes no event files.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from .distributed import is_main
+
+log = logging.getLogger("flipctr")
+
+
+class Tracker:
+    """Scalars by tag and integer step (optimizer steps), e.g. ``train/loss``, ``valid/auc``."""
+
+    def __init__(self, folder: Path | None):
+        self.writer = None
+        if folder is None or not is_main():
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            log.info("tensorboard not installed: no event files in %s (pip install 'flipctr[tensorboard]')", folder)
+            return
+        self.writer = SummaryWriter(str(folder))
+
+    def scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is not None:
+            for tag, value in values.items():
+                self.writer.add_scalar(tag, float(value), step)
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
