@@ -96,3 +96,40 @@ def test_onnx_export_matches_pytorch(trained, tmp_path):
         ids = model.encode(rows).astype(np.int64)
         onnx_scores = session.run(None, {"ids": ids})[0]
         np.testing.assert_allclose(onnx_scores, model.predict(rows), atol=1e-5)
+
+
+def test_train_killed_mid_run_resumes_to_the_same_metrics(tmp_path):
+    """A `flipctr train` process is killed after its first checkpoint; `--resume` goes on from
+    there and ends with the metrics of a run that was never killed."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    _custom_dataset(tmp_path, n=30_000)
+    env = {**os.environ, "FLIPCTR_DATA": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    sets = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.epochs=6",
+            "train.patience=10", "train.progress=false", "train.amp=off", "train.threads=1"]
+
+    def command(run, *extra):
+        return [sys.executable, "-m", "flipctr.cli", "train", "--dataset", str(tmp_path / "log.yaml"), "--model",
+                "dcnv2", "--run-dir", str(tmp_path / run), *[x for s in sets for x in ("--set", s)], *extra]
+
+    subprocess.run(command("whole"), env=env, check=True, capture_output=True, timeout=600)
+    proc = subprocess.Popen(command("killed"), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = tmp_path / "killed" / "checkpoint-train.pt"
+    deadline = time.time() + 300
+    while not checkpoint.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "killed" / "metrics.json").exists()  # it really was stopped mid-run
+    resumed = subprocess.run(command("killed", "--resume"), env=env, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed train after epoch" in resumed.stderr
+    whole = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    again = json.loads((tmp_path / "killed" / "metrics.json").read_text())
+    assert again["test"] == whole["test"] and again["valid"] == whole["valid"]
+    assert again["best_epoch"] == whole["best_epoch"]
+    assert not (tmp_path / "killed" / "checkpoint-train.pt").exists()  # removed once complete

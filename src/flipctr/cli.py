@@ -74,7 +74,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
     init_distributed()
     cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model, "model.plm": args.plm})
-    metrics = train_run(cfg, args.run_dir)
+    metrics = train_run(cfg, args.run_dir, resume=args.resume)
     main = is_main()  # asked before the process group is left
     leave()
     if main:
@@ -192,6 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
                                        "or plm (language model only)")
     train.add_argument("--plm", help="language model: minilm-l6 (default), mpnet-base, a folder or a hub id")
     train.add_argument("--run-dir", type=Path, required=True)
+    train.add_argument("--resume", action="store_true", help="continue a killed run from its last finished epoch")
     _config_args(train)
     train.set_defaults(func=cmd_train)
 
@@ -204,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plm", help="language model (default minilm-l6)")
     run.add_argument("--variants", nargs="+", choices=["scratch", "flip_id", "flip_plm", "flip"])
     run.add_argument("--ablation", choices=sorted(ABLATIONS), default="none", help="paper Table 5 variants")
-    run.add_argument("--resume", action="store_true", help="continue a killed run: pretraining from its last epoch, finished models read back")
+    run.add_argument("--resume", action="store_true", help="continue a killed run from the last finished epoch of whichever stage was running")
     _config_args(run)
     run.set_defaults(func=cmd_run)
 

@@ -183,7 +183,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
             continue
         variant_cfg, factory, options = plans[variant]
         metrics = train_run(variant_cfg, run_dir / variant, data_root, **{"model_factory": factory, **options},
-                            encoding=ENCODING)
+                            encoding=ENCODING, resume=resume)
         if is_main():
             setup_logging(run_dir)  # train_run pointed the log at the variant's folder
         results[variant] = {k: v for k, v in metrics.items() if k != "history"}

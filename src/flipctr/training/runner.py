@@ -135,7 +135,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
               model_factory: Callable[[FeatureMap], torch.nn.Module] | None = None,
               encoding: str | None = None, train_rows: int | None = None,
               valid_rows: int | None = None,
-              refit_factory: Callable[[FeatureMap], torch.nn.Module] | None = None) -> dict:
+              refit_factory: Callable[[FeatureMap], torch.nn.Module] | None = None, resume: bool = False) -> dict:
     """Train one model under ``cfg.train.protocol`` and write the run folder.
 
     ``metrics.json``: ``{"protocol", "selected_on", "valid": {auc, logloss}, "test": {auc, logloss},
@@ -146,7 +146,10 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     (default: ``train`` for selection, ``train+valid`` for refit and the paper protocol);
     ``train_rows``/``valid_rows`` keep only the most recent rows of those splits (test is whole;
     the refit then trains on the most recent ``train_rows`` rows of train+valid);
-    ``refit_factory`` builds the refit stage's model (default: ``model_factory``).
+    ``refit_factory`` builds the refit stage's model (default: ``model_factory``). Each training
+    stage checkpoints after every epoch (``checkpoint-train.pt``, ``checkpoint-refit.pt``, removed
+    when the run is complete); with ``resume`` a killed run goes on from its last epoch and ends
+    with the metrics of an uninterrupted one, and a finished run is read back.
     """
     if cfg.train.protocol not in PROTOCOLS:
         raise ValueError(f"train.protocol must be one of {PROTOCOLS}, not {cfg.train.protocol!r}")
@@ -154,6 +157,9 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     main = is_main()
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
+    if resume and (run_dir / "metrics.json").exists():
+        log.info("%s: finished earlier, read back", run_dir)
+        return json.loads((run_dir / "metrics.json").read_text())
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         setup_logging(run_dir)
@@ -194,14 +200,16 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     if cfg.train.protocol == "paper":
         # Paper protocol: early-stop on TEST, as the official code did.
         test = rd.split("test", select_fit)
-        fit = trainer.fit(model, rd.split("train+valid", select_fit, train_rows), eval_split=test, tracker=tracker)
+        fit = trainer.fit(model, rd.split("train+valid", select_fit, train_rows), eval_split=test, tracker=tracker,
+                          checkpoint=run_dir / "checkpoint-train.pt", resume=resume)
         metrics.update(selected_on="test", note="selected on test (paper protocol; not a clean estimate)",
                        valid=None, test=trainer.evaluate(model, test),
                        test_before_refit=None)
         final_fit = fit
     else:
         valid = rd.split("valid", select_fit, valid_rows)
-        fit = trainer.fit(model, rd.split("train", select_fit, train_rows), eval_split=valid, tracker=tracker)
+        fit = trainer.fit(model, rd.split("train", select_fit, train_rows), eval_split=valid, tracker=tracker,
+                          checkpoint=run_dir / "checkpoint-train.pt", resume=resume)
         test_select = trainer.evaluate(model, rd.split("test", select_fit))
         metrics.update(selected_on="valid", valid=fit.best_eval, test_before_refit=test_select)
         final_fit = fit
@@ -215,7 +223,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
             # selected number of epochs was chosen for that much data
             final_fit = trainer.fit(model, rd.split("train+valid", refit_fit, train_rows),
                                     epochs=fit.best_epoch, lr_schedule=fit.lr_per_epoch, tracker=tracker,
-                                    stage="refit")
+                                    stage="refit", checkpoint=run_dir / "checkpoint-refit.pt", resume=resume)
             metrics["test"] = trainer.evaluate(model, rd.split("test", refit_fit))
         else:
             metrics["test"] = test_select
@@ -233,6 +241,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         save_for_inference(run_dir, cfg, data, metrics["encoding"])
         save_weights(model, run_dir / "model.safetensors")
         write_json(run_dir / "metrics.json", metrics)
+        for stage in ("train", "refit"):  # the run is complete: its checkpoints are not needed
+            (run_dir / f"checkpoint-{stage}.pt").unlink(missing_ok=True)
     barrier()  # the run folder is complete before any rank goes on (a next stage may read it)
     log.info("test AUC %.4f  Logloss %.4f  (%s protocol, selected on %s)", metrics["test"]["auc"],
              metrics["test"]["logloss"], metrics["protocol"], metrics["selected_on"])

@@ -11,6 +11,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
@@ -20,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.batching import Split
+from ..utils import atomic_path
 from .distributed import rank_world
 from .metrics import ctr_metrics
 from .tracking import Tracker
@@ -219,6 +221,8 @@ class Trainer:
         on_epoch_end: Callable[[EpochRecord], None] | None = None,
         tracker: Tracker | None = None,
         stage: str = "train",
+        checkpoint: Path | None = None,
+        resume: bool = False,
     ) -> FitResult:
         """Train for ``epochs`` (default ``cfg.epochs``; a fraction trains part of the last epoch).
 
@@ -227,6 +231,10 @@ class Trainer:
         best weights before returning. ``lr_schedule`` replays per-epoch learning rates (the
         refit repeats the selection run's). ``tracker``: TensorBoard scalars under ``stage``
         (``<stage>/loss``, ``<stage>/lr``, ``valid/auc``, ``valid/logloss``, the model's summary).
+        ``checkpoint``: a file written (by rank 0, atomically) after every epoch with all the fit
+        needs to go on: weights, optimizer, early-stopping state and best weights, the shuffling,
+        torch and CUDA random states; with ``resume`` a fit continues after its last epoch and
+        ends as an uninterrupted one would.
         """
         cfg = resolve_train_config(self.cfg, model)
         epochs = cfg.epochs if epochs is None else epochs
@@ -244,6 +252,19 @@ class Trainer:
         last_epoch_auc = -math.inf
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         result, best_state, bad_evals, stop = FitResult(), None, 0, False
+        start_epoch = 1
+        if resume and checkpoint is not None and checkpoint.exists():
+            state = torch.load(checkpoint, map_location=self.device, weights_only=True)
+            module.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            generator.set_state(state["shuffle_rng"])
+            torch.set_rng_state(state["torch_rng"])
+            if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            best_state, bad_evals, last_epoch_auc = state["best_state"], state["bad_evals"], state["last_epoch_auc"]
+            result = FitResult([EpochRecord(**r) for r in state["history"]], state["best_epoch"], state["best_eval"])
+            start_epoch, stop = state["epoch"] + 1, state["done"]
+            log.info("resumed %s after epoch %d%s", stage, state["epoch"], " (it had ended)" if stop else "")
         loss_fn = nn.BCEWithLogitsLoss()
         n, bs, names = len(train), cfg.batch_size, input_names(module)
         shard = math.ceil(n / world)  # rows per rank, padded as DistributedSampler does
@@ -269,7 +290,8 @@ class Trainer:
         total_steps = round(epochs * steps_per_epoch)
         evals = max(1, cfg.evals_per_epoch)
         eval_steps = {round(steps_per_epoch * k / evals) for k in range(1, evals + 1)}
-        for epoch in range(1, math.ceil(total_steps / steps_per_epoch) + 1):
+        last_epoch = math.ceil(total_steps / steps_per_epoch)
+        for epoch in range(start_epoch, last_epoch + 1 if not stop else start_epoch):
             if lr_schedule is not None:
                 optimizer.set_lr(lr_schedule[min(epoch, len(lr_schedule)) - 1])
             lr = optimizer.param_groups[0]["lr"]
@@ -327,6 +349,15 @@ class Trainer:
                 tracker.scalars((epoch - 1) * steps_per_epoch + steps,
                                 {f"{stage}/loss": record.train_loss, f"{stage}/lr": lr,
                                  f"{stage}/samples_per_second": record.samples_per_second})
+            if checkpoint is not None and rank == 0:
+                with atomic_path(checkpoint) as tmp:
+                    torch.save({"epoch": epoch, "done": stop or epoch == last_epoch, "model": module.state_dict(),
+                                "optimizer": optimizer.state_dict(), "shuffle_rng": generator.get_state(),
+                                "torch_rng": torch.get_rng_state(),
+                                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+                                "best_state": best_state, "bad_evals": bad_evals, "last_epoch_auc": last_epoch_auc,
+                                "history": [vars(r) for r in result.history], "best_epoch": result.best_epoch,
+                                "best_eval": result.best_eval}, tmp)
             if on_epoch_end is not None:
                 on_epoch_end(record)
             if stop:
