@@ -372,6 +372,12 @@ def test_flip_run_end_to_end_on_tiny_data(ml1m_root, tiny_plm, tmp_path, monkeyp
     assert report["results"]["flip_id"]["test"] != report["results"]["scratch"]["test"]
     again = evaluate_run(tmp_path / "run" / "flip", data_root=ml1m_root)
     assert again["test"] == pytest.approx(report["results"]["flip"]["test"])
+    # a FLIP run folder reports as its four finetuned models
+    from flipctr.report import find_runs, group_runs
+
+    rows = group_runs(find_runs([tmp_path / "run"]))
+    assert [r["model"] for r in rows] == ["dcnv2", "FLIP_ID", "FLIP_PLM", "FLIP"]
+    assert rows[1]["test_auc_mean"] == report["results"]["flip_id"]["test"]["auc"]
     # FLIP_ID ships as an ID model: loaded in one line, exported to ONNX with the same scores
     import flipctr
 

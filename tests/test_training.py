@@ -268,3 +268,23 @@ def test_embedding_l2_works_for_text_models(model_name, ml1m_root, tiny_plm, tmp
     assert 0 <= metrics["test"]["auc"] <= 1
     if model_name == "flip":
         assert 0 < metrics["alpha"] < 1
+
+
+def test_report_pools_seeds_and_draws_figures(ml1m_root, tmp_path, capsys):
+    import pandas as pd
+
+    runs = [tmp_path / f"seed{s}" for s in (1, 2)]
+    metrics = [_run(ml1m_root, run, seed=s, epochs=2) for s, run in zip((1, 2), runs)]
+    _run(ml1m_root, tmp_path / "lr", seed=1, epochs=2, lr=5e-3)  # another setting: its own row
+    assert main(["report", *map(str, runs), str(tmp_path / "lr"), "--out", str(tmp_path / "report")]) == 0
+    table = pd.read_csv(tmp_path / "report" / "report.csv")
+    assert len(table) == 2 and sorted(table["seeds"]) == ["1", "1 2"]
+    pooled = table[table["seeds"] == "1 2"].iloc[0]
+    aucs = [m["test"]["auc"] for m in metrics]
+    assert pooled["test_auc_mean"] == pytest.approx(np.mean(aucs))
+    assert pooled["test_auc_std"] == pytest.approx(np.std(aucs, ddof=1))
+    assert pooled["paper_auc"] == pytest.approx(0.8548)  # DCNv2 on ML-1M, paper Table 2
+    for figure in ("test_auc.png", "curves.png"):
+        assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "± " in (tmp_path / "report" / "report.md").read_text()
+    assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 2

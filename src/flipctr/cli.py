@@ -1,5 +1,5 @@
 """Command line: ``flipctr data get|stats``, ``flipctr lm get``, ``flipctr train``, ``flipctr run``,
-``flipctr evaluate``, ``flipctr predict``, ``flipctr export``."""
+``flipctr evaluate``, ``flipctr predict``, ``flipctr export``, ``flipctr report``."""
 
 from __future__ import annotations
 
@@ -158,6 +158,14 @@ def cmd_export(args: argparse.Namespace) -> None:
     print(f"ONNX model written to {path}")
 
 
+def cmd_report(args: argparse.Namespace) -> None:
+    from .report import render_table, write_report
+
+    rows = write_report(args.run_dirs, args.out)
+    print(render_table(rows))
+    print(f"report.md, report.csv, test_auc.png, curves.png in {args.out}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flipctr", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -225,6 +233,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--out", type=Path, required=True)
     export.set_defaults(func=cmd_export)
+
+    report = verbs.add_parser("report", help="tables (Markdown, CSV) and figures of finished runs, seeds pooled")
+    report.add_argument("run_dirs", nargs="+", type=Path, help="run folders of flipctr train or flipctr run")
+    report.add_argument("--out", type=Path, required=True)
+    report.set_defaults(func=cmd_report)
     return parser
 
 

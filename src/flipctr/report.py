@@ -1,6 +1,163 @@
-"""Rendering of run results as Markdown tables."""
+"""Reports of finished runs: Markdown and CSV tables, figures (``flipctr report``).
+
+``flipctr report RUN_DIR... --out DIR`` reads run folders (a ``flipctr train`` folder, or a
+``flipctr run`` folder, which stands for its four finetuned models), groups runs that differ
+only by their seed, and writes ``report.md`` and ``report.csv`` (mean ± std over seeds, the
+paper's Table 2 beside them), ``test_auc.png`` (test AUC per model with error bars against the
+paper) and ``curves.png`` (validation AUC and training loss per epoch of every run).
+"""
 
 from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import yaml
+
+from .paper import table2
+from .utils import atomic_path, write_text
+
+VARIANT_NAMES = {"scratch": "from scratch", "flip_id": "FLIP_ID", "flip_plm": "FLIP_PLM", "flip": "FLIP"}
+# settings that do not change what a run computes, or that tell seeds apart
+_NOT_IDENTITY = {("train", "seed"), ("train", "progress"), ("train", "device"), ("train", "threads"),
+                 ("pretrain", "progress"), ("pretrain", "seed")}
+
+
+def find_runs(paths: list[Path]) -> list[dict]:
+    """One record per finished model under ``paths``: dataset, model, seed, metrics, history."""
+    runs = []
+    for path in map(Path, paths):
+        if (path / "results.json").exists():  # a FLIP run: its finetuned models
+            report = json.loads((path / "results.json").read_text())
+            for variant in report["results"]:
+                run = _read(path / variant)
+                name = report["backbone"] if variant == "scratch" else VARIANT_NAMES[variant]
+                runs.append({**run, "model": name, "paper": table2(report["dataset"], variant),
+                             "identity": f"{run['identity']}|{variant}|{_identity(path)}"})
+        elif (path / "metrics.json").exists():
+            run = _read(path)
+            runs.append({**run, "paper": table2(run["dataset"], run["model"])})
+        else:
+            raise FileNotFoundError(f"{path}: neither metrics.json nor results.json (not a finished run folder)")
+    return runs
+
+
+def _identity(folder: Path) -> str:
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    kept = {f"{s}.{k}": v for s, section in cfg.items() if isinstance(section, dict)
+            for k, v in section.items() if (s, k) not in _NOT_IDENTITY}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _read(folder: Path) -> dict:
+    metrics = json.loads((folder / "metrics.json").read_text())
+    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+    return {"folder": str(folder), "dataset": metrics.get("dataset", cfg["data"]["dataset"]),
+            "model": metrics.get("model", cfg["model"]["name"]), "seed": cfg["train"]["seed"],
+            "protocol": metrics["protocol"], "selected_on": metrics["selected_on"], "test": metrics["test"],
+            "valid": metrics.get("valid"), "history": metrics.get("history", []), "identity": _identity(folder)}
+
+
+def group_runs(runs: list[dict]) -> list[dict]:
+    """Runs that differ only by seed, as one row: mean ± std of test AUC / Logloss."""
+    groups: dict[str, list[dict]] = {}
+    for run in runs:
+        groups.setdefault(run["identity"], []).append(run)
+    rows = []
+    for members in groups.values():
+        auc = [m["test"]["auc"] for m in members]
+        logloss = [m["test"]["logloss"] for m in members]
+        first = members[0]
+        rows.append({"dataset": first["dataset"], "model": first["model"], "protocol": first["protocol"],
+                     "selected_on": first["selected_on"], "seeds": sorted(m["seed"] for m in members),
+                     "test_auc_mean": statistics.fmean(auc), "test_auc_std": _std(auc),
+                     "test_logloss_mean": statistics.fmean(logloss), "test_logloss_std": _std(logloss),
+                     "paper_auc": first["paper"][0] if first["paper"] else None,
+                     "paper_logloss": first["paper"][1] if first["paper"] else None,
+                     "folders": [m["folder"] for m in members]})
+    return rows
+
+
+def _std(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def render_table(rows: list[dict]) -> str:
+    lines = ["| dataset | model | seeds | test AUC | test Logloss | paper AUC / Logloss (selected on test) | AUC − paper |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        several = len(r["seeds"]) > 1
+        auc = f"{r['test_auc_mean']:.4f}" + (f" ± {r['test_auc_std']:.4f}" if several else "")
+        ll = f"{r['test_logloss_mean']:.4f}" + (f" ± {r['test_logloss_std']:.4f}" if several else "")
+        paper = f"{r['paper_auc']} / {r['paper_logloss']}" if r["paper_auc"] else "—"
+        gap = f"{r['test_auc_mean'] - r['paper_auc']:+.4f}" if r["paper_auc"] else "—"
+        proto = "" if r["selected_on"] == "valid" else " (selected on test)"
+        lines.append(f"| {r['dataset']}{proto} | {r['model']} | {len(r['seeds'])} | {auc} | {ll} | {paper} | {gap} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(paths: list[Path], out: Path) -> list[dict]:
+    """``report.md``, ``report.csv``, ``test_auc.png`` and ``curves.png`` of the runs in ``paths``."""
+    import pandas as pd
+
+    runs = find_runs(paths)
+    rows = group_runs(runs)
+    out.mkdir(parents=True, exist_ok=True)
+    write_text(out / "report.md", "# Runs\n\n" + render_table(rows) + "\nMean ± std over seeds; test AUC/Logloss "
+               "from scikit-learn. Runs: " + ", ".join(f"`{r['folder']}`" for r in runs) + "\n")
+    frame = pd.DataFrame([{k: (" ".join(map(str, v)) if isinstance(v, list) else v) for k, v in r.items()}
+                          for r in rows])
+    with atomic_path(out / "report.csv") as tmp:
+        frame.to_csv(tmp, index=False)
+    _plot_auc(rows, out / "test_auc.png")
+    _plot_curves(runs, out / "curves.png")
+    return rows
+
+
+def _plot_auc(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(4, 0.9 * len(rows) + 2), 4))
+    x = range(len(rows))
+    ax.errorbar(x, [r["test_auc_mean"] for r in rows], yerr=[r["test_auc_std"] for r in rows], fmt="o",
+                capsize=4, label="measured (mean ± std over seeds)")
+    papers = [(i, r["paper_auc"]) for i, r in enumerate(rows) if r["paper_auc"]]
+    if papers:
+        ax.scatter(*zip(*papers), marker="x", color="black", label="paper (selected on test)")
+    ax.set_xticks(list(x), [f"{r['dataset']}\n{r['model']}" for r in rows], fontsize=8)
+    ax.set_ylabel("test AUC")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def _plot_curves(runs: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (auc_ax, loss_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for run in runs:
+        label = f"{run['dataset']} {run['model']} seed {run['seed']}"
+        evals = [e for record in run["history"] for e in record.get("evals", [])]
+        if evals:
+            auc_ax.plot([e["epoch"] for e in evals], [e["auc"] for e in evals], marker="o", label=label)
+        loss_ax.plot([r["epoch"] for r in run["history"]], [r["train_loss"] for r in run["history"]], marker="o",
+                     label=label)
+    auc_ax.set(xlabel="epoch", ylabel="validation AUC")
+    loss_ax.set(xlabel="epoch", ylabel="training loss")
+    loss_ax.legend(fontsize=6)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
 
 
 def render_results(report: dict) -> str:
