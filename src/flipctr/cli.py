@@ -228,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "(and the label, when the input has it), in the input's order")
     predict.set_defaults(func=cmd_predict)
 
-    export = verbs.add_parser("export", help="export a run's ID model (FLIP_ID included)")
+    export = verbs.add_parser("export", help="export a run's ID model (FLIP_ID included) to ONNX")
     export.add_argument("--run-dir", type=Path, required=True)
     export.add_argument("--format", choices=["onnx"], default="onnx")
     export.add_argument("--out", type=Path, required=True)

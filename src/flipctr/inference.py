@@ -1,8 +1,10 @@
 """Using a trained run: load its folder, score new rows, export the model to ONNX.
 
-A run folder of an ID model (FLIP_ID included) holds everything needed to score rows:
-``config.json`` (model and data settings, the input column of every field), ``feature_map.json``
-and ``vocab.parquet`` (the fitted encoding), ``model.safetensors`` (the weights).
+A run folder holds everything needed to score rows: ``config.json`` (model and data settings,
+the input column of every field, the prompt length), ``feature_map.json`` and ``vocab.parquet``
+(the fitted encoding), ``model.safetensors`` (the weights). Models that read text (FLIP_PLM,
+FLIP, the PLM-only model) build each row's prompt exactly as in training; a frozen encoder,
+left out of the saved model, is loaded by name (``model.plm``) to compute the ``[CLS]`` vectors.
 
     model = flipctr.load("runs/dcnv2")
     scores = model.predict(frame)      # pandas DataFrame in, numpy probabilities out
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,11 +26,13 @@ from torch import nn
 from .config import ModelConfig
 from .data.encoder import FeatureEncoder
 from .data.errors import DataError
+from .data.batching import Split
+from .data.prompts import PromptBuilder
+from .data.text import tokenize_prompts
 from .models import build_ctr_model
+from .models.language import LanguageModel, load_tokenizer
+from .training.trainer import input_names, predict
 from .utils import atomic_path
-
-TEXT_MODELS = ("plm", "flip")
-
 
 class Scorer(nn.Module):
     """A CTR model as a function of the id matrix alone: ids (B, F) int -> probabilities (B,)."""
@@ -40,12 +45,22 @@ class Scorer(nn.Module):
         return torch.sigmoid(self.model(ids=ids).logits)
 
 
-class Predictor:
-    """A trained ID model with its encoding: scores rows given as a DataFrame."""
+@dataclass
+class TextSide:
+    """How a text model reads rows: the tokenizer, the prompt length of training, and the frozen
+    encoder whose ``[CLS]`` vectors the model reads (None when the model holds its encoder)."""
 
-    def __init__(self, model: nn.Module, encoder: FeatureEncoder, columns: dict[str, str],
-                 label: dict | None, run_dir: Path):
-        self.model, self.encoder, self.columns, self.label, self.run_dir = model.eval(), encoder, columns, label, run_dir
+    tokenizer: object
+    max_length: int
+    frozen_encoder: nn.Module | None
+
+
+class Predictor:
+    """A trained CTR model with its encoding: scores rows given as a DataFrame."""
+
+    def __init__(self, model: nn.Module, encoder: FeatureEncoder, columns: dict[str, str], label: dict | None,
+                 text: TextSide | None = None):
+        self.model, self.encoder, self.columns, self.label, self.text = model.eval(), encoder, columns, label, text
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Predictor":
@@ -56,30 +71,49 @@ class Predictor:
                             "flipctr saved its encoding with the model: train it again)")
         config = json.loads(config_path.read_text())
         model_cfg = ModelConfig(**config["model"])
-        if model_cfg.name in TEXT_MODELS:
-            raise DataError(f"{run_dir}: a {model_cfg.name!r} model reads text; scoring new rows is implemented "
-                            "for ID models (FLIP_ID included) only")
         encoder = FeatureEncoder.load(run_dir)
         model = build_ctr_model(model_cfg, encoder.feature_map)
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-        return cls(model, encoder, config["columns"], config.get("label"), run_dir)
+        names, text = input_names(model), None
+        if "input_ids" in names or "text_cls" in names:
+            frozen = None
+            if "text_cls" in names:
+                frozen = LanguageModel.from_pretrained(model_cfg.plm)
+                frozen.freeze(0)
+            text = TextSide(load_tokenizer(model_cfg.plm), config["max_length"], frozen)
+        return cls(model, encoder, config["columns"], config.get("label"), text)
 
-    def encode(self, frame: pd.DataFrame, source: str = "input") -> np.ndarray:
-        """The (N, F) id matrix of ``frame``; unseen values get their field's OOV id."""
+    def values(self, frame: pd.DataFrame, source: str = "input") -> pd.DataFrame:
+        """The fields' text values of ``frame``, as the readers give them (missing -> "unknown")."""
         missing = [column for column in self.columns.values() if column not in frame.columns]
         if missing:
             raise DataError(f"{source}: missing column(s) {missing}; the model reads {list(self.columns.values())}")
-        values = pd.DataFrame({field: frame[column].astype(str).where(frame[column].notna(), "unknown")
-                               for field, column in self.columns.items()})
-        return self.encoder.transform(values)
+        return pd.DataFrame({field: frame[column].astype(str).where(frame[column].notna(), "unknown")
+                             for field, column in self.columns.items()})
 
-    @torch.no_grad()
-    def predict(self, frame: pd.DataFrame, batch_size: int = 65536) -> np.ndarray:
+    def encode(self, frame: pd.DataFrame, source: str = "input") -> np.ndarray:
+        """The (N, F) id matrix of ``frame``; unseen values get their field's OOV id."""
+        return self.encoder.transform(self.values(frame, source))
+
+    def inputs(self, frame: pd.DataFrame) -> Split:
+        """Every input the model reads, for the rows of ``frame`` (prompts built as in training)."""
+        values = self.values(frame)
+        arrays = {"ids": self.encoder.transform(values)}
+        if self.text is not None:
+            prompts = PromptBuilder(list(self.columns)).build(values)
+            tok = tokenize_prompts(prompts, self.text.tokenizer, self.text.max_length)
+            if self.text.frozen_encoder is not None:
+                arrays["text_cls"] = self.text.frozen_encoder.sentence_vectors(
+                    torch.from_numpy(tok.input_ids), torch.from_numpy(tok.lengths), 256).numpy()
+            else:
+                arrays.update(input_ids=tok.input_ids, lengths=tok.lengths)
+        return Split.from_arrays(np.zeros(len(frame), dtype=np.float32), torch.device("cpu"), **arrays)
+
+    def predict(self, frame: pd.DataFrame, batch_size: int = 8192) -> np.ndarray:
         """Click probabilities (N,) for the rows of ``frame``, in order."""
-        ids = torch.from_numpy(self.encode(frame))
-        scorer = Scorer(self.model)
-        return torch.cat([scorer(ids[i:i + batch_size]) for i in range(0, len(ids), batch_size)]).numpy() \
-            if len(ids) else np.zeros(0, dtype=np.float32)
+        if len(frame) == 0:
+            return np.zeros(0, dtype=np.float32)
+        return predict(self.model, self.inputs(frame), batch_size if self.text is None else 256)
 
     def labels(self, frame: pd.DataFrame) -> np.ndarray | None:
         """0/1 labels of ``frame`` when it has the run's label column, as in training; else None."""
@@ -94,8 +128,11 @@ class Predictor:
 
     def export_onnx(self, path: str | Path) -> Path:
         """An ONNX graph ``ids (batch, F) int64 -> probability (batch,)``, batch size dynamic."""
+        if self.text is not None:
+            raise DataError("ONNX export is for ID models (FLIP_ID included): this model reads text")
         path = Path(path)
-        example = torch.from_numpy(self.encode_example()).long()
+        offsets = [f.offset for f in self.encoder.feature_map.fields]
+        example = torch.tensor([offsets, offsets])  # two rows of OOV ids: a shape to trace with
         # a copy in eval mode: exporting must not touch the served model (BatchNorm statistics)
         scorer = Scorer(copy.deepcopy(self.model)).eval()
         program = torch.onnx.export(scorer, (example,), input_names=["ids"], output_names=["probability"],
@@ -104,11 +141,6 @@ class Predictor:
         with atomic_path(path) as tmp:
             program.save(str(tmp))
         return path
-
-    def encode_example(self) -> np.ndarray:
-        """Two rows of OOV ids (a shape to trace the graph with)."""
-        offsets = np.array([f.offset for f in self.encoder.feature_map.fields], dtype=np.int64)
-        return np.stack([offsets, offsets])
 
 
 def read_frame(path: str | Path) -> pd.DataFrame:

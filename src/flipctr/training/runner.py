@@ -59,7 +59,7 @@ def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding:
     columns, label = data.input_columns()
     write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
                                          "encoding": encoding, "fields": data.fields, "columns": columns,
-                                         "label": label})
+                                         "label": label, "max_length": prompt_length(cfg, data)})
     for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
         with atomic_path(run_dir / name) as tmp:
             shutil.copyfile(data.encoding_folder(encoding) / name, tmp)
@@ -74,6 +74,10 @@ def save_weights(model: torch.nn.Module, path: Path) -> None:
 DEFAULT_MAX_LENGTH = {"goodreads": 180}  # prompt tokens; 100 elsewhere
 
 
+def prompt_length(cfg: Config, data: PreparedData) -> int:
+    return cfg.data.max_length or DEFAULT_MAX_LENGTH.get(data.name, 100)
+
+
 class RunData:
     """The arrays a model needs from a prepared dataset: ids, and tokenized prompts for
     language-model inputs (built once and cached beside the encoded table)."""
@@ -85,7 +89,7 @@ class RunData:
             from ..data.text import load_or_build_text
             from ..models.language import load_tokenizer
 
-            max_length = cfg.data.max_length or DEFAULT_MAX_LENGTH.get(data.name, 100)
+            max_length = prompt_length(cfg, data)
             self.text = load_or_build_text(data.folder, None, data.fields, load_tokenizer(cfg.model.plm),
                                            max_length, values_loader=data.values)
             report = self.text.report
