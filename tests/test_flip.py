@@ -581,3 +581,31 @@ def test_mtm_loss_is_the_mean_over_each_samples_masked_fields():
             neg = head.output.weight[noise[b, m]] @ h + head.bias[noise[b, m]]
             per_field.append(nce_loss(pos, neg, head.log_q[t], head.log_q[noise[b, m]], 3))
         torch.testing.assert_close(loss[b], torch.stack(per_field).mean())
+
+
+def test_ctrl_is_the_shared_pretraining_with_icl_alone(ml1m_root, tiny_plm, tmp_path, monkeypatch, capsys):
+    import json
+
+    from flipctr.cli import main
+    from flipctr.report import find_runs
+    from flipctr.training import pretrain
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    heads = []
+    original = pretrain.Pretrainer.fit
+    monkeypatch.setattr(pretrain.Pretrainer, "fit", lambda self, model, data, **kw: heads.append(
+        (model.mlm_head, model.mtm_head, model.icl_head)) or original(self, model, data, **kw))
+    tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.epochs=1",
+            "train.progress=false", "pretrain.progress=false", "train.amp=off", "pretrain.amp=off",
+            "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.rows=64"]
+    assert main(["run", "--dataset", "ml-1m", "--method", "ctrl", "--run-dir", str(tmp_path / "ctrl"),
+                 "--plm", str(tiny_plm), *[x for t in tiny for x in ("--set", t)]]) == 0
+    (mlm, mtm, icl), = heads  # the one pretraining loop, with only the ICL head
+    assert mlm is None and mtm is None and icl is not None
+    report = json.loads((tmp_path / "ctrl" / "results.json").read_text())
+    assert report["method"] == "ctrl" and set(report["results"]) == {"scratch", "flip_id"}
+    assert report["paper"]["flip_id"] == [0.8572, 0.3838]  # CTRL's row of the paper's Table 2
+    assert "| CTRL |" in capsys.readouterr().out
+    assert [r["model"] for r in find_runs([tmp_path / "ctrl"])] == ["dcnv2", "CTRL"]
+    assert main(["run", "--dataset", "ml-1m", "--method", "ctrl", "--variants", "flip", "--run-dir",
+                 str(tmp_path / "bad"), "--plm", str(tiny_plm)]) == 2

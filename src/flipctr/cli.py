@@ -102,7 +102,8 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     init_distributed()
     base = load_config(args.config) if args.config else None
-    overrides = [*ABLATIONS[args.ablation], *args.overrides]
+    method = ["flip.mlm=false", "flip.mtm=false"] if args.method == "ctrl" else []
+    overrides = [*method, *ABLATIONS[args.ablation], *args.overrides]
     if args.dataset:
         overrides.append(f"data.dataset={args.dataset}")
     if args.limit is not None:
@@ -112,8 +113,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.backbone:
         overrides.append(f"model.backbone={args.backbone}")
     cfg = profile_config(args.profile, overrides, base)
-    report = run_flip(cfg, args.run_dir, tuple(args.variants or VARIANTS), resume=args.resume,
-                      profile=args.profile)
+    variants = tuple(args.variants or (("scratch", "flip_id") if args.method == "ctrl" else VARIANTS))
+    report = run_flip(cfg, args.run_dir, variants, resume=args.resume, profile=args.profile, method=args.method)
     leave()
     if report is not None:  # None on the ranks other than 0 under torchrun
         print(render_results(report))
@@ -213,6 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plm", help="language model (default minilm-l6)")
     run.add_argument("--variants", nargs="+", choices=["scratch", "flip_id", "flip_plm", "flip"])
     run.add_argument("--ablation", choices=sorted(ABLATIONS), default="none", help="paper Table 5 variants")
+    run.add_argument("--method", choices=["flip", "ctrl"], default="flip",
+                     help="ctrl: the CTRL baseline (ICL-only alignment, then the ID model alone)")
     run.add_argument("--resume", action="store_true", help="continue a killed run from the last finished epoch of whichever stage was running")
     _config_args(run)
     run.set_defaults(func=cmd_run)

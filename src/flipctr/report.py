@@ -24,6 +24,11 @@ _NOT_IDENTITY = {("train", "seed"), ("train", "progress"), ("train", "device"), 
                  ("pretrain", "progress"), ("pretrain", "seed")}
 
 
+def variant_name(variant: str, report: dict) -> str:
+    """How a FLIP run's finetuned model is reported (its pretrained ID model is CTRL under ``--method ctrl``)."""
+    return "CTRL" if variant == "flip_id" and report.get("method") == "ctrl" else VARIANT_NAMES[variant]
+
+
 def find_runs(paths: list[Path]) -> list[dict]:
     """One record per finished model under ``paths``: dataset, model, seed, metrics, history."""
     runs = []
@@ -32,8 +37,8 @@ def find_runs(paths: list[Path]) -> list[dict]:
             report = json.loads((path / "results.json").read_text())
             for variant in report["results"]:
                 run = _read(path / variant)
-                name = report["backbone"] if variant == "scratch" else VARIANT_NAMES[variant]
-                runs.append({**run, "model": name, "paper": table2(report["dataset"], variant),
+                name = report["backbone"] if variant == "scratch" else variant_name(variant, report)
+                runs.append({**run, "model": name, "paper": report["paper"].get(variant),
                              "identity": f"{run['identity']}|{variant}|{_identity(path)}"})
         elif (path / "metrics.json").exists():
             run = _read(path)
@@ -161,9 +166,9 @@ def _plot_curves(runs: list[dict], path: Path) -> None:
 
 
 def render_results(report: dict) -> str:
-    names = {"scratch": f"{report['backbone']} (from scratch)", "flip_id": "FLIP_ID", "flip_plm": "FLIP_PLM",
-             "flip": "FLIP"}
-    lines = [f"# FLIP on {report['dataset']} (profile {report['profile']}, {report['backbone']} + {report['plm']})",
+    names = {"scratch": f"{report['backbone']} (from scratch)", "flip_id": variant_name("flip_id", report),
+             "flip_plm": "FLIP_PLM", "flip": "FLIP"}
+    lines = [f"# {'CTRL' if report.get('method') == 'ctrl' else 'FLIP'} on {report['dataset']} (profile {report['profile']}, {report['backbone']} + {report['plm']})",
              "", "| model | test AUC | test Logloss | valid AUC | paper AUC / Logloss (selected on test) |",
              "|---|---|---|---|---|"]
     for variant, m in report["results"].items():

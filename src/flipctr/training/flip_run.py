@@ -37,6 +37,8 @@ from .runner import RunData, setup_logging, train_run
 
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
+# what the pretrained ID model is reported as: FLIP_ID, or the CTRL baseline (ICL-only alignment)
+METHODS = {"flip": "flip_id", "ctrl": "ctrl"}
 ENCODING = "train+valid"
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
@@ -75,7 +77,16 @@ def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
 
 
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
-             data_root: Path | None = None, profile: str | None = None) -> dict | None:
+             data_root: Path | None = None, profile: str | None = None, method: str = "flip") -> dict | None:
+    """``method`` "ctrl": the CTRL baseline, i.e. instance-level contrastive alignment only (the
+    same pretraining with MLM and MTM off), then the ID model finetuned alone, reported as CTRL."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
+    if method == "ctrl":
+        if cfg.flip.mlm or cfg.flip.mtm or not cfg.flip.icl:
+            raise ValueError("CTRL pretrains with ICL alone: set flip.mlm=false flip.mtm=false flip.icl=true")
+        if set(variants) - {"scratch", "flip_id"}:
+            raise ValueError("CTRL finetunes the ID model alone: variants scratch and flip_id only")
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -192,7 +203,9 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
         "flip": dataclasses.asdict(cfg.flip), "prompts": prompts, "wall_seconds": round(time.perf_counter() - started, 1),
         "results": results,
-        "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else v) for v in results},
+        "method": method,
+        "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else METHODS[method] if v == "flip_id"
+                            else v) for v in results},
     }
     if not is_main():
         return None
