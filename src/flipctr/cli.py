@@ -198,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train an ID-based CTR model and write a run folder")
     train.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
     train.add_argument("--model", help="dcnv2, dcn, deepfm, widedeep, afm, pnn, xdeepfm, autoint, afn, "
-                                       "or plm (language model only)")
+                                       "plm (language model only), or morec (backbone + item text; frozen encoder)")
     train.add_argument("--plm", help="language model: minilm-l6 (default), mpnet-base, a folder or a hub id")
     train.add_argument("--run-dir", type=Path, required=True)
     train.add_argument("--resume", action="store_true", help="continue a killed run from its last finished epoch")

@@ -71,6 +71,9 @@ class Predictor:
                             "flipctr saved its encoding with the model: train it again)")
         config = json.loads(config_path.read_text())
         model_cfg = ModelConfig(**config["model"])
+        if model_cfg.name == "morec":
+            raise DataError(f"{run_dir}: scoring new rows with MoRec (new items need the language model) "
+                            "is not implemented yet")
         encoder = FeatureEncoder.load(run_dir)
         model = build_ctr_model(model_cfg, encoder.feature_map)
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))

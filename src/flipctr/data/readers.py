@@ -31,6 +31,10 @@ ML1M_GENDER = {"F": "female", "M": "male"}
 ML1M_FIELDS = ["user ID", "gender", "age", "occupation", "zip code", "movie ID", "title", "genre"]
 BX_FIELDS = ["user ID", "location", "age", "ISBN", "book title", "author", "publication year",
              "publisher"]
+# The item of each dataset for item-text models (MoRec): its ID field and the fields describing it.
+ITEM_FIELDS = {"ml-1m": ("movie ID", ["title", "genre"]),
+               "bookcrossing": ("ISBN", ["book title", "author", "publication year", "publisher"]),
+               "goodreads": ("book ID", ["book title", "book genres", "author name", "publisher", "publication year"])}
 GOODREADS_FIELDS = ["user ID", "book ID", "book title", "book genres", "average rating",
                     "number of reviews", "author ID", "author name", "number of pages",
                     "ebook flag", "format", "publisher", "publication year", "work ID",

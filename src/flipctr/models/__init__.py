@@ -29,10 +29,18 @@ def text_encoder(config: ModelConfig, state: dict[str, torch.Tensor] | None = No
     return language_model, language_model.hidden_size
 
 
-def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: float = 1.0) -> nn.Module:
+def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: float = 1.0,
+                    item_table: torch.Tensor | None = None) -> nn.Module:
     """An ID backbone by name; ``plm``: the language-model-only CTR model; ``flip``: the joint
-    FLIP model over ``config.backbone`` and the language model (see :func:`text_encoder`)."""
+    FLIP model over ``config.backbone`` and the language model (see :func:`text_encoder`);
+    ``morec``: ``config.backbone`` with the items' text vectors ``item_table`` as a field."""
     name = config.name.lower()
+    if name == "morec":
+        from .morec import MoRecModel
+
+        if item_table is None:
+            raise ValueError("MoRec needs the items' text vectors (item_table)")
+        return MoRecModel(config, feature_map, item_table)
     if name in ("plm", "flip"):
         language_model, hidden_size = text_encoder(config)
         if name == "plm":

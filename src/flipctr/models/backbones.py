@@ -55,7 +55,14 @@ class CTRModel(nn.Module):
         return MLP(in_dim or self.num_fields * c.embedding_dim, c.dnn_hidden, c.dropout, c.batch_norm)
 
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.embedding(ids)
+        """(B, F) ids -> (B, F, D). With ``dense_fields`` (B, E, D) set (MoRec's projected item
+        text), those replace the embeddings of the last E fields, so every backbone's feature
+        interaction sees them as fields of their own."""
+        emb = self.embedding(ids)
+        dense = getattr(self, "dense_fields", None)
+        if dense is None:
+            return emb
+        return torch.cat([emb[:, :emb.shape[1] - dense.shape[1]], dense.to(emb.dtype)], 1)
 
     def encode(self, ids: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -78,6 +78,25 @@ def prompt_length(cfg: Config, data: PreparedData) -> int:
     return cfg.data.max_length or DEFAULT_MAX_LENGTH.get(data.name, 100)
 
 
+def item_text(data: PreparedData, cfg: Config, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+    """MoRec's item side: ``(table (I, H), index (N,))``, the frozen ``cfg.model.plm``'s vector of
+    every distinct item's text (cached beside the prepared data) and each row's item."""
+    from ..data.readers import ITEM_FIELDS
+    from ..models.language import LanguageModel, load_tokenizer
+    from .text_vectors import item_vectors
+
+    if data.name not in ITEM_FIELDS:
+        raise ValueError(f"{data.name}: no item fields known for MoRec (known: {sorted(ITEM_FIELDS)})")
+    if cfg.model.plm_trainable_layers != 0:
+        raise ValueError("MoRec encodes the item text with a frozen language model here (end-to-end finetuning "
+                         "of the encoder is not implemented): set model.plm_trainable_layers=0")
+    lm = LanguageModel.from_pretrained(cfg.model.plm)
+    lm.freeze(0)
+    item_id, fields = ITEM_FIELDS[data.name]
+    return item_vectors(data.values(), item_id, fields, lm.to(device), load_tokenizer(cfg.model.plm),
+                        prompt_length(cfg, data), data.folder, cfg.train.eval_batch_size or 256)
+
+
 class RunData:
     """The arrays a model needs from a prepared dataset: ids, and tokenized prompts for
     language-model inputs (built once and cached beside the encoded table)."""
@@ -85,6 +104,7 @@ class RunData:
     def __init__(self, data: PreparedData, cfg: Config, device: torch.device, text: bool):
         self.data, self.device, self.text = data, device, None
         self.text_vectors: Callable[[int, int], np.ndarray] | None = None
+        self.item_index: np.ndarray | None = None  # MoRec: each row's item
         if text:
             from ..data.text import load_or_build_text
             from ..models.language import load_tokenizer
@@ -132,6 +152,8 @@ class RunData:
                 arrays["value_spans"] = self.text.value_spans[rows]
         if self.text_vectors is not None:
             arrays["text_cls"] = self.text_vectors(start, stop)
+        if self.item_index is not None:
+            arrays["item_index"] = self.item_index[rows]
         return Split.from_arrays(labels, self.device, **arrays)
 
 
@@ -179,7 +201,9 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     # the paper protocol trains on the whole 90 %, so its encoding is fitted there
     select_fit = encoding or ("train+valid" if cfg.train.protocol == "paper" else "train")
     refit_fit = encoding or "train+valid"
-    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm))
+    items = item_text(data, cfg, device) if cfg.model.name == "morec" else None
+    factory = model_factory or (lambda fm: build_ctr_model(
+        cfg.model, fm, item_table=torch.from_numpy(items[0]) if items else None))
 
     def new_model(fm: FeatureMap, refit: bool = False) -> torch.nn.Module:
         seed_everything(cfg.train.seed)
@@ -197,6 +221,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
              data.name, data.sizes.train, data.sizes.valid, data.sizes.test, len(data.fields),
              cfg.model.name, device, cfg.train.protocol)
     rd = RunData.for_model(data, cfg, device, model)
+    if items is not None:
+        rd.item_index = items[1]
     trainer = Trainer(cfg.train, device)
     tracker = Tracker(run_dir / "tensorboard")
     metrics: dict = {"protocol": cfg.train.protocol, "dataset": data.name, "model": cfg.model.name}
@@ -262,10 +288,14 @@ def evaluate_run(run_dir: str | Path, data_root: Path | None = None) -> dict:
     saved = json.loads((run_dir / "metrics.json").read_text())
     device = resolve_device(cfg.train.device)
     data = prepare(cfg.data, data_root)
-    model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"))
+    items = item_text(data, cfg, device) if cfg.model.name == "morec" else None
+    model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"),
+                            item_table=torch.from_numpy(items[0]) if items else None)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     model.to(device)
     rd = RunData.for_model(data, cfg, device, model)
+    if items is not None:
+        rd.item_index = items[1]
     trainer = Trainer(cfg.train, device)
     encoding = saved.get("encoding", "train")
     out = {"run_dir": str(run_dir), "protocol": saved["protocol"], "selected_on": saved["selected_on"],

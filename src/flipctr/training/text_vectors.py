@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import json
 import logging
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from ..data.text import TokenizedPrompts
+from ..data.prompts import PromptBuilder
+from ..data.text import TokenizedPrompts, tokenize_prompts
 from ..models.language import LanguageModel
 from ..utils import atomic_path
 
@@ -60,3 +63,28 @@ class TextVectors:
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 np.save(fh, vectors)
         return vectors
+
+
+def item_vectors(values, item_id: str, text_fields: list[str], language_model: LanguageModel, tokenizer,
+                 max_length: int, folder: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """``(table (I, H) float32, index (N,) int32)``: the ``[CLS]`` vector of every distinct item's
+    text (``text_fields`` as a prompt), computed once per item and cached in ``folder``, and each
+    row's item (rows of ``values``, a DataFrame in split order)."""
+    key = hashlib.sha256(json.dumps([item_id, text_fields, max_length, weights_fingerprint(language_model)])
+                         .encode()).hexdigest()[:16]
+    path = Path(folder) / f"items-{key}.npz"
+    if path.exists():
+        cached = np.load(path)
+        return cached["table"], cached["index"]
+    tick = time.perf_counter()
+    codes, uniques = pd.factorize(values[item_id], sort=False)
+    first = values.drop_duplicates(subset=[item_id], keep="first").set_index(item_id).loc[uniques]
+    tok = tokenize_prompts(PromptBuilder(text_fields).build(first[text_fields].reset_index(drop=True)),
+                           tokenizer, max_length)
+    table = language_model.sentence_vectors(torch.from_numpy(tok.input_ids), torch.from_numpy(tok.lengths),
+                                            batch_size).numpy()
+    index = codes.astype(np.int32)
+    log.info("item text vectors of %d items: %.0f s", len(table), time.perf_counter() - tick)
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.savez(fh, table=table, index=index)
+    return table, index
