@@ -51,7 +51,8 @@ def _run(cfg, run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "bookcrossing"])
-    parser.add_argument("--models", nargs="+", default=ALL_MODELS, choices=sorted(MODELS))
+    parser.add_argument("--models", nargs="+", default=ALL_MODELS, choices=sorted([*MODELS, "morec"]),
+                        help="ID backbones; morec (needs --set model.plm_trainable_layers=0 and its own --name)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks/id_models"))
@@ -106,7 +107,8 @@ def _save(report: dict, args: argparse.Namespace, path: Path) -> None:
 def render(report: dict) -> str:
     env = report["environment"]
     lines = [
-        "# ID-based models: measured vs paper Table 2",
+        f"# {'ID-based models' if report['results'] and all(r['model'] in MODELS for r in report['results']) else 'Models'}"
+        ": measured vs paper Table 2",
         "",
         "Commands:", "", *[f"    {c}" for c in report["commands"]], "",
         f"Machine: {env['cpu_count']} CPU threads, torch {env['torch']}, {env['platform']}",
