@@ -609,3 +609,20 @@ def test_ctrl_is_the_shared_pretraining_with_icl_alone(ml1m_root, tiny_plm, tmp_
     assert [r["model"] for r in find_runs([tmp_path / "ctrl"])] == ["dcnv2", "CTRL"]
     assert main(["run", "--dataset", "ml-1m", "--method", "ctrl", "--variants", "flip", "--run-dir",
                  str(tmp_path / "bad"), "--plm", str(tiny_plm)]) == 2
+
+
+def test_fields_chosen_ahead_give_the_exact_mlm_size_and_the_same_masking():
+    ids, input_ids, attention, spans = _batch()
+    masker = FieldMasker(3, MASK_ID, 4, text_ratio=0.67, tab_ratio=0.34)
+    tab, text = masker.choose(2, torch.Generator().manual_seed(0))
+    assert tab.shape == (2, 1) and text.shape == (2, 2)
+    out = masker(ids, input_ids, attention, spans, tab_fields=tab, text_fields=text)
+    assert torch.equal(masker.text_targets(spans, text), out.text_positions.sum(1))  # exact, per row
+    assert torch.equal(out.tab_fields, tab) and torch.equal(out.masked_ids == MASK_ID, field_mask(tab, 3))
+    model, _, _ = _tiny_pair()
+    model.eval()
+    exact = int(masker.text_targets(spans, text).sum())
+    a = model(ids, input_ids, attention, spans, torch.Generator().manual_seed(1), text_targets=exact,
+              tab_fields=tab, text_fields=text)
+    b = model(ids, input_ids, attention, spans, torch.Generator().manual_seed(1), tab_fields=tab, text_fields=text)
+    torch.testing.assert_close(a.loss, b.loss)

@@ -76,10 +76,27 @@ class FieldMasker:
         self.text_ratio, self.tab_ratio, self.token_level = text_ratio, tab_ratio, token_level
         self.special_ids = [i for i in (cls_id, sep_id) if i is not None]
 
+    def choose(self, rows: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The fields to mask, drawn ahead (e.g. on the host for a whole epoch): ``(tabular (N, k),
+        text (N, k') or None for token-level masking)``; passed back to :meth:`__call__`."""
+        tab = choose_fields(rows, self.num_fields, self.tab_ratio, generator)
+        return tab, None if self.token_level else choose_fields(rows, self.num_fields, self.text_ratio, generator)
+
+    @staticmethod
+    def text_targets(value_spans: torch.Tensor, text_fields: torch.Tensor) -> torch.Tensor:
+        """(N,) the exact number of masked text tokens of each row, given its chosen text fields
+        (N, k) and value spans (N, F, 2): the tokens of those values (none for a value cut by
+        truncation)."""
+        lengths = (value_spans[..., 1] - value_spans[..., 0]).clamp_min(0)
+        return lengths.gather(1, text_fields).sum(1)
+
     def __call__(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 value_spans: torch.Tensor, generator: torch.Generator | None = None) -> MaskedBatch:
+                 value_spans: torch.Tensor, generator: torch.Generator | None = None,
+                 tab_fields: torch.Tensor | None = None, text_fields: torch.Tensor | None = None) -> MaskedBatch:
+        """``tab_fields`` / ``text_fields``: fields chosen ahead (:meth:`choose`); drawn here otherwise."""
         batch, device = ids.shape[0], ids.device
-        tab = choose_fields(batch, self.num_fields, self.tab_ratio, generator, device)
+        tab = choose_fields(batch, self.num_fields, self.tab_ratio, generator, device) if tab_fields is None \
+            else tab_fields
         lost: torch.Tensor | int = 0
         if self.token_level:
             special = torch.zeros_like(input_ids, dtype=torch.bool)
@@ -87,16 +104,17 @@ class FieldMasker:
                 special |= input_ids == token
             positions = random_token_mask(attention_mask, special, self.text_ratio, generator)
         else:
-            text = choose_fields(batch, self.num_fields, self.text_ratio, generator, device)
+            text = choose_fields(batch, self.num_fields, self.text_ratio, generator, device) if text_fields is None \
+                else text_fields
             positions = span_token_mask(value_spans, field_mask(text, self.num_fields), input_ids.shape[1])
             lost = (value_spans[..., 1] == 0).gather(1, text).sum()
         return MaskedBatch(mask_tabular(ids, field_mask(tab, self.num_fields), self.tab_mask_id), tab,
                            input_ids.masked_fill(positions, self.text_mask_id), positions, lost)
 
     def max_text_targets(self, value_spans: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(N,) an upper bound on each row's masked text tokens, from host copies of its value
-        spans (N, F, 2) and lengths (N,): the k longest values (field-level), or every
-        non-special token (token-level). Summed over a batch, it sizes the MLM targets."""
+        """(N,) an upper bound on each row's masked text tokens when the fields are drawn on the
+        device, from host copies of its value spans (N, F, 2) and lengths (N,): the k longest
+        values (field-level), or every non-special token (token-level)."""
         if self.token_level:
             return (lengths - len(self.special_ids)).clamp_min(1)
         k = fields_per_sample(self.num_fields, self.text_ratio)

@@ -180,13 +180,15 @@ class FlipPretrainModel(nn.Module):
 
     def forward(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 value_spans: torch.Tensor, generator: torch.Generator | None = None,
-                text_targets: int | None = None) -> PretrainOutput:
-        """``text_targets``: an upper bound on the batch's masked tokens (the sum of
-        :meth:`max_text_targets` over its rows, known on the host); the MLM head then runs on
-        that many positions, padding weighted 0, and nothing waits on the device. None: the
-        exact count is read from the device."""
+                text_targets: int | None = None, tab_fields: torch.Tensor | None = None,
+                text_fields: torch.Tensor | None = None) -> PretrainOutput:
+        """``text_targets``: the batch's masked tokens, or an upper bound, known on the host (with
+        the fields chosen ahead, ``tab_fields``/``text_fields``, the exact count; else the sum of
+        :meth:`max_text_targets`); the MLM head then runs on that many positions, padding
+        weighted 0, and nothing waits on the device. None: the count is read from the device."""
         cfg = self.config
-        masked: MaskedBatch = self.masker(ids, input_ids, attention_mask, value_spans, generator)
+        masked: MaskedBatch = self.masker(ids, input_ids, attention_mask, value_spans, generator, tab_fields,
+                                          text_fields)
         need_clean_text = cfg.icl or (cfg.mtm and cfg.joint_reconstruction)
         need_clean_tab = cfg.icl or (cfg.mlm and cfg.joint_reconstruction)
         w = w_hat = None

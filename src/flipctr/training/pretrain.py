@@ -74,6 +74,7 @@ class Pretrainer:
             optimizer, cosine_schedule(cfg.warmup_steps, steps_per_epoch * cfg.epochs))
         shuffle = torch.Generator().manual_seed(cfg.seed)
         masking = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + rank)
+        choice = torch.Generator().manual_seed(cfg.seed + 3 + rank)  # the masked fields, drawn per epoch
         torch.manual_seed(cfg.seed + 2 + rank)  # dropout
         history: list[dict] = []
         start_epoch = 1
@@ -85,14 +86,19 @@ class Pretrainer:
             scheduler.load_state_dict(state["scheduler"])
             shuffle.set_state(state["shuffle_rng"])
             masking.set_state(state["masking_rng"])
+            choice.set_state(state["choice_rng"])
             torch.set_rng_state(state["torch_rng"])
             history, start_epoch = state["history"], state["epoch"] + 1
             log.info("resumed pretraining after epoch %d", state["epoch"])
         if cfg.compile:  # the encoder's shapes: a few bucket widths (multiples of 8) times the batch size
             module.language_model.encoder.compile()  # in place: the weights' names stay
-        # the MLM head runs on a bound of each batch's masked tokens, known on the host
-        bound = (module.max_text_targets(data.host("value_spans"), data.host("lengths"))
-                 if module.config.mlm and "value_spans" in data.inputs else None)
+        # the masked fields are drawn on the host for the whole epoch, so each batch's number of
+        # masked tokens is known exactly there (the MLM head's size); token-level masking (the
+        # ablation) is drawn on the device and sized by a bound
+        spans = data.host("value_spans")
+        ahead = spans is not None and not module.config.token_level_masking
+        bound = (module.max_text_targets(spans, data.host("lengths"))
+                 if module.config.mlm and spans is not None and not ahead else None)
         for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
             # one order for the global batch (every rank's rows, length-bucketed), then each rank
@@ -101,8 +107,16 @@ class Pretrainer:
             perm = data.order(shuffle, cfg.batch_size * world, cfg.length_buckets)
             perm = torch.cat([perm, perm[:shard * world - len(data)]])[rank::world]
             widths = data.batch_widths(perm, cfg.batch_size)
-            targets = None if bound is None else [
-                -(-int(bound[perm[i:i + cfg.batch_size]].sum()) // 64) * 64 for i in range(0, len(perm), cfg.batch_size)]
+            chosen, targets = None, None
+            if ahead:
+                chosen = module.masker.choose(len(perm), choice)
+                per_row = module.masker.text_targets(spans[perm], chosen[1])
+                chosen = [c.to(self.device) for c in chosen]
+            elif bound is not None:
+                per_row = bound[perm]
+            if module.config.mlm and (ahead or bound is not None):  # rounded up: few distinct shapes
+                targets = [-(-int(per_row[i:i + cfg.batch_size].sum()) // 64) * 64
+                           for i in range(0, len(perm), cfg.batch_size)]
             perm = perm.to(self.device)
             # losses add up on the device and are read once per epoch: no step waits on the host
             sums = {k: torch.zeros((), device=self.device) for k in (*OBJECTIVES, "loss")}
@@ -113,6 +127,9 @@ class Pretrainer:
                                    widths[step])
                 if targets is not None:
                     batch["text_targets"] = targets[step]
+                if chosen is not None:
+                    rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
+                    batch["tab_fields"], batch["text_fields"] = chosen[0][rows], chosen[1][rows]
                 with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
                                     enabled=self.amp_dtype is not None):
                     out = model(**batch, generator=masking)
@@ -140,16 +157,18 @@ class Pretrainer:
             tracker.scalars(epoch * steps_per_epoch, {f"pretrain/{k}": record[k] for k in
                                                       ("loss", *OBJECTIVES, "lr", "samples_per_second") if k in record})
             if rank == 0:
-                self._checkpoint(module, optimizer, scheduler, shuffle, masking, history, epoch)
+                self._checkpoint(module, optimizer, scheduler, (shuffle, masking, choice), history, epoch)
         tracker.close()
         if rank == 0:
             self._plot(history)
         return history
 
-    def _checkpoint(self, model, optimizer, scheduler, shuffle, masking, history, epoch) -> None:
+    def _checkpoint(self, model, optimizer, scheduler, generators, history, epoch) -> None:
         save_weights(model, self.weights_path)
+        shuffle, masking, choice = generators
         state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "shuffle_rng": shuffle.get_state(), "masking_rng": masking.get_state(),
+                 "choice_rng": choice.get_state(),
                  "torch_rng": torch.get_rng_state(), "history": history}
         with atomic_path(self.state_path) as tmp:
             torch.save(state, tmp)
