@@ -135,7 +135,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
     predictor = Predictor.load(args.run_dir)
     frame = read_frame(args.input)
-    scores = predictor.predict(frame) if len(frame) else []
+    scores = predictor.predict(frame)
     labels = predictor.labels(frame)
     out = pd.DataFrame({"score": scores})
     if labels is not None:

@@ -28,6 +28,7 @@ from .data.encoder import FeatureEncoder
 from .data.errors import DataError
 from .data.batching import Split
 from .data.prompts import PromptBuilder
+from .data.readers import field_values
 from .data.text import tokenize_prompts
 from .models import build_ctr_model
 from .models.language import LanguageModel, load_tokenizer
@@ -91,8 +92,7 @@ class Predictor:
         missing = [column for column in self.columns.values() if column not in frame.columns]
         if missing:
             raise DataError(f"{source}: missing column(s) {missing}; the model reads {list(self.columns.values())}")
-        return pd.DataFrame({field: frame[column].astype(str).where(frame[column].notna(), "unknown")
-                             for field, column in self.columns.items()})
+        return field_values(frame, self.columns)
 
     def encode(self, frame: pd.DataFrame, source: str = "input") -> np.ndarray:
         """The (N, F) id matrix of ``frame``; unseen values get their field's OOV id."""
@@ -112,11 +112,12 @@ class Predictor:
                 arrays.update(input_ids=tok.input_ids, lengths=tok.lengths)
         return Split.from_arrays(np.zeros(len(frame), dtype=np.float32), torch.device("cpu"), **arrays)
 
-    def predict(self, frame: pd.DataFrame, batch_size: int = 8192) -> np.ndarray:
-        """Click probabilities (N,) for the rows of ``frame``, in order."""
+    def predict(self, frame: pd.DataFrame, batch_size: int | None = None) -> np.ndarray:
+        """Click probabilities (N,) for the rows of ``frame``, in order (batches of the model's
+        evaluation size unless given)."""
         if len(frame) == 0:
             return np.zeros(0, dtype=np.float32)
-        return predict(self.model, self.inputs(frame), batch_size if self.text is None else 256)
+        return predict(self.model, self.inputs(frame), batch_size or self.model.default_eval_batch_size)
 
     def labels(self, frame: pd.DataFrame) -> np.ndarray | None:
         """0/1 labels of ``frame`` when it has the run's label column, as in training; else None."""

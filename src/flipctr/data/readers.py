@@ -284,6 +284,13 @@ def read_goodreads(folder: str | Path) -> Table:
     return Table("goodreads", list(GOODREADS_FIELDS), values, labels, time)
 
 
+def field_values(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
+    """Each field's values as text (``{field: column}``), missing ones "unknown": how custom data
+    (and rows scored by ``flipctr predict``) become a table's values."""
+    return pd.DataFrame({name: frame[col].astype(str).where(frame[col].notna(), "unknown")
+                         for name, col in columns.items()})
+
+
 def order_key(column: pd.Series, source: str) -> np.ndarray:
     """A sortable key of an order column: numbers (epoch seconds or milliseconds, any count), or
     dates and times, native (Parquet) or as ISO 8601 text (``2023-01-05``, ``2023-01-05 12:00:00``,
@@ -363,8 +370,7 @@ def read_custom(schema_path: str | Path) -> Table:
         labels = raw_label.to_numpy() > 0.5
     frame = frame.loc[keep].reset_index(drop=True)
     labels = labels[keep].astype(np.int8)
-    values = pd.DataFrame({name: frame[col].astype(str).where(frame[col].notna(), "unknown")
-                           for name, col in fields.items()})
+    values = field_values(frame, fields)
     time = None
     if order_col:
         time = pd.DataFrame({order_col: order_key(frame[order_col], f"{path}: order column {order_col!r}")})
