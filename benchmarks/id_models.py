@@ -51,8 +51,8 @@ def _run(cfg, run_dir: Path) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "bookcrossing"])
-    parser.add_argument("--models", nargs="+", default=ALL_MODELS, choices=sorted([*MODELS, "morec"]),
-                        help="ID backbones; morec (needs --set model.plm_trainable_layers=0 and its own --name)")
+    parser.add_argument("--models", nargs="+", default=ALL_MODELS, choices=sorted([*MODELS, "morec", "ctr_bert"]),
+                        help="ID backbones; morec, ctr_bert (need --set model.plm_trainable_layers=0 and their own --name)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks/id_models"))
@@ -104,6 +104,18 @@ def _save(report: dict, args: argparse.Namespace, path: Path) -> None:
     write_text(path.with_suffix(".md"), render(report))
 
 
+def metric_cells(r: dict) -> tuple[str, str, str, str, str]:
+    """A result row's table cells: test AUC, test Logloss (± std over several seeds), valid AUC,
+    the paper's AUC / Logloss and the AUC gap to it."""
+    several = len(r["seeds"]) > 1
+    auc = f"{r['test_auc_mean']:.4f}" + (f" ± {r['test_auc_std']:.4f}" if several else "")
+    ll = f"{r['test_logloss_mean']:.4f}" + (f" ± {r['test_logloss_std']:.4f}" if several else "")
+    valid = f"{r['valid_auc_mean']:.4f}" if r["valid_auc_mean"] else "—"
+    paper = f"{r['paper_auc']} / {r['paper_logloss']}" if r["paper_auc"] else "—"
+    gap = f"{r['test_auc_mean'] - r['paper_auc']:+.4f}" if r["paper_auc"] else "—"
+    return auc, ll, valid, paper, gap
+
+
 def render(report: dict) -> str:
     env = report["environment"]
     lines = [
@@ -118,12 +130,7 @@ def render(report: dict) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
-        several = len(r["seeds"]) > 1
-        auc = f"{r['test_auc_mean']:.4f}" + (f" ± {r['test_auc_std']:.4f}" if several else "")
-        ll = f"{r['test_logloss_mean']:.4f}" + (f" ± {r['test_logloss_std']:.4f}" if several else "")
-        valid = f"{r['valid_auc_mean']:.4f}" if r["valid_auc_mean"] else "—"
-        paper = f"{r['paper_auc']} / {r['paper_logloss']}" if r["paper_auc"] else "—"
-        gap = f"{r['test_auc_mean'] - r['paper_auc']:+.4f}" if r["paper_auc"] else "—"
+        auc, ll, valid, paper, gap = metric_cells(r)
         proto = "" if r["selected_on"] == "valid" else " (selected on test)"
         lines.append(f"| {r['dataset']}{proto} | {r['model']} | {len(r['seeds'])} | {auc} | {ll} | {valid} | {paper} | "
                      f"{gap} | {r['best_epoch']} | {r['wall_seconds_mean']:.0f} | "

@@ -611,6 +611,39 @@ def test_ctrl_is_the_shared_pretraining_with_icl_alone(ml1m_root, tiny_plm, tmp_
                  str(tmp_path / "bad"), "--plm", str(tiny_plm)]) == 2
 
 
+def test_ptab_is_the_shared_pretraining_with_token_mlm_alone(ml1m_root, tiny_plm, tmp_path, monkeypatch, capsys):
+    import json
+
+    from safetensors.torch import load_file
+
+    from flipctr.cli import main
+    from flipctr.models.language import LanguageModel
+    from flipctr.training import pretrain
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    seen = []
+    original = pretrain.Pretrainer.fit
+    monkeypatch.setattr(pretrain.Pretrainer, "fit", lambda self, model, data, **kw: seen.append(model) or original(
+        self, model, data, **kw))
+    tiny = ["train.epochs=1", "train.progress=false", "pretrain.progress=false", "train.amp=off", "pretrain.amp=off",
+            "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.rows=64", "pretrain.lr=1e-2",
+            "text_finetune.train_rows=64", "text_finetune.valid_rows=64", "text_finetune.epochs=1",
+            "model.plm_trainable_layers=null"]
+    args = ["run", "--dataset", "ml-1m", "--method", "ptab", "--plm", str(tiny_plm), *[x for t in tiny for x in ("--set", t)]]
+    assert main([*args, "--run-dir", str(tmp_path / "ptab")]) == 0
+    model, = seen  # the one pretraining loop, with only the MLM head, on token-level masks of the text alone
+    assert model.mtm_head is None and model.icl_head is None and model.mlm_head is not None
+    assert model.config.token_level_masking and not model.config.joint_reconstruction
+    pretrained = load_file(str(tmp_path / "ptab" / "pretrain" / "pretrained.safetensors"))
+    start = LanguageModel.from_pretrained(str(tiny_plm)).state_dict()
+    assert any(not torch.equal(pretrained[f"language_model.{k}"], v) for k, v in start.items())  # the encoder learned
+    report = json.loads((tmp_path / "ptab" / "results.json").read_text())
+    assert set(report["results"]) == {"flip_plm"} and report["paper"]["flip_plm"] == [0.8426, 0.4195]
+    assert "| PTab |" in capsys.readouterr().out
+    # a frozen encoder would leave PTab's pretraining nothing to learn
+    assert main([*args, "--run-dir", str(tmp_path / "bad"), "--set", "model.plm_trainable_layers=0"]) == 2
+
+
 def test_fields_chosen_ahead_give_the_exact_mlm_size_and_the_same_masking():
     ids, input_ids, attention, spans = _batch()
     masker = FieldMasker(3, MASK_ID, 4, text_ratio=0.67, tab_ratio=0.34)

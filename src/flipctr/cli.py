@@ -98,12 +98,11 @@ def cmd_run(args: argparse.Namespace) -> None:
     from .profiles import profile_config
     from .report import render_results
     from .training.distributed import init_distributed, leave
-    from .training.flip_run import VARIANTS, run_flip
+    from .training.flip_run import METHODS, run_flip
 
     init_distributed()
     base = load_config(args.config) if args.config else None
-    method = ["flip.mlm=false", "flip.mtm=false"] if args.method == "ctrl" else []
-    overrides = [*method, *ABLATIONS[args.ablation], *args.overrides]
+    overrides = [*METHODS[args.method].overrides(), *ABLATIONS[args.ablation], *args.overrides]
     if args.dataset:
         overrides.append(f"data.dataset={args.dataset}")
     if args.limit is not None:
@@ -113,7 +112,7 @@ def cmd_run(args: argparse.Namespace) -> None:
     if args.backbone:
         overrides.append(f"model.backbone={args.backbone}")
     cfg = profile_config(args.profile, overrides, base)
-    variants = tuple(args.variants or (("scratch", "flip_id") if args.method == "ctrl" else VARIANTS))
+    variants = tuple(args.variants or METHODS[args.method].variants)
     report = run_flip(cfg, args.run_dir, variants, resume=args.resume, profile=args.profile, method=args.method)
     leave()
     if report is not None:  # None on the ranks other than 0 under torchrun
@@ -167,6 +166,27 @@ def cmd_report(args: argparse.Namespace) -> None:
     print(f"report.md, report.csv, test_auc.png, curves.png in {args.out}")
 
 
+def cmd_figure(args: argparse.Namespace) -> None:
+    from . import analysis
+
+    if args.figure == "alignment":
+        result, plot = analysis.field_alignment(args.run_dir, rows=args.rows), analysis.plot_alignment
+    elif args.figure == "embeddings":
+        result, plot = analysis.embedding_projection(args.run_dirs), analysis.plot_embeddings
+    else:
+        from .profiles import profile_config
+
+        grid = {name: values for name, values in (("text_mask_ratio", args.text_mask), ("tab_mask_ratio", args.tab_mask),
+                                                  ("temperature", args.temperature)) if values}
+        overrides = [*args.overrides, *([f"data.dataset={args.dataset}"] if args.dataset else [])]
+        cfg = profile_config(args.profile, overrides, load_config(args.config) if args.config else None)
+        result = analysis.sweep(cfg, args.run_dir, grid or analysis.SWEEP_SETTINGS, tuple(args.variants),
+                                profile=args.profile)
+        plot = analysis.plot_sweep
+    analysis.write_figure(result, plot, args.out)
+    print(f"{args.out} and {args.out.with_suffix('.json')}")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="flipctr", description=__doc__)
     verbs = parser.add_subparsers(dest="verb", required=True)
@@ -198,7 +218,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = verbs.add_parser("train", help="train an ID-based CTR model and write a run folder")
     train.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
     train.add_argument("--model", help="dcnv2, dcn, deepfm, widedeep, afm, pnn, xdeepfm, autoint, afn, "
-                                       "plm (language model only), or morec (backbone + item text; frozen encoder)")
+                                       "plm (language model only), morec (backbone + item text) or ctr_bert "
+                                       "(user and item text towers); the last two with a frozen encoder")
     train.add_argument("--plm", help="language model: minilm-l6 (default), mpnet-base, a folder or a hub id")
     train.add_argument("--run-dir", type=Path, required=True)
     train.add_argument("--resume", action="store_true", help="continue a killed run from its last finished epoch")
@@ -214,8 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--plm", help="language model (default minilm-l6)")
     run.add_argument("--variants", nargs="+", choices=["scratch", "flip_id", "flip_plm", "flip"])
     run.add_argument("--ablation", choices=sorted(ABLATIONS), default="none", help="paper Table 5 variants")
-    run.add_argument("--method", choices=["flip", "ctrl"], default="flip",
-                     help="ctrl: the CTRL baseline (ICL-only alignment, then the ID model alone)")
+    run.add_argument("--method", choices=["flip", "ctrl", "ptab"], default="flip",
+                     help="ctrl: the CTRL baseline (ICL-only alignment, then the ID model alone); ptab: the PTab "
+                          "baseline (token-level MLM of the prompts, then the language model alone; needs a "
+                          "trained encoder)")
     run.add_argument("--resume", action="store_true", help="continue a killed run from the last finished epoch of whichever stage was running")
     _config_args(run)
     run.set_defaults(func=cmd_run)
@@ -241,6 +264,29 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dirs", nargs="+", type=Path, help="run folders of flipctr train or flipctr run")
     report.add_argument("--out", type=Path, required=True)
     report.set_defaults(func=cmd_report)
+
+    figure = verbs.add_parser("figure", help="the paper's analyses of a flipctr run folder (Figs. 3-6) as PNG + JSON")
+    figures = figure.add_subparsers(dest="figure", required=True)
+    align = figures.add_parser("alignment", help="Fig. 5: similarity of text with field f masked and table with "
+                                                 "field g masked (needs the run's ICL head)")
+    align.add_argument("run_dir", type=Path, help="a flipctr run folder that pretrained")
+    align.add_argument("--rows", type=int, default=1000, help="validation rows to average over (seeded sample)")
+    embed = figures.add_parser("embeddings", help="Fig. 6: 2-D SVD projection of the backbone's feature embeddings "
+                                                  "(from scratch, pretrained, FLIP_ID), coloured by field")
+    embed.add_argument("run_dirs", nargs="+", type=Path, help="flipctr run folders (one panel per backbone found)")
+    sweep = figures.add_parser("sweep", help="Figs. 3-4: flipctr run over the mask ratios and the ICL temperature")
+    sweep.add_argument("--run-dir", type=Path, required=True, help="one sub-folder per point; finished ones are read back")
+    sweep.add_argument("--dataset")
+    sweep.add_argument("--profile", choices=["cpu", "gpu", "paper"], default="cpu")
+    sweep.add_argument("--variants", nargs="+", default=["flip_id"], choices=["scratch", "flip_id", "flip_plm", "flip"],
+                       help="finetuned per point; the last is plotted")
+    sweep.add_argument("--text-mask", nargs="+", type=float, help="text mask ratios (paper: 0.15 0.3 0.6)")
+    sweep.add_argument("--tab-mask", nargs="+", type=float, help="table mask ratios (paper: 0.15 0.3 0.6)")
+    sweep.add_argument("--temperature", nargs="+", type=float, help="ICL temperatures (paper: 0.05 0.1 0.3 0.5 0.7 1)")
+    _config_args(sweep)
+    for sub in (align, embed, sweep):
+        sub.add_argument("--out", type=Path, required=True, help="the PNG; its numbers go beside it as .json")
+        sub.set_defaults(func=cmd_figure)
     return parser
 
 

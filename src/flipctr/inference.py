@@ -30,7 +30,7 @@ from .data.batching import Split
 from .data.prompts import PromptBuilder
 from .data.readers import field_values
 from .data.text import tokenize_prompts
-from .models import build_ctr_model
+from .models import TEXT_SIDES, build_ctr_model
 from .models.language import LanguageModel, load_tokenizer
 from .training.trainer import input_names, predict
 from .utils import atomic_path
@@ -72,9 +72,9 @@ class Predictor:
                             "flipctr saved its encoding with the model: train it again)")
         config = json.loads(config_path.read_text())
         model_cfg = ModelConfig(**config["model"])
-        if model_cfg.name == "morec":
-            raise DataError(f"{run_dir}: scoring new rows with MoRec (new items need the language model) "
-                            "is not implemented yet")
+        if model_cfg.name in TEXT_SIDES:
+            raise DataError(f"{run_dir}: scoring new rows with {model_cfg.name} (new users and items need the "
+                            "language model) is not implemented yet")
         encoder = FeatureEncoder.load(run_dir)
         model = build_ctr_model(model_cfg, encoder.feature_map)
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))

@@ -25,8 +25,9 @@ _NOT_IDENTITY = {("train", "seed"), ("train", "progress"), ("train", "device"), 
 
 
 def variant_name(variant: str, report: dict) -> str:
-    """How a FLIP run's finetuned model is reported (its pretrained ID model is CTRL under ``--method ctrl``)."""
-    return "CTRL" if variant == "flip_id" and report.get("method") == "ctrl" else VARIANT_NAMES[variant]
+    """How a ``flipctr run`` report names a finetuned model (a baseline method names its own, e.g.
+    CTRL for the ID model after ICL-only alignment)."""
+    return report.get("names", {}).get(variant) or VARIANT_NAMES[variant]
 
 
 def find_runs(paths: list[Path]) -> list[dict]:
@@ -166,9 +167,9 @@ def _plot_curves(runs: list[dict], path: Path) -> None:
 
 
 def render_results(report: dict) -> str:
-    names = {"scratch": f"{report['backbone']} (from scratch)", "flip_id": variant_name("flip_id", report),
-             "flip_plm": "FLIP_PLM", "flip": "FLIP"}
-    lines = [f"# {'CTRL' if report.get('method') == 'ctrl' else 'FLIP'} on {report['dataset']} (profile {report['profile']}, {report['backbone']} + {report['plm']})",
+    names = {v: variant_name(v, report) for v in report["results"]}
+    names["scratch"] = f"{report['backbone']} (from scratch)"
+    lines = [f"# {report.get('title', 'FLIP')} on {report['dataset']} (profile {report['profile']}, {report['backbone']} + {report['plm']})",
              "", "| model | test AUC | test Logloss | valid AUC | paper AUC / Logloss (selected on test) |",
              "|---|---|---|---|---|"]
     for variant, m in report["results"].items():

@@ -31,10 +31,15 @@ ML1M_GENDER = {"F": "female", "M": "male"}
 ML1M_FIELDS = ["user ID", "gender", "age", "occupation", "zip code", "movie ID", "title", "genre"]
 BX_FIELDS = ["user ID", "location", "age", "ISBN", "book title", "author", "publication year",
              "publisher"]
-# The item of each dataset for item-text models (MoRec): its ID field and the fields describing it.
-ITEM_FIELDS = {"ml-1m": ("movie ID", ["title", "genre"]),
-               "bookcrossing": ("ISBN", ["book title", "author", "publication year", "publisher"]),
-               "goodreads": ("book ID", ["book title", "book genres", "author name", "publisher", "publication year"])}
+# Each dataset's two sides, for models that encode them apart (MoRec: the item's text as a field;
+# CTR-BERT: a user tower and an item tower): the side's key field and the fields describing it.
+SIDES = {"ml-1m": {"user": ("user ID", ["gender", "age", "occupation", "zip code"]),
+                   "item": ("movie ID", ["title", "genre"])},
+         "bookcrossing": {"user": ("user ID", ["location", "age"]),
+                          "item": ("ISBN", ["book title", "author", "publication year", "publisher"])},
+         "goodreads": {"user": ("user ID", []),
+                       "item": ("book ID", ["book title", "book genres", "author name", "publisher",
+                                            "publication year"])}}
 GOODREADS_FIELDS = ["user ID", "book ID", "book title", "book genres", "average rating",
                     "number of reviews", "author ID", "author name", "number of pages",
                     "ebook flag", "format", "publisher", "publication year", "work ID",

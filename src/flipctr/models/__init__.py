@@ -29,18 +29,30 @@ def text_encoder(config: ModelConfig, state: dict[str, torch.Tensor] | None = No
     return language_model, language_model.hidden_size
 
 
+# models that read a frozen encoder's vectors per distinct user / item (``text_tables``): side ->
+# whether the side's key (the user or item ID) is part of its text; MoRec's item ID is a field.
+TEXT_SIDES = {"morec": {"item": False}, "ctr_bert": {"user": True, "item": True}}
+
+
 def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: float = 1.0,
-                    item_table: torch.Tensor | None = None) -> nn.Module:
+                    text_tables: dict[str, torch.Tensor] | None = None) -> nn.Module:
     """An ID backbone by name; ``plm``: the language-model-only CTR model; ``flip``: the joint
     FLIP model over ``config.backbone`` and the language model (see :func:`text_encoder`);
-    ``morec``: ``config.backbone`` with the items' text vectors ``item_table`` as a field."""
+    ``morec``: ``config.backbone`` with the items' text vectors ``text_tables["item"]`` as a
+    field; ``ctr_bert``: two towers over ``text_tables["user"]`` and ``text_tables["item"]``."""
     name = config.name.lower()
+    tables = text_tables or {}
+    needs = list(TEXT_SIDES.get(name, ()))
+    if set(needs) - set(tables):
+        raise ValueError(f"{name} needs the text vectors of its sides {needs} (text_tables)")
     if name == "morec":
         from .morec import MoRecModel
 
-        if item_table is None:
-            raise ValueError("MoRec needs the items' text vectors (item_table)")
-        return MoRecModel(config, feature_map, item_table)
+        return MoRecModel(config, feature_map, tables["item"])
+    if name == "ctr_bert":
+        from .ctr_bert import CTRBertModel
+
+        return CTRBertModel(config, tables["user"], tables["item"])
     if name in ("plm", "flip"):
         language_model, hidden_size = text_encoder(config)
         if name == "plm":
@@ -54,4 +66,4 @@ def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: f
     return build_model(config, feature_map)
 
 
-__all__ = ["MODELS", "build_ctr_model", "build_model", "text_encoder"]
+__all__ = ["MODELS", "TEXT_SIDES", "build_ctr_model", "build_model", "text_encoder"]

@@ -21,8 +21,9 @@ from .backbones import CTRModel, CTROutput, build_model
 
 
 class MoRecModel(nn.Module):
-    """``item_table`` (I, H): the items' text vectors (a frozen buffer, saved with the weights);
-    input ``item_index`` (B,) picks each row's item."""
+    """``item_table`` (I, H): the items' text vectors (a frozen buffer, rebuilt from the cached
+    vectors when a run is loaded, not saved with the weights); input ``item_index`` (B,) picks
+    each row's item."""
 
     input_names = ("ids", "item_index")
     default_lr = 1e-3
@@ -35,7 +36,7 @@ class MoRecModel(nn.Module):
         widened = dataclasses.replace(feature_map, fields=[*feature_map.fields, extra],
                                       num_features=feature_map.num_features + 1)
         self.backbone: CTRModel = build_model(dataclasses.replace(config, name=config.backbone), widened)
-        self.register_buffer("item_table", item_table.float(), persistent=True)
+        self.register_buffer("item_table", item_table.float(), persistent=False)
         self.project = nn.Linear(item_table.shape[1], config.embedding_dim)
         nn.init.xavier_normal_(self.project.weight)
         nn.init.zeros_(self.project.bias)

@@ -13,6 +13,7 @@ import json
 import logging
 import shutil
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -37,9 +38,35 @@ from .runner import RunData, setup_logging, train_run
 
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
-# what the pretrained ID model is reported as: FLIP_ID, or the CTRL baseline (ICL-only alignment)
-METHODS = {"flip": "flip_id", "ctrl": "ctrl"}
 ENCODING = "train+valid"
+
+
+@dataclass(frozen=True)
+class Method:
+    """A recipe of the one pretraining loop and finetuning runner (``flipctr run --method``): the
+    objectives it fixes, the finetuned variants it may report, and their names there (the
+    paper's Table 2 row, where it is not the variant's own)."""
+
+    title: str
+    objectives: dict[str, bool]
+    variants: tuple[str, ...]
+    reported: dict[str, tuple[str, str]] = field(default_factory=dict)  # variant -> (name, Table 2 key)
+    trains_text: bool = False  # its pretraining trains the language model alone: a frozen one is refused
+
+    def overrides(self) -> list[str]:
+        return [f"flip.{key}={str(value).lower()}" for key, value in self.objectives.items()]
+
+
+METHODS = {
+    "flip": Method("FLIP", {}, VARIANTS),
+    # CTRL: instance-level contrastive alignment alone, then the ID model finetuned alone
+    "ctrl": Method("CTRL", {"mlm": False, "mtm": False, "icl": True}, ("scratch", "flip_id"),
+                   {"flip_id": ("CTRL", "ctrl")}),
+    # PTab: token-level MLM of the prompts (the text alone), then the language model finetuned for CTR
+    "ptab": Method("PTab", {"mlm": True, "mtm": False, "icl": False, "joint_reconstruction": False,
+                            "token_level_masking": True}, ("flip_plm",), {"flip_plm": ("PTab", "ptab")},
+                   trains_text=True),
+}
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
@@ -54,21 +81,27 @@ def finetuned_weights(folder: Path, stage: str) -> dict[str, torch.Tensor]:
     return load_file(str(path))
 
 
-def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
-                      folder: Path) -> tuple[FlipPretrainModel, Split, Pretrainer]:
-    """The pretraining model (backbone + language model + heads), its train+valid rows and the
-    loop, as ``cfg`` says (``benchmarks/pretrain_throughput.py`` measures exactly this)."""
+def pretraining_model(cfg: Config, encoding) -> FlipPretrainModel:
+    """The pretraining model as ``cfg`` says: the backbone, the language model (its top
+    ``plm_trainable_layers`` layers trainable) and the heads of the objectives that are on."""
     tokenizer = load_tokenizer(cfg.model.plm)
-    seed_everything(cfg.pretrain.seed)
     lm = LanguageModel.from_pretrained(cfg.model.plm)
     lm.freeze(cfg.model.plm_trainable_layers)
-    pretrainer = Pretrainer(cfg.pretrain, device, folder)
-    if not lm.trainable and pretrainer.amp_dtype is not None:
-        lm.to(pretrainer.amp_dtype)  # a frozen encoder runs in bf16 weights: no per-op casts
     backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
-    model = FlipPretrainModel(build_model(backbone_cfg, encoding.feature_map), lm,
-                              torch.from_numpy(encoding.counts), cfg.flip, MASK_ID, tokenizer.mask_token_id,
-                              lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
+    return FlipPretrainModel(build_model(backbone_cfg, encoding.feature_map), lm,
+                             torch.from_numpy(encoding.counts), cfg.flip, MASK_ID, tokenizer.mask_token_id,
+                             lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
+
+
+def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
+                      folder: Path) -> tuple[FlipPretrainModel, Split, Pretrainer]:
+    """The pretraining model, its train+valid rows and the loop, as ``cfg`` says
+    (``benchmarks/pretrain_throughput.py`` measures exactly this)."""
+    seed_everything(cfg.pretrain.seed)
+    model = pretraining_model(cfg, encoding)
+    pretrainer = Pretrainer(cfg.pretrain, device, folder)
+    if not model.language_model.trainable and pretrainer.amp_dtype is not None:
+        model.language_model.to(pretrainer.amp_dtype)  # a frozen encoder runs in bf16 weights: no per-op casts
     if cfg.pretrain.rows_from == "last":
         split = rd.split("train+valid", ENCODING, cfg.pretrain.rows, spans=True)
     else:
@@ -78,15 +111,19 @@ def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
 
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
              data_root: Path | None = None, profile: str | None = None, method: str = "flip") -> dict | None:
-    """``method`` "ctrl": the CTRL baseline, i.e. instance-level contrastive alignment only (the
-    same pretraining with MLM and MTM off), then the ID model finetuned alone, reported as CTRL."""
+    """``method``: see :data:`METHODS`; "ctrl" (instance-level contrastive alignment alone, then
+    the ID model finetuned alone, reported as CTRL) and "ptab" (token-level MLM of the prompts,
+    then the language model finetuned, reported as PTab) are baselines run through the same loop."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
-    if method == "ctrl":
-        if cfg.flip.mlm or cfg.flip.mtm or not cfg.flip.icl:
-            raise ValueError("CTRL pretrains with ICL alone: set flip.mlm=false flip.mtm=false flip.icl=true")
-        if set(variants) - {"scratch", "flip_id"}:
-            raise ValueError("CTRL finetunes the ID model alone: variants scratch and flip_id only")
+    recipe = METHODS[method]
+    if any(getattr(cfg.flip, key) != value for key, value in recipe.objectives.items()):
+        raise ValueError(f"{recipe.title} pretrains with {' '.join(recipe.overrides())}")
+    if set(variants) - set(recipe.variants):
+        raise ValueError(f"{recipe.title} reports the variants {list(recipe.variants)} only, not {list(variants)}")
+    if recipe.trains_text and cfg.model.plm_trainable_layers == 0:
+        raise ValueError(f"{recipe.title} pretrains the language model alone: model.plm_trainable_layers=0 "
+                         "(a frozen encoder) would leave it nothing to learn")
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -125,6 +162,8 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         log.info("pretraining on %d train+valid rows (%s) for %d epochs", len(split),
                  cfg.pretrain.rows_from if cfg.pretrain.rows else "all", cfg.pretrain.epochs)
         pretrainer.fit(model, split, resume=resume)
+        if is_main():  # the encoding the pretrained backbone's ids follow (figures read it)
+            encoding.feature_map.save(run_dir / "pretrain" / "feature_map.json")
         barrier()  # rank 0 has written the weights
         pretrained = load_file(str(run_dir / "pretrain" / "pretrained.safetensors"))
         pretrain_seconds = time.perf_counter() - tick
@@ -203,9 +242,10 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
         "flip": dataclasses.asdict(cfg.flip), "prompts": prompts, "wall_seconds": round(time.perf_counter() - started, 1),
         "results": results,
-        "method": method,
-        "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else METHODS[method] if v == "flip_id"
-                            else v) for v in results},
+        "method": method, "title": recipe.title,
+        "names": {v: recipe.reported[v][0] for v in results if v in recipe.reported},
+        "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else recipe.reported.get(v, (v, v))[1])
+                  for v in results},
     }
     if not is_main():
         return None

@@ -31,7 +31,7 @@ from ..config import Config
 from ..data.batching import Split
 from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
-from ..models import build_ctr_model
+from ..models import TEXT_SIDES, build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world, resolve_device
 from .tracking import Tracker
@@ -78,23 +78,35 @@ def prompt_length(cfg: Config, data: PreparedData) -> int:
     return cfg.data.max_length or DEFAULT_MAX_LENGTH.get(data.name, 100)
 
 
-def item_text(data: PreparedData, cfg: Config, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
-    """MoRec's item side: ``(table (I, H), index (N,))``, the frozen ``cfg.model.plm``'s vector of
-    every distinct item's text (cached beside the prepared data) and each row's item."""
-    from ..data.readers import ITEM_FIELDS
+def side_vectors(data: PreparedData, cfg: Config,
+                 device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
+    """MoRec's item text, CTR-BERT's user and item towers: ``(tables, index)``, per side the frozen
+    ``cfg.model.plm``'s vectors (K, H) of every distinct user's / item's text (cached beside the
+    prepared data) and each row's user / item (N,). Both empty for other models."""
+    from ..data.readers import SIDES
     from ..models.language import LanguageModel, load_tokenizer
-    from .text_vectors import item_vectors
+    from .text_vectors import distinct_vectors
 
-    if data.name not in ITEM_FIELDS:
-        raise ValueError(f"{data.name}: no item fields known for MoRec (known: {sorted(ITEM_FIELDS)})")
+    sides = TEXT_SIDES.get(cfg.model.name, {})
+    if not sides:
+        return {}, {}
+    if data.name not in SIDES:
+        raise ValueError(f"{data.name}: no user and item fields known for {cfg.model.name} (known: {sorted(SIDES)})")
     if cfg.model.plm_trainable_layers != 0:
-        raise ValueError("MoRec encodes the item text with a frozen language model here (end-to-end finetuning "
-                         "of the encoder is not implemented): set model.plm_trainable_layers=0")
+        raise ValueError(f"{cfg.model.name} encodes the text with a frozen language model here (end-to-end "
+                         "finetuning of the encoder is not implemented): set model.plm_trainable_layers=0")
     lm = LanguageModel.from_pretrained(cfg.model.plm)
     lm.freeze(0)
-    item_id, fields = ITEM_FIELDS[data.name]
-    return item_vectors(data.values(), item_id, fields, lm.to(device), load_tokenizer(cfg.model.plm),
-                        prompt_length(cfg, data), data.folder, cfg.train.eval_batch_size or 256)
+    lm.to(device)
+    tokenizer = load_tokenizer(cfg.model.plm)
+    tables, index = {}, {}
+    for side, with_key in sides.items():
+        key, fields = SIDES[data.name][side]
+        table, index[side] = distinct_vectors(data.values(), key, [key, *fields] if with_key else fields, lm,
+                                              tokenizer, prompt_length(cfg, data), data.folder,
+                                              cfg.train.eval_batch_size or 256)
+        tables[side] = torch.from_numpy(table)
+    return tables, index
 
 
 class RunData:
@@ -104,7 +116,7 @@ class RunData:
     def __init__(self, data: PreparedData, cfg: Config, device: torch.device, text: bool):
         self.data, self.device, self.text = data, device, None
         self.text_vectors: Callable[[int, int], np.ndarray] | None = None
-        self.item_index: np.ndarray | None = None  # MoRec: each row's item
+        self.side_index: dict[str, np.ndarray] = {}  # MoRec, CTR-BERT: each row's user / item
         if text:
             from ..data.text import load_or_build_text
             from ..models.language import load_tokenizer
@@ -152,8 +164,8 @@ class RunData:
                 arrays["value_spans"] = self.text.value_spans[rows]
         if self.text_vectors is not None:
             arrays["text_cls"] = self.text_vectors(start, stop)
-        if self.item_index is not None:
-            arrays["item_index"] = self.item_index[rows]
+        for side, index in self.side_index.items():
+            arrays[f"{side}_index"] = index[rows]
         return Split.from_arrays(labels, self.device, **arrays)
 
 
@@ -201,9 +213,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     # the paper protocol trains on the whole 90 %, so its encoding is fitted there
     select_fit = encoding or ("train+valid" if cfg.train.protocol == "paper" else "train")
     refit_fit = encoding or "train+valid"
-    items = item_text(data, cfg, device) if cfg.model.name == "morec" else None
-    factory = model_factory or (lambda fm: build_ctr_model(
-        cfg.model, fm, item_table=torch.from_numpy(items[0]) if items else None))
+    text_tables, side_index = side_vectors(data, cfg, device)
+    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm, text_tables=text_tables))
 
     def new_model(fm: FeatureMap, refit: bool = False) -> torch.nn.Module:
         seed_everything(cfg.train.seed)
@@ -221,8 +232,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
              data.name, data.sizes.train, data.sizes.valid, data.sizes.test, len(data.fields),
              cfg.model.name, device, cfg.train.protocol)
     rd = RunData.for_model(data, cfg, device, model)
-    if items is not None:
-        rd.item_index = items[1]
+    rd.side_index = side_index
     trainer = Trainer(cfg.train, device)
     tracker = Tracker(run_dir / "tensorboard")
     metrics: dict = {"protocol": cfg.train.protocol, "dataset": data.name, "model": cfg.model.name}
@@ -288,14 +298,12 @@ def evaluate_run(run_dir: str | Path, data_root: Path | None = None) -> dict:
     saved = json.loads((run_dir / "metrics.json").read_text())
     device = resolve_device(cfg.train.device)
     data = prepare(cfg.data, data_root)
-    items = item_text(data, cfg, device) if cfg.model.name == "morec" else None
-    model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"),
-                            item_table=torch.from_numpy(items[0]) if items else None)
+    text_tables, side_index = side_vectors(data, cfg, device)
+    model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"), text_tables=text_tables)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     model.to(device)
     rd = RunData.for_model(data, cfg, device, model)
-    if items is not None:
-        rd.item_index = items[1]
+    rd.side_index = side_index
     trainer = Trainer(cfg.train, device)
     encoding = saved.get("encoding", "train")
     out = {"run_dir": str(run_dir), "protocol": saved["protocol"], "selected_on": saved["selected_on"],
