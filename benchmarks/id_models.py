@@ -52,7 +52,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", nargs="+", default=["ml-1m", "bookcrossing"])
     parser.add_argument("--models", nargs="+", default=ALL_MODELS, choices=sorted([*MODELS, "morec", "ctr_bert"]),
-                        help="ID backbones; morec, ctr_bert (need --set model.plm_trainable_layers=0 and their own --name)")
+                        help="ID backbones; morec, ctr_bert (with their own --name; frozen encoder: "
+                             "--set model.plm_trainable_layers=0)")
     parser.add_argument("--seeds", nargs="+", type=int, default=[1])
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--runs", type=Path, default=Path("runs/benchmarks/id_models"))

@@ -219,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
     train.add_argument("--model", help="dcnv2, dcn, deepfm, widedeep, afm, pnn, xdeepfm, autoint, afn, "
                                        "plm (language model only), morec (backbone + item text) or ctr_bert "
-                                       "(user and item text towers); the last two with a frozen encoder")
+                                       "(user and item text towers); with model.plm_trainable_layers=0 the "
+                                       "last two read a frozen encoder's vectors, cached per user / item")
     train.add_argument("--plm", help="language model: minilm-l6 (default), mpnet-base, a folder or a hub id")
     train.add_argument("--run-dir", type=Path, required=True)
     train.add_argument("--resume", action="store_true", help="continue a killed run from its last finished epoch")

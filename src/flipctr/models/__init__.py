@@ -29,30 +29,37 @@ def text_encoder(config: ModelConfig, state: dict[str, torch.Tensor] | None = No
     return language_model, language_model.hidden_size
 
 
-# models that read a frozen encoder's vectors per distinct user / item (``text_tables``): side ->
-# whether the side's key (the user or item ID) is part of its text; MoRec's item ID is a field.
+# models that read the text of a sample's user / item (``sides``, see ``text_sides.SideText``):
+# side -> whether the side's key (the user or item ID) is part of its text; MoRec's item ID is a field.
 TEXT_SIDES = {"morec": {"item": False}, "ctr_bert": {"user": True, "item": True}}
 
 
 def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: float = 1.0,
-                    text_tables: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                    sides: dict[str, dict[str, torch.Tensor]] | None = None, text_lr_scale: float = 1.0) -> nn.Module:
     """An ID backbone by name; ``plm``: the language-model-only CTR model; ``flip``: the joint
     FLIP model over ``config.backbone`` and the language model (see :func:`text_encoder`);
-    ``morec``: ``config.backbone`` with the items' text vectors ``text_tables["item"]`` as a
-    field; ``ctr_bert``: two towers over ``text_tables["user"]`` and ``text_tables["item"]``."""
+    ``morec``: ``config.backbone`` with the items' text as a field; ``ctr_bert``: two text
+    towers. ``sides``: per side of :data:`TEXT_SIDES` the arguments of its
+    :class:`~.text_sides.SideText` (cached ``vectors`` for a frozen encoder, ``tokens`` and
+    ``lengths`` for a trained one, which learns at ``text_lr_scale`` times the model's lr)."""
     name = config.name.lower()
-    tables = text_tables or {}
-    needs = list(TEXT_SIDES.get(name, ()))
-    if set(needs) - set(tables):
-        raise ValueError(f"{name} needs the text vectors of its sides {needs} (text_tables)")
-    if name == "morec":
-        from .morec import MoRecModel
+    if name in TEXT_SIDES:
+        from .text_sides import SideText
 
-        return MoRecModel(config, feature_map, tables["item"])
-    if name == "ctr_bert":
+        needs = list(TEXT_SIDES[name])
+        if set(needs) - set(sides or {}):
+            raise ValueError(f"{name} needs the text of its sides {needs} (sides)")
+        text = {side: SideText(**sides[side]) for side in needs}
+        language_model = text_encoder(config)[0]
+        if (language_model is None) == text[needs[0]].trained:
+            raise ValueError(f"{name}: a trained encoder reads the sides' tokens, a frozen one their vectors")
+        if name == "morec":
+            from .morec import MoRecModel
+
+            return MoRecModel(config, feature_map, text["item"], language_model, text_lr_scale)
         from .ctr_bert import CTRBertModel
 
-        return CTRBertModel(config, tables["user"], tables["item"])
+        return CTRBertModel(config, text["user"], text["item"], language_model, text_lr_scale)
     if name in ("plm", "flip"):
         language_model, hidden_size = text_encoder(config)
         if name == "plm":

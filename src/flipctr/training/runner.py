@@ -78,35 +78,46 @@ def prompt_length(cfg: Config, data: PreparedData) -> int:
     return cfg.data.max_length or DEFAULT_MAX_LENGTH.get(data.name, 100)
 
 
-def side_vectors(data: PreparedData, cfg: Config,
-                 device: torch.device) -> tuple[dict[str, torch.Tensor], dict[str, np.ndarray]]:
-    """MoRec's item text, CTR-BERT's user and item towers: ``(tables, index)``, per side the frozen
-    ``cfg.model.plm``'s vectors (K, H) of every distinct user's / item's text (cached beside the
-    prepared data) and each row's user / item (N,). Both empty for other models."""
+def side_texts(data: PreparedData, cfg: Config, device: torch.device
+               ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, np.ndarray]]:
+    """MoRec's item text, CTR-BERT's user and item towers: ``(sides, index)``, per side the
+    arguments of its ``SideText`` — with a frozen ``cfg.model.plm`` the vectors (K, H) of every
+    distinct user's / item's text (cached beside the prepared data), with a trained one that text
+    tokenized (K, L) — and each row's user / item (N,). Both empty for other models."""
     from ..data.readers import SIDES
     from ..models.language import LanguageModel, load_tokenizer
-    from .text_vectors import distinct_vectors
+    from .text_vectors import distinct_texts, distinct_vectors
 
-    sides = TEXT_SIDES.get(cfg.model.name, {})
-    if not sides:
+    wanted = TEXT_SIDES.get(cfg.model.name, {})
+    if not wanted:
         return {}, {}
     if data.name not in SIDES:
         raise ValueError(f"{data.name}: no user and item fields known for {cfg.model.name} (known: {sorted(SIDES)})")
-    if cfg.model.plm_trainable_layers != 0:
-        raise ValueError(f"{cfg.model.name} encodes the text with a frozen language model here (end-to-end "
-                         "finetuning of the encoder is not implemented): set model.plm_trainable_layers=0")
-    lm = LanguageModel.from_pretrained(cfg.model.plm)
-    lm.freeze(0)
-    lm.to(device)
-    tokenizer = load_tokenizer(cfg.model.plm)
-    tables, index = {}, {}
-    for side, with_key in sides.items():
+    tokenizer, max_length = load_tokenizer(cfg.model.plm), prompt_length(cfg, data)
+    frozen = cfg.model.plm_trainable_layers == 0
+    if frozen:
+        lm = LanguageModel.from_pretrained(cfg.model.plm)
+        lm.freeze(0)
+        lm.to(device)
+    sides, index = {}, {}
+    for side, with_key in wanted.items():
         key, fields = SIDES[data.name][side]
-        table, index[side] = distinct_vectors(data.values(), key, [key, *fields] if with_key else fields, lm,
-                                              tokenizer, prompt_length(cfg, data), data.folder,
-                                              cfg.train.eval_batch_size or 256)
-        tables[side] = torch.from_numpy(table)
-    return tables, index
+        fields = [key, *fields] if with_key else fields
+        if frozen:
+            table, index[side] = distinct_vectors(data.values(), key, fields, lm, tokenizer, max_length, data.folder,
+                                                  cfg.train.eval_batch_size or 256)
+            sides[side] = {"vectors": torch.from_numpy(table)}
+        else:
+            tok, index[side] = distinct_texts(data.values(), key, fields, tokenizer, max_length)
+            width = int(tok.lengths.max())
+            sides[side] = {"tokens": torch.from_numpy(tok.input_ids[:, :width]), "lengths": torch.from_numpy(tok.lengths)}
+    return sides, index
+
+
+def text_lr_scale(cfg: Config) -> float:
+    """A language model inside an ID-side model (MoRec, CTR-BERT) trains at ``text_finetune.lr``;
+    the rest at ``train.lr`` (default 1e-3, these models' own)."""
+    return cfg.text_finetune.lr / (cfg.train.lr or 1e-3)
 
 
 class RunData:
@@ -213,8 +224,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     # the paper protocol trains on the whole 90 %, so its encoding is fitted there
     select_fit = encoding or ("train+valid" if cfg.train.protocol == "paper" else "train")
     refit_fit = encoding or "train+valid"
-    text_tables, side_index = side_vectors(data, cfg, device)
-    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm, text_tables=text_tables))
+    sides, side_index = side_texts(data, cfg, device)
+    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm, sides=sides, text_lr_scale=text_lr_scale(cfg)))
 
     def new_model(fm: FeatureMap, refit: bool = False) -> torch.nn.Module:
         seed_everything(cfg.train.seed)
@@ -298,8 +309,8 @@ def evaluate_run(run_dir: str | Path, data_root: Path | None = None) -> dict:
     saved = json.loads((run_dir / "metrics.json").read_text())
     device = resolve_device(cfg.train.device)
     data = prepare(cfg.data, data_root)
-    text_tables, side_index = side_vectors(data, cfg, device)
-    model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"), text_tables=text_tables)
+    sides, side_index = side_texts(data, cfg, device)
+    model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"), sides=sides)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
     model.to(device)
     rd = RunData.for_model(data, cfg, device, model)

@@ -65,12 +65,22 @@ class TextVectors:
         return vectors
 
 
+def distinct_texts(values, key: str, text_fields: list[str], tokenizer,
+                   max_length: int) -> tuple[TokenizedPrompts, np.ndarray]:
+    """``(prompts (K, L), index (N,) int32)``: the tokenized text (``text_fields`` as a prompt) of
+    every distinct value of field ``key`` (an item, a user), and each row's value (rows of
+    ``values``, a DataFrame in split order). Rows sharing a key share its text: its first row's."""
+    codes, uniques = pd.factorize(values[key], sort=False)
+    first = values.drop_duplicates(subset=[key], keep="first").set_index(key, drop=False).loc[uniques]
+    tok = tokenize_prompts(PromptBuilder(text_fields).build(first[text_fields].reset_index(drop=True)),
+                           tokenizer, max_length)
+    return tok, codes.astype(np.int32)
+
+
 def distinct_vectors(values, key: str, text_fields: list[str], language_model: LanguageModel, tokenizer,
                      max_length: int, folder: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """``(table (K, H) float32, index (N,) int32)``: the ``[CLS]`` vector of the text
-    (``text_fields`` as a prompt) of every distinct value of field ``key`` (an item, a user),
-    computed once per value and cached in ``folder``, and each row's value (rows of ``values``,
-    a DataFrame in split order). Rows sharing a key share its text: its first row's."""
+    """``(table (K, H) float32, index (N,) int32)``: the ``[CLS]`` vector of each distinct text
+    of :func:`distinct_texts`, computed once per value and cached in ``folder``, and each row's value."""
     digest = hashlib.sha256(json.dumps([key, text_fields, max_length, weights_fingerprint(language_model)])
                             .encode()).hexdigest()[:16]
     path = Path(folder) / f"distinct-{digest}.npz"
@@ -78,13 +88,9 @@ def distinct_vectors(values, key: str, text_fields: list[str], language_model: L
         cached = np.load(path)
         return cached["table"], cached["index"]
     tick = time.perf_counter()
-    codes, uniques = pd.factorize(values[key], sort=False)
-    first = values.drop_duplicates(subset=[key], keep="first").set_index(key, drop=False).loc[uniques]
-    tok = tokenize_prompts(PromptBuilder(text_fields).build(first[text_fields].reset_index(drop=True)),
-                           tokenizer, max_length)
+    tok, index = distinct_texts(values, key, text_fields, tokenizer, max_length)
     table = language_model.sentence_vectors(torch.from_numpy(tok.input_ids), torch.from_numpy(tok.lengths),
                                             batch_size).numpy()
-    index = codes.astype(np.int32)
     log.info("text vectors of %d distinct %s values: %.0f s", len(table), key, time.perf_counter() - tick)
     with atomic_path(path) as tmp, open(tmp, "wb") as fh:
         np.savez(fh, table=table, index=index)
