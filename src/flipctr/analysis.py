@@ -16,6 +16,7 @@ Each writes a PNG and a JSON of the numbers plotted beside it.
 from __future__ import annotations
 
 import dataclasses
+import json
 from pathlib import Path
 
 import numpy as np
@@ -119,10 +120,10 @@ def plot_alignment(result: dict, path: Path) -> None:
     _save_figure(fig, path)
 
 
-# the ID backbones of a run folder: (panel, weights file, prefix of the embedding table's key)
-EMBEDDING_SOURCES = (("from scratch", "scratch/model.safetensors", ""),
+# the ID backbones of a run folder: (variant, weights file, prefix of the embedding table's key)
+EMBEDDING_SOURCES = (("scratch", "scratch/model.safetensors", ""),
                      ("pretrained", "pretrain/pretrained.safetensors", "backbone."),
-                     ("FLIP_ID", "flip_id/model.safetensors", ""))
+                     ("flip_id", "flip_id/model.safetensors", ""))
 
 
 def _feature_map(run_dir: Path) -> FeatureMap:
@@ -136,13 +137,17 @@ def embedding_projection(run_dirs: list[str | Path], max_points: int = 20000, se
     """Fig. 6: per backbone found in ``run_dirs`` (from scratch, pretrained, FLIP_ID), the
     feature embeddings (mask id left out) projected on the top two right singular vectors,
     at most ``max_points`` rows (a seeded sample), and the share of each of the top singular values."""
+    from .report import variant_name
+
     panels = []
     for run_dir in map(Path, run_dirs):
         fmap = _feature_map(run_dir)
+        results = run_dir / "results.json"  # how the run names its models (CTRL's ID model is not FLIP_ID)
+        report = json.loads(results.read_text()) if results.exists() else {}
         field_of = np.full(fmap.num_features, -1)
         for index, info in enumerate(fmap.fields):
             field_of[info.offset:info.offset + info.size] = index
-        for name, file, prefix in EMBEDDING_SOURCES:
+        for variant, file, prefix in EMBEDDING_SOURCES:
             if not (run_dir / file).exists():
                 continue
             table = load_file(str(run_dir / file))[f"{prefix}embedding.weight"].float()
@@ -150,6 +155,7 @@ def embedding_projection(run_dirs: list[str | Path], max_points: int = 20000, se
             _, s, vh = torch.linalg.svd(table[keep], full_matrices=False)
             points = (table[keep] @ vh[:2].T).numpy()
             sample = np.sort(np.random.default_rng(seed).permutation(len(keep))[:max_points])
+            name = variant if variant == "pretrained" else variant_name(variant, report)
             panels.append({"run": run_dir.name, "model": name, "fields": fmap.field_names,
                            "points": points[sample].round(5).tolist(), "field": field_of[keep][sample].tolist(),
                            "singular_value_share": (s / s.sum())[:8].numpy().round(4).tolist()})

@@ -68,6 +68,7 @@ METHODS = {
                    trains_text=True),
 }
 
+
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
