@@ -158,16 +158,16 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     pretrain_seconds = 0.0
     wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
     if wants_pretrain and set(variants) & {"flip_id", "flip_plm", "flip"}:
-        tick = time.perf_counter()
         model, split, pretrainer = pretraining_setup(cfg, text_rd, encoding, device, run_dir / "pretrain")
         log.info("pretraining on %d train+valid rows (%s) for %d epochs", len(split),
                  cfg.pretrain.rows_from if cfg.pretrain.rows else "all", cfg.pretrain.epochs)
-        pretrainer.fit(model, split, resume=resume)
+        history = pretrainer.fit(model, split, resume=resume)
         if is_main():  # the encoding the pretrained backbone's ids follow (figures read it)
             encoding.feature_map.save(run_dir / "pretrain" / "feature_map.json")
         barrier()  # rank 0 has written the weights
         pretrained = load_file(str(run_dir / "pretrain" / "pretrained.safetensors"))
-        pretrain_seconds = time.perf_counter() - tick
+        # its epochs' time, those of an earlier call included (a resumed or finished pretraining)
+        pretrain_seconds = sum(record["seconds"] for record in history)
         del model, split
 
     def backbone(fmap: FeatureMap, load: bool) -> torch.nn.Module:
