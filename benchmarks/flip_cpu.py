@@ -4,7 +4,8 @@
                                   [--set key=value ...]
 
 Each seed runs ``flipctr run`` (pretraining included; the seed drives pretraining and every
-finetuning). Writes ``benchmarks/results/flip_<ml1m|bx>_cpu.{json,md}``: the backbone from
+finetuning); stages an earlier call finished are read back from the run folder, so seeds can be
+added one call at a time. Writes ``benchmarks/results/flip_<ml1m|bx>_cpu.{json,md}``: the backbone from
 scratch vs FLIP_ID vs FLIP_PLM vs FLIP, test AUC / Logloss mean ± std, paired differences.
 """
 
@@ -41,7 +42,8 @@ def main() -> None:
         cfg = profile_config(args.profile, [*args.overrides, f"data.dataset={args.dataset}",
                                             f"train.seed={seed}", f"pretrain.seed={seed}",
                                             "train.progress=false", "pretrain.progress=false"])
-        reports.append(run_flip(cfg, args.runs / f"{args.dataset}-{args.profile}-seed{seed}", profile=args.profile))
+        reports.append(run_flip(cfg, args.runs / f"{args.dataset}-{args.profile}-seed{seed}", resume=True,
+                                profile=args.profile))
     def sd(xs: list[float]) -> float:
         return statistics.stdev(xs) if len(xs) > 1 else 0.0
 
@@ -65,7 +67,10 @@ def main() -> None:
                            "seeds_better": sum(d > 0 for d in diffs)})
     report = {"command": " ".join(sys.argv), "dataset": args.dataset, "profile": args.profile, "seeds": args.seeds,
               "overrides": args.overrides, "environment": environment_info(),
-              "wall_seconds_per_seed": [r["wall_seconds"] for r in reports],
+              # the stages' own times: right also where an earlier call ran some of them
+              "wall_seconds_per_seed": [round(r["pretrain_seconds"] + sum(v["wall_seconds"]
+                                                                          for v in r["results"].values()), 1)
+                                        for r in reports],
               "pretrain_seconds_per_seed": [r["pretrain_seconds"] for r in reports],
               "prompts": reports[0].get("prompts"), "results": rows,
               "paired": paired}
@@ -78,8 +83,8 @@ def main() -> None:
 def render(report: dict) -> str:
     lines = [f"# FLIP on {report.get('dataset', 'ml-1m')}, profile `{report['profile']}`, seeds {report['seeds']}", "",
              f"Command: `{report['command']}`  ",
-             f"Wall time per seed (s): {report['wall_seconds_per_seed']}; pretraining (s): "
-             f"{report['pretrain_seconds_per_seed']}", ""]
+             f"Time per seed (s; pretraining + the four finetunings): {report['wall_seconds_per_seed']}; "
+             f"pretraining (s): {report['pretrain_seconds_per_seed']}", ""]
     prompts = report.get("prompts")
     if prompts:
         lines += [f"Prompts: {prompts['tokens_mean']:.1f} tokens on average (p95 {prompts['tokens_p95']:.0f}, "

@@ -135,6 +135,16 @@ def _tiny_pair(config: FlipConfig | None = None):
     return model, backbone, lm
 
 
+def test_sparse_embeddings_leave_the_language_models_embeddings_dense():
+    from flipctr.training.trainer import use_sparse_embeddings
+
+    model, backbone, lm = _tiny_pair()
+    sparse = {id(p) for p in use_sparse_embeddings(model, "on")}
+    assert id(backbone.embedding.weight) in sparse and backbone.embedding.sparse
+    assert not sparse & {id(p) for p in lm.parameters()}
+    assert not any(m.sparse for m in lm.modules() if isinstance(m, torch.nn.Embedding))
+
+
 def test_mlm_logits_only_at_masked_positions(monkeypatch):
     model, _, _ = _tiny_pair()
     ids, input_ids, attention, spans = _batch()

@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.batching import Split
+from ..models.language import LanguageModel
 from ..utils import atomic_path
 from .distributed import rank_world
 from .metrics import ctr_metrics
@@ -126,15 +127,18 @@ class Optimizers:
 
 
 def use_sparse_embeddings(model: nn.Module, mode: str) -> list[nn.Parameter]:
-    """Switch large embedding tables to sparse gradients; returns their weights.
+    """Switch large ID embedding tables to sparse gradients; returns their weights.
 
     ``mode``: "on", "off", or "auto" (tables of at least 100,000 rows: a dense gradient and
-    Adam update of every row each step would dominate the step time)."""
+    Adam update of every row each step would dominate the step time). A language model's own
+    embeddings (word, position, type) stay dense: they are finetuned with AdamW like the rest
+    of the encoder."""
     if mode not in ("auto", "on", "off"):
         raise ValueError(f"train.sparse_embeddings must be 'auto', 'on' or 'off', not {mode!r}")
+    in_text = {id(m) for lm in model.modules() if isinstance(lm, LanguageModel) for m in lm.modules()}
     tables = []
     for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.weight.requires_grad:
+        if isinstance(module, nn.Embedding) and module.weight.requires_grad and id(module) not in in_text:
             module.sparse = mode == "on" or (mode == "auto" and module.num_embeddings >= 100_000)
             if module.sparse:
                 tables.append(module.weight)
