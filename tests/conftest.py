@@ -180,3 +180,25 @@ def tiny_plm(tmp_path: Path) -> Path:
     BertModel(config, add_pooling_layer=False).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def held_out_rows(ml1m_root: Path):
+    """The test split of the prepared fixture as raw rows: each field's value and a label column."""
+    import numpy as np
+    import pandas as pd
+
+    folder = next((ml1m_root / "cache").iterdir())
+    test = json.loads((folder / "meta.json").read_text())["sizes"]["test"]
+    frame = pd.read_parquet(folder / "values.parquet").iloc[-test:].reset_index(drop=True)
+    frame["label"] = np.load(folder / "labels.npy")[-test:]
+    return frame
+
+
+def assert_predicts_as_evaluated(run_folder: Path, ml1m_root: Path, metrics: dict) -> None:
+    """`flipctr.load(...).predict` on the raw test rows gives the run's test AUC."""
+    import flipctr
+    from sklearn.metrics import roc_auc_score
+
+    rows = held_out_rows(ml1m_root)
+    scores = flipctr.load(run_folder).predict(rows)
+    assert roc_auc_score(rows["label"], scores) == pytest.approx(metrics["test"]["auc"], abs=1e-6)

@@ -8,7 +8,7 @@ import torch
 
 from flipctr.training.runner import evaluate_run, train_run
 
-from conftest import tiny_config
+from conftest import assert_predicts_as_evaluated, tiny_config
 
 
 @pytest.fixture
@@ -34,6 +34,7 @@ def test_morec_encodes_each_distinct_item_once_and_reads_it_as_a_field(ml1m_root
     assert 0.0 <= metrics["test"]["auc"] <= 1.0
     again = evaluate_run(tmp_path / "morec", data_root=ml1m_root)  # the cached vectors are read back
     assert calls == [items] and again["test"] == pytest.approx(metrics["test"])
+    assert_predicts_as_evaluated(tmp_path / "morec", ml1m_root, metrics)  # new rows: their items' text
 
 
 def test_morec_item_text_changes_the_prediction(tiny_plm):
@@ -69,6 +70,7 @@ def test_a_trained_encoder_is_finetuned_end_to_end(name, ml1m_root, tiny_plm, tm
     assert any(not torch.equal(saved[f"language_model.{k}"], v) for k, v in start.items())  # the encoder learned
     again = evaluate_run(tmp_path / name, data_root=ml1m_root)
     assert again["test"] == pytest.approx(metrics["test"], abs=1e-5)
+    assert_predicts_as_evaluated(tmp_path / name, ml1m_root, metrics)
 
     # the encoder learns at text_lr_scale times the model's lr
     sides = {side: {"tokens": torch.ones(k, 4, dtype=torch.int32), "lengths": torch.full((k,), 4)}
@@ -97,6 +99,7 @@ def test_ctr_bert_encodes_each_distinct_user_and_item_once(ml1m_root, tiny_plm, 
     assert 0.0 <= metrics["test"]["auc"] <= 1.0
     again = evaluate_run(tmp_path / "ctr_bert", data_root=ml1m_root)  # the cached vectors are read back
     assert len(calls) == 2 and again["test"] == pytest.approx(metrics["test"])
+    assert_predicts_as_evaluated(tmp_path / "ctr_bert", ml1m_root, metrics)
 
 
 def test_ctr_bert_reads_both_towers():

@@ -14,7 +14,7 @@ from flipctr.models.flip import (FlipConfig, FlipCTRModel, FlipPretrainModel, MT
                                  nce_loss)
 from flipctr.models.language import LanguageModel
 
-from conftest import tiny_config
+from conftest import assert_predicts_as_evaluated, tiny_config
 
 
 def test_nce_loss_by_hand():
@@ -345,29 +345,6 @@ def test_pretraining_resume_after_kill_gives_the_same_next_step_loss(tmp_path):
     assert set(history[0]) >= {"loss", "mlm", "mtm", "icl", "text_fields_lost"}
 
 
-def _test_rows(ml1m_root):
-    """The test split of the prepared fixture as raw rows: each field's value and a label column."""
-    import json
-
-    import pandas as pd
-
-    folder = next((ml1m_root / "cache").iterdir())
-    test = json.loads((folder / "meta.json").read_text())["sizes"]["test"]
-    frame = pd.read_parquet(folder / "values.parquet").iloc[-test:].reset_index(drop=True)
-    frame["label"] = np.load(folder / "labels.npy")[-test:]
-    return frame
-
-
-def _predicts_as_evaluated(run_folder, ml1m_root, metrics):
-    """`flipctr.load(...).predict` on the raw test rows gives the run's test AUC."""
-    import flipctr
-    from sklearn.metrics import roc_auc_score
-
-    rows = _test_rows(ml1m_root)
-    scores = flipctr.load(run_folder).predict(rows)
-    assert roc_auc_score(rows["label"], scores) == pytest.approx(metrics["test"]["auc"], abs=1e-6)
-
-
 def test_flip_run_end_to_end_on_tiny_data(ml1m_root, tiny_plm, tmp_path, monkeypatch, capsys):
     """data -> pretrain -> finetune scratch / FLIP_ID / FLIP_PLM / FLIP, through the CLI."""
     import json
@@ -406,7 +383,7 @@ def test_flip_run_end_to_end_on_tiny_data(ml1m_root, tiny_plm, tmp_path, monkeyp
     again = evaluate_run(tmp_path / "run" / "flip", data_root=ml1m_root)
     assert again["test"] == pytest.approx(report["results"]["flip"]["test"])
     for variant in ("flip_plm", "flip", "flip_id"):  # text models build the prompts as in training
-        _predicts_as_evaluated(tmp_path / "run" / variant, ml1m_root, report["results"][variant])
+        assert_predicts_as_evaluated(tmp_path / "run" / variant, ml1m_root, report["results"][variant])
     # a FLIP run folder reports as its four finetuned models
     from flipctr.report import find_runs, group_runs
 
@@ -534,7 +511,7 @@ def test_flip_run_cpu_profile_with_frozen_encoder(ml1m_root, tiny_plm, tmp_path,
     again = evaluate_run(tmp_path / "run" / "flip", data_root=ml1m_root)
     assert again["test"] == pytest.approx(report["results"]["flip"]["test"])
     for variant in ("flip_plm", "flip"):  # the frozen encoder is loaded by name for the [CLS] vectors
-        _predicts_as_evaluated(tmp_path / "run" / variant, ml1m_root, report["results"][variant])
+        assert_predicts_as_evaluated(tmp_path / "run" / variant, ml1m_root, report["results"][variant])
 
 
 def test_mlm_on_a_host_bound_of_targets_equals_the_exact_count():

@@ -5,6 +5,8 @@ the input column of every field, the prompt length), ``feature_map.json`` and ``
 (the fitted encoding), ``model.safetensors`` (the weights). Models that read text (FLIP_PLM,
 FLIP, the PLM-only model) build each row's prompt exactly as in training; a frozen encoder,
 left out of the saved model, is loaded by name (``model.plm``) to compute the ``[CLS]`` vectors.
+MoRec and CTR-BERT read the text of each row's item (and user) as in training, built once per
+distinct item (user) of the rows scored.
 
     model = flipctr.load("runs/dcnv2")
     scores = model.predict(frame)      # pandas DataFrame in, numpy probabilities out
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +33,9 @@ from .data.prompts import PromptBuilder
 from .data.readers import field_values
 from .data.text import tokenize_prompts
 from .models import TEXT_SIDES, build_ctr_model
-from .models.language import LanguageModel, load_tokenizer
+from .models.language import LanguageModel, hidden_size, load_tokenizer
+from .models.text_sides import SideText
+from .training.text_vectors import distinct_texts
 from .training.trainer import input_names, predict
 from .utils import atomic_path
 
@@ -48,12 +52,14 @@ class Scorer(nn.Module):
 
 @dataclass
 class TextSide:
-    """How a text model reads rows: the tokenizer, the prompt length of training, and the frozen
-    encoder whose ``[CLS]`` vectors the model reads (None when the model holds its encoder)."""
+    """How a text model reads rows: the tokenizer, the prompt length of training, the frozen
+    encoder whose ``[CLS]`` vectors the model reads (None when the model holds its encoder), and
+    a text-side model's sides (side -> its key field and text fields)."""
 
     tokenizer: object
     max_length: int
     frozen_encoder: nn.Module | None
+    sides: dict[str, tuple[str, list[str]]] = field(default_factory=dict)
 
 
 class Predictor:
@@ -72,19 +78,24 @@ class Predictor:
                             "flipctr saved its encoding with the model: train it again)")
         config = json.loads(config_path.read_text())
         model_cfg = ModelConfig(**config["model"])
-        if model_cfg.name in TEXT_SIDES:
-            raise DataError(f"{run_dir}: scoring new rows with {model_cfg.name} (new users and items need the "
-                            "language model) is not implemented yet")
+        sides = {side: (key, fields) for side, (key, fields) in config.get("sides", {}).items()}
+        if model_cfg.name in TEXT_SIDES and not sides:
+            raise DataError(f"{run_dir}: config.json names no user/item text fields (a run written before "
+                            f"flipctr saved them): train it again")
+        # the sides' text tables are buffers left out of the weights: placeholders until rows come
+        frozen_sides = model_cfg.plm_trainable_layers == 0
+        placeholder = ({"vectors": torch.zeros(1, hidden_size(model_cfg.plm))} if frozen_sides else
+                       {"tokens": torch.zeros(1, 1, dtype=torch.int64), "lengths": torch.ones(1, dtype=torch.int64)})
         encoder = FeatureEncoder.load(run_dir)
-        model = build_ctr_model(model_cfg, encoder.feature_map)
+        model = build_ctr_model(model_cfg, encoder.feature_map, sides={side: placeholder for side in sides})
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
         names, text = input_names(model), None
-        if "input_ids" in names or "text_cls" in names:
+        if "input_ids" in names or "text_cls" in names or sides:
             frozen = None
-            if "text_cls" in names:
+            if "text_cls" in names or (sides and frozen_sides):
                 frozen = LanguageModel.from_pretrained(model_cfg.plm)
                 frozen.freeze(0)
-            text = TextSide(load_tokenizer(model_cfg.plm), config["max_length"], frozen)
+            text = TextSide(load_tokenizer(model_cfg.plm), config["max_length"], frozen, sides)
         return cls(model, encoder, config["columns"], config.get("label"), text)
 
     def values(self, frame: pd.DataFrame, source: str = "input") -> pd.DataFrame:
@@ -99,10 +110,14 @@ class Predictor:
         return self.encoder.transform(self.values(frame, source))
 
     def inputs(self, frame: pd.DataFrame) -> Split:
-        """Every input the model reads, for the rows of ``frame`` (prompts built as in training)."""
+        """Every input the model reads, for the rows of ``frame`` (prompts built as in training).
+        A text-side model (MoRec, CTR-BERT) is given the text of the frame's distinct users and
+        items, which the returned rows index."""
         values = self.values(frame)
         arrays = {"ids": self.encoder.transform(values)}
-        if self.text is not None:
+        if self.text is not None and self.text.sides:
+            arrays.update(self._side_inputs(values))
+        elif self.text is not None:
             prompts = PromptBuilder(list(self.columns)).build(values)
             tok = tokenize_prompts(prompts, self.text.tokenizer, self.text.max_length)
             if self.text.frozen_encoder is not None:
@@ -111,6 +126,20 @@ class Predictor:
             else:
                 arrays.update(input_ids=tok.input_ids, lengths=tok.lengths)
         return Split.from_arrays(np.zeros(len(frame), dtype=np.float32), torch.device("cpu"), **arrays)
+
+    def _side_inputs(self, values: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Each row's index into its side's table (``<side>_index``); the model's side tables
+        become the text of the distinct users / items of ``values``."""
+        index = {}
+        for side, (key, fields) in self.text.sides.items():
+            tok, index[f"{side}_index"] = distinct_texts(values, key, fields, self.text.tokenizer, self.text.max_length)
+            tokens, lengths = torch.from_numpy(tok.input_ids), torch.from_numpy(tok.lengths)
+            if self.text.frozen_encoder is not None:
+                table = SideText(vectors=self.text.frozen_encoder.sentence_vectors(tokens, lengths, 256))
+            else:
+                table = SideText(tokens=tokens[:, :int(lengths.max())], lengths=lengths)
+            setattr(self.model, f"{side}_text", table)
+        return index
 
     def predict(self, frame: pd.DataFrame, batch_size: int | None = None) -> np.ndarray:
         """Click probabilities (N,) for the rows of ``frame``, in order (batches of the model's

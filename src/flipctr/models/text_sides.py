@@ -4,7 +4,8 @@ CTR-BERT's two towers.
 A side's text depends on the user (item) alone, so it is held once per distinct user (item):
 with a frozen encoder as the ``[CLS]`` vectors, computed once and cached by the runner; with a
 trained one as the tokenized text, which the language model encodes in every forward pass
-(finetuned end to end). Rows pick their user (item) by index.
+(finetuned end to end). Rows pick their user (item) by index (input ``<side>_index``); a model
+holds each side as its attribute ``<side>_text``, which scoring new rows replaces.
 
 Shapes: B batch, K distinct users / items, H text hidden size, L tokens.
 """

@@ -31,6 +31,7 @@ from ..config import Config
 from ..data.batching import Split
 from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
+from ..data.readers import SIDES
 from ..models import TEXT_SIDES, build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world, resolve_device
@@ -54,12 +55,13 @@ def setup_logging(run_dir: Path) -> None:
 
 def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding: str) -> None:
     """What ``flipctr.load`` needs beside the weights: ``config.json`` (model and data settings,
-    the input column of every field and of the label) and the encoding the model was trained
+    the input column of every field and of the label, a text-side model's sides) and the encoding the model was trained
     with (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
     columns, label = data.input_columns()
     write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
                                          "encoding": encoding, "fields": data.fields, "columns": columns,
-                                         "label": label, "max_length": prompt_length(cfg, data)})
+                                         "label": label, "max_length": prompt_length(cfg, data),
+                                         "sides": side_fields(cfg.model.name, data.name)})
     for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
         with atomic_path(run_dir / name) as tmp:
             shutil.copyfile(data.encoding_folder(encoding) / name, tmp)
@@ -84,15 +86,12 @@ def side_texts(data: PreparedData, cfg: Config, device: torch.device
     arguments of its ``SideText`` — with a frozen ``cfg.model.plm`` the vectors (K, H) of every
     distinct user's / item's text (cached beside the prepared data), with a trained one that text
     tokenized (K, L) — and each row's user / item (N,). Both empty for other models."""
-    from ..data.readers import SIDES
     from ..models.language import LanguageModel, load_tokenizer
     from .text_vectors import distinct_texts, distinct_vectors
 
-    wanted = TEXT_SIDES.get(cfg.model.name, {})
+    wanted = side_fields(cfg.model.name, data.name)
     if not wanted:
         return {}, {}
-    if data.name not in SIDES:
-        raise ValueError(f"{data.name}: no user and item fields known for {cfg.model.name} (known: {sorted(SIDES)})")
     tokenizer, max_length = load_tokenizer(cfg.model.plm), prompt_length(cfg, data)
     frozen = cfg.model.plm_trainable_layers == 0
     if frozen:
@@ -100,9 +99,7 @@ def side_texts(data: PreparedData, cfg: Config, device: torch.device
         lm.freeze(0)
         lm.to(device)
     sides, index = {}, {}
-    for side, with_key in wanted.items():
-        key, fields = SIDES[data.name][side]
-        fields = [key, *fields] if with_key else fields
+    for side, (key, fields) in wanted.items():
         if frozen:
             table, index[side] = distinct_vectors(data.values(), key, fields, lm, tokenizer, max_length, data.folder,
                                                   cfg.train.eval_batch_size or 256)
@@ -112,6 +109,18 @@ def side_texts(data: PreparedData, cfg: Config, device: torch.device
             width = int(tok.lengths.max())
             sides[side] = {"tokens": torch.from_numpy(tok.input_ids[:, :width]), "lengths": torch.from_numpy(tok.lengths)}
     return sides, index
+
+
+def side_fields(model: str, dataset: str) -> dict[str, tuple[str, list[str]]]:
+    """Per side of a text-side model (:data:`TEXT_SIDES`): its key field (the user, the item)
+    and the fields its text is made of; empty for other models."""
+    sides = {}
+    for side, with_key in TEXT_SIDES.get(model, {}).items():
+        if dataset not in SIDES:
+            raise ValueError(f"{dataset}: no user and item fields known for {model} (known: {sorted(SIDES)})")
+        key, fields = SIDES[dataset][side]
+        sides[side] = (key, [key, *fields] if with_key else list(fields))
+    return sides
 
 
 def text_lr_scale(cfg: Config) -> float:
