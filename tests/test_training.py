@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 
@@ -152,6 +153,40 @@ def test_sparse_embeddings_use_lazy_adam_and_still_learn():
     assert result.best_eval["auc"] > 0.95
     cfg.train.sparse_embeddings = "auto"  # a 11-row table stays dense
     assert [type(o).__name__ for o in make_optimizer(build_model(cfg.model, fmap), cfg.train).optimizers] == ["Adam"]
+
+
+class _ScaledGroups(torch.nn.Module):
+    """An ID model whose first parameter group learns at 10 times the base lr (as FLIP's α)."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(()))
+        self.inner = inner
+
+    def lr_groups(self) -> list[dict]:
+        return [{"params": [self.bias], "lr_scale": 10.0}]
+
+    def forward(self, ids):
+        out = self.inner(ids=ids)
+        return dataclasses.replace(out, logits=out.logits + self.bias)
+
+
+def test_the_recorded_and_replayed_lr_is_the_base_lr_whatever_the_groups():
+    """A refit replays the selection's per-epoch lr: it must be the base lr, not a scaled group's."""
+    from flipctr.training.trainer import make_optimizer
+
+    cfg = tiny_config(epochs=3, lr=0.01, reduce_lr_on_plateau=True, reduce_lr_factor=0.5, patience=5)
+    fmap, train, flipped = _toy_splits()
+    torch.manual_seed(0)
+    opt = make_optimizer(_ScaledGroups(build_model(cfg.model, fmap)), cfg.train)
+    assert opt.lr == 0.01 and sorted(g["lr"] for g in opt.param_groups) == pytest.approx([0.01, 0.1])
+    trainer = Trainer(cfg.train, torch.device("cpu"))
+    fit = trainer.fit(_ScaledGroups(build_model(cfg.model, fmap)), train, eval_split=flipped)
+    assert fit.lr_per_epoch == pytest.approx([0.01, 0.01, 0.005])  # eval AUC falls: the plateau halves it
+    seen = []
+    refit = trainer.fit(_ScaledGroups(build_model(cfg.model, fmap)), train, epochs=3, lr_schedule=fit.lr_per_epoch,
+                        on_epoch_end=lambda record: seen.append(record.lr))
+    assert refit.lr_per_epoch == seen == pytest.approx([0.01, 0.01, 0.005])
 
 
 def test_compiled_training_step_learns_the_toy_task():

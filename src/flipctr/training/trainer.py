@@ -105,6 +105,12 @@ class Optimizers:
     def param_groups(self) -> list[dict]:
         return [g for opt in self.optimizers for g in opt.param_groups]
 
+    @property
+    def lr(self) -> float:
+        """The base lr: a group with its own ``lr_scale`` runs at that multiple of it."""
+        group = self.param_groups[0]
+        return group["lr"] / group.get("lr_scale", 1.0)
+
     def set_lr(self, lr: float) -> None:
         """Set the base lr; groups with their own ``lr_scale`` keep their ratio to it."""
         for group in self.param_groups:
@@ -298,7 +304,7 @@ class Trainer:
         for epoch in range(start_epoch, last_epoch + 1 if not stop else start_epoch):
             if lr_schedule is not None:
                 optimizer.set_lr(lr_schedule[min(epoch, len(lr_schedule)) - 1])
-            lr = optimizer.param_groups[0]["lr"]
+            lr = optimizer.lr  # the base lr: what a refit replays and a plateau lowers
             model.train()
             # one order for the global batch of every rank's rows; rank r takes every world-th row
             perm = train.order(generator, bs * world, cfg.length_buckets)
