@@ -506,6 +506,10 @@ def test_flip_run_cpu_profile_with_frozen_encoder(ml1m_root, tiny_plm, tmp_path,
     stamps = {p: p.stat().st_mtime_ns for p in cache}
     assert main([*args[:6], str(tmp_path / "run2"), *args[7:], "--variants", "flip_id", "flip_plm"]) == 0
     assert {p: p.stat().st_mtime_ns for p in cache} == stamps  # the second run reused them
+    # a finished run resumed reads every stage back and reports the time they took, not its own
+    assert main([*args, "--resume"]) == 0
+    resumed = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert resumed["results"] == report["results"] and resumed["wall_seconds"] == report["wall_seconds"] > 0
     from flipctr.training.runner import evaluate_run
 
     again = evaluate_run(tmp_path / "run" / "flip", data_root=ml1m_root)

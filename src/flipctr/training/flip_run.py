@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,7 +143,6 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(run_dir / "environment.json", {**environment_info(str(device)), "profile": profile,
                                                   "world_size": world})
-    started = time.perf_counter()
     if not is_main():
         barrier()  # rank 0 builds the caches first
     data = prepare(cfg.data, data_root)
@@ -241,7 +239,11 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     report = {
         "dataset": data.name, "profile": profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
         "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
-        "flip": dataclasses.asdict(cfg.flip), "prompts": prompts, "wall_seconds": round(time.perf_counter() - started, 1),
+        "flip": dataclasses.asdict(cfg.flip), "prompts": prompts,
+        # the stages' own times, those an earlier call ran included (a resumed run reads them back);
+        # a FLIP_ID that is the scratch run (no pretraining, "note") is not counted twice
+        "wall_seconds": round(pretrain_seconds + sum(r["wall_seconds"] for r in results.values()
+                                                     if "note" not in r), 1),
         "results": results,
         "method": method, "title": recipe.title,
         "names": {v: recipe.reported[v][0] for v in results if v in recipe.reported},
