@@ -5,8 +5,9 @@
 
 Each seed runs ``flipctr run`` (pretraining included; the seed drives pretraining and every
 finetuning); stages an earlier call finished are read back from the run folder, so seeds can be
-added one call at a time. Writes ``benchmarks/results/flip_<ml1m|bx>_cpu.{json,md}``: the backbone from
-scratch vs FLIP_ID vs FLIP_PLM vs FLIP, test AUC / Logloss mean ± std, paired differences.
+added one call at a time. Writes ``benchmarks/results/flip_<ml1m|bx>_cpu.{json,md}``: the
+backbone from scratch vs FLIP_ID vs FLIP_PLM vs FLIP, test AUC / Logloss mean ± std, paired
+differences.
 """
 
 from __future__ import annotations

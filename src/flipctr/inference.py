@@ -81,7 +81,7 @@ class Predictor:
         sides = {side: (key, fields) for side, (key, fields) in config.get("sides", {}).items()}
         if model_cfg.name in TEXT_SIDES and not sides:
             raise DataError(f"{run_dir}: config.json names no user/item text fields (a run written before "
-                            f"flipctr saved them): train it again")
+                            "flipctr saved them): train it again")
         # the sides' text tables are buffers left out of the weights: placeholders until rows come
         frozen_sides = model_cfg.plm_trainable_layers == 0
         placeholder = ({"vectors": torch.zeros(1, hidden_size(model_cfg.plm))} if frozen_sides else

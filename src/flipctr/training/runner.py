@@ -55,8 +55,8 @@ def setup_logging(run_dir: Path) -> None:
 
 def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding: str) -> None:
     """What ``flipctr.load`` needs beside the weights: ``config.json`` (model and data settings,
-    the input column of every field and of the label, a text-side model's sides) and the encoding the model was trained
-    with (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
+    the input column of every field and of the label, a text-side model's sides) and the
+    encoding the model was trained with (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
     columns, label = data.input_columns()
     write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
                                          "encoding": encoding, "fields": data.fields, "columns": columns,
