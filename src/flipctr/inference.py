@@ -35,7 +35,7 @@ from .data.text import tokenize_prompts
 from .models import TEXT_SIDES, build_ctr_model
 from .models.language import LanguageModel, hidden_size, load_tokenizer
 from .models.text_sides import SideText
-from .training.text_vectors import distinct_texts
+from .training.text_vectors import side_tables
 from .training.trainer import input_names, predict
 from .utils import atomic_path
 
@@ -130,16 +130,11 @@ class Predictor:
     def _side_inputs(self, values: pd.DataFrame) -> dict[str, np.ndarray]:
         """Each row's index into its side's table (``<side>_index``); the model's side tables
         become the text of the distinct users / items of ``values``."""
-        index = {}
-        for side, (key, fields) in self.text.sides.items():
-            tok, index[f"{side}_index"] = distinct_texts(values, key, fields, self.text.tokenizer, self.text.max_length)
-            tokens, lengths = torch.from_numpy(tok.input_ids), torch.from_numpy(tok.lengths)
-            if self.text.frozen_encoder is not None:
-                table = SideText(vectors=self.text.frozen_encoder.sentence_vectors(tokens, lengths, 256))
-            else:
-                table = SideText(tokens=tokens[:, :int(lengths.max())], lengths=lengths)
-            setattr(self.model, f"{side}_text", table)
-        return index
+        tables, index = side_tables(values, self.text.sides, self.text.tokenizer, self.text.max_length,
+                                    self.text.frozen_encoder)
+        for side, table in tables.items():
+            setattr(self.model, f"{side}_text", SideText(**table))
+        return {f"{side}_index": rows for side, rows in index.items()}
 
     def predict(self, frame: pd.DataFrame, batch_size: int | None = None) -> np.ndarray:
         """Click probabilities (N,) for the rows of ``frame``, in order (batches of the model's

@@ -82,33 +82,21 @@ def prompt_length(cfg: Config, data: PreparedData) -> int:
 
 def side_texts(data: PreparedData, cfg: Config, device: torch.device
                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, np.ndarray]]:
-    """MoRec's item text, CTR-BERT's user and item towers: ``(sides, index)``, per side the
-    arguments of its ``SideText`` — with a frozen ``cfg.model.plm`` the vectors (K, H) of every
-    distinct user's / item's text (cached beside the prepared data), with a trained one that text
-    tokenized (K, L) — and each row's user / item (N,). Both empty for other models."""
+    """:func:`~.text_vectors.side_tables` of ``cfg.model`` on the prepared data (a frozen
+    ``cfg.model.plm``'s vectors cached beside it); both empty for models without text sides."""
     from ..models.language import LanguageModel, load_tokenizer
-    from .text_vectors import distinct_texts, distinct_vectors
+    from .text_vectors import side_tables
 
     wanted = side_fields(cfg.model.name, data.name)
     if not wanted:
         return {}, {}
-    tokenizer, max_length = load_tokenizer(cfg.model.plm), prompt_length(cfg, data)
-    frozen = cfg.model.plm_trainable_layers == 0
-    if frozen:
-        lm = LanguageModel.from_pretrained(cfg.model.plm)
-        lm.freeze(0)
-        lm.to(device)
-    sides, index = {}, {}
-    for side, (key, fields) in wanted.items():
-        if frozen:
-            table, index[side] = distinct_vectors(data.values(), key, fields, lm, tokenizer, max_length, data.folder,
-                                                  cfg.train.eval_batch_size or 256)
-            sides[side] = {"vectors": torch.from_numpy(table)}
-        else:
-            tok, index[side] = distinct_texts(data.values(), key, fields, tokenizer, max_length)
-            width = int(tok.lengths.max())
-            sides[side] = {"tokens": torch.from_numpy(tok.input_ids[:, :width]), "lengths": torch.from_numpy(tok.lengths)}
-    return sides, index
+    frozen = None
+    if cfg.model.plm_trainable_layers == 0:
+        frozen = LanguageModel.from_pretrained(cfg.model.plm)
+        frozen.freeze(0)
+        frozen.to(device)
+    return side_tables(data.values(), wanted, load_tokenizer(cfg.model.plm), prompt_length(cfg, data), frozen,
+                       data.folder, cfg.train.eval_batch_size or 256)
 
 
 def side_fields(model: str, dataset: str) -> dict[str, tuple[str, list[str]]]:

@@ -78,20 +78,45 @@ def distinct_texts(values, key: str, text_fields: list[str], tokenizer,
 
 
 def distinct_vectors(values, key: str, text_fields: list[str], language_model: LanguageModel, tokenizer,
-                     max_length: int, folder: Path, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
+                     max_length: int, folder: Path | None, batch_size: int = 256) -> tuple[np.ndarray, np.ndarray]:
     """``(table (K, H) float32, index (N,) int32)``: the ``[CLS]`` vector of each distinct text
-    of :func:`distinct_texts`, computed once per value and cached in ``folder``, and each row's value."""
-    digest = hashlib.sha256(json.dumps([key, text_fields, max_length, weights_fingerprint(language_model)])
-                            .encode()).hexdigest()[:16]
-    path = Path(folder) / f"distinct-{digest}.npz"
-    if path.exists():
-        cached = np.load(path)
-        return cached["table"], cached["index"]
+    of :func:`distinct_texts`, computed once per value and cached in ``folder`` (when given),
+    and each row's value."""
+    path = None
+    if folder is not None:
+        digest = hashlib.sha256(json.dumps([key, text_fields, max_length, weights_fingerprint(language_model)])
+                                .encode()).hexdigest()[:16]
+        path = Path(folder) / f"distinct-{digest}.npz"
+        if path.exists():
+            cached = np.load(path)
+            return cached["table"], cached["index"]
     tick = time.perf_counter()
     tok, index = distinct_texts(values, key, text_fields, tokenizer, max_length)
     table = language_model.sentence_vectors(torch.from_numpy(tok.input_ids), torch.from_numpy(tok.lengths),
                                             batch_size).numpy()
     log.info("text vectors of %d distinct %s values: %.0f s", len(table), key, time.perf_counter() - tick)
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        np.savez(fh, table=table, index=index)
+    if path is not None:
+        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+            np.savez(fh, table=table, index=index)
     return table, index
+
+
+def side_tables(values, sides: dict[str, tuple[str, list[str]]], tokenizer, max_length: int,
+                frozen: LanguageModel | None, folder: Path | None = None, batch_size: int = 256
+                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, np.ndarray]]:
+    """MoRec's item text, CTR-BERT's user and item towers: ``(tables, index)``, per side
+    (its key field and text fields) the arguments of its ``SideText`` — with a ``frozen``
+    encoder the vectors (K, H) of every distinct user's / item's text (cached in ``folder`` when
+    given), else that text tokenized (K, L), cut to the longest — and each row's user / item (N,)."""
+    tables, index = {}, {}
+    for side, (key, fields) in sides.items():
+        if frozen is not None:
+            table, index[side] = distinct_vectors(values, key, fields, frozen, tokenizer, max_length, folder,
+                                                  batch_size)
+            tables[side] = {"vectors": torch.from_numpy(table)}
+        else:
+            tok, index[side] = distinct_texts(values, key, fields, tokenizer, max_length)
+            width = int(tok.lengths.max())
+            tables[side] = {"tokens": torch.from_numpy(tok.input_ids[:, :width]),
+                            "lengths": torch.from_numpy(tok.lengths)}
+    return tables, index
