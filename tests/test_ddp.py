@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,23 @@ def test_flip_run_under_torchrun_writes_one_run_folder(ml1m_root, tiny_plm, tmp_
     assert json.loads((run / "environment.json").read_text())["world_size"] == 2
     history = json.loads((run / "pretrain" / "pretrain_history.json").read_text())
     assert len(history) == 1
+
+
+def test_frozen_text_vectors_under_ddp_are_one_pass_shared_by_the_ranks(tiny_plm, tmp_path):
+    from flipctr.models.language import LanguageModel
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 9, 13).astype(np.int32)
+    input_ids = np.zeros((13, 9), dtype=np.int32)
+    for i, n in enumerate(lengths):
+        input_ids[i, :n] = rng.integers(5, 20, n)
+    lm = LanguageModel.from_pretrained(str(tiny_plm))
+    lm.freeze(0)
+    reference = lm.sentence_vectors(torch.from_numpy(input_ids[1:12]), torch.from_numpy(lengths[1:12]), 11).numpy()
+    np.savez(tmp_path / "reference.npz", input_ids=input_ids, lengths=lengths, vectors=reference)
+    proc = _torchrun(HERE / "ddp_text_vectors.py", tiny_plm, tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    # 11 rows: each rank encodes 6 (one wraps round), once; both get all 11 (checked in the script)
+    assert proc.stdout.count("encoded [6] ok") == 2
+    assert [p.name for p in (tmp_path / "cache").rglob("*.npy")] == ["1-12.npy"]
+    assert not list((tmp_path / "cache").rglob("*.tmp"))

@@ -3,7 +3,8 @@ cached beside the tokenized prompts.
 
 A frozen encoder gives every model the same vectors, so FLIP_PLM, FLIP and every seed share
 one pass over each row range instead of one per epoch and per model. The cache key is a
-hash of the encoder's weights and the dtype it ran in.
+hash of the encoder's weights and the dtype it ran in. Under DDP the ranks share that pass:
+each encodes every world-th row, the vectors are gathered, rank 0 writes the cache.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from ..data.prompts import PromptBuilder
 from ..data.text import TokenizedPrompts, tokenize_prompts
 from ..models.language import LanguageModel
 from ..utils import atomic_path
+from .distributed import barrier, is_main, rank_world
 
 log = logging.getLogger("flipctr")
 
@@ -33,6 +36,34 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def sentence_vectors(language_model: LanguageModel, input_ids: np.ndarray, lengths: np.ndarray,
+                     batch_size: int) -> np.ndarray:
+    """``[CLS]`` of every row, (N, L) -> (N, H) float32, on every rank. Under DDP each rank
+    encodes every world-th row (the last ones wrapping round to equal counts) and the vectors
+    are gathered, so the ranks split one pass instead of each making all of it."""
+    rank, world = rank_world()
+    n = len(lengths)
+    rows = np.arange(rank, math.ceil(n / world) * world, world) % max(n, 1) if world > 1 else slice(None)
+    vectors = language_model.sentence_vectors(torch.from_numpy(np.array(input_ids[rows])),
+                                              torch.from_numpy(np.array(lengths[rows])), batch_size)
+    if world > 1 and n:
+        vectors = vectors.to(next(language_model.parameters()).device)  # NCCL gathers GPU tensors
+        gathered = [torch.empty_like(vectors) for _ in range(world)]
+        torch.distributed.all_gather(gathered, vectors)
+        vectors = torch.stack(gathered, 1).reshape(-1, vectors.shape[1])[:n].cpu()  # row i*world+k: rank k's
+    return vectors.numpy()
+
+
+def _save_on_main(path: Path | None, save) -> None:
+    """Rank 0 writes ``path`` (atomically); every rank waits until it exists, so that none of
+    them finds it missing on a later call that the others read from it."""
+    if path is not None:
+        if is_main():
+            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+                save(fh)
+        barrier()
 
 
 class TextVectors:
@@ -54,14 +85,11 @@ class TextVectors:
         if path is not None and path.exists():
             return np.load(path)
         tick = time.perf_counter()
-        vectors = self.language_model.sentence_vectors(
-            torch.from_numpy(np.array(self.text.input_ids[start:stop])),
-            torch.from_numpy(np.array(self.text.lengths[start:stop])), self.batch_size).numpy()
+        vectors = sentence_vectors(self.language_model, self.text.input_ids[start:stop],
+                                   self.text.lengths[start:stop], self.batch_size)
         log.info("text vectors of rows [%d, %d): %.0f s (%.0f rows/s)", start, stop, time.perf_counter() - tick,
                  (stop - start) / max(time.perf_counter() - tick, 1e-9))
-        if path is not None:
-            with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, vectors)
+        _save_on_main(path, lambda fh: np.save(fh, vectors))
         return vectors
 
 
@@ -92,12 +120,9 @@ def distinct_vectors(values, key: str, text_fields: list[str], language_model: L
             return cached["table"], cached["index"]
     tick = time.perf_counter()
     tok, index = distinct_texts(values, key, text_fields, tokenizer, max_length)
-    table = language_model.sentence_vectors(torch.from_numpy(tok.input_ids), torch.from_numpy(tok.lengths),
-                                            batch_size).numpy()
+    table = sentence_vectors(language_model, tok.input_ids, tok.lengths, batch_size)
     log.info("text vectors of %d distinct %s values: %.0f s", len(table), key, time.perf_counter() - tick)
-    if path is not None:
-        with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-            np.savez(fh, table=table, index=index)
+    _save_on_main(path, lambda fh: np.savez(fh, table=table, index=index))
     return table, index
 
 
