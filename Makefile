@@ -25,12 +25,14 @@ run: venv
 	$(BIN)/flipctr lm get minilm-l6
 	$(BIN)/flipctr run --dataset ml-1m --profile cpu --run-dir $(RUN_DIR)
 
-# What an offline GPU machine needs for the `gpu` profile (< 60 MiB): raw ML-1M, MiniLM-L6 in
-# bf16. There: bash benchmarks/gpu/run.sh gpu-pack OUT_DIR (README, "GPU")
+# What an offline GPU machine needs for the `gpu` profile (< 60 MiB): the raw data of
+# $(PACK_DATASET) (ml-1m, or bookcrossing: 58.4 MiB), MiniLM-L6 in bf16.
+# There: bash benchmarks/gpu/run.sh gpu-pack OUT_DIR (README, "GPU")
+PACK_DATASET ?= ml-1m
 gpu-pack: venv
-	$(BIN)/flipctr data get ml-1m --source auto
+	$(BIN)/flipctr data get $(PACK_DATASET) --source auto
 	$(BIN)/flipctr lm get minilm-l6
-	$(BIN)/python benchmarks/gpu/pack.py gpu-pack
+	$(BIN)/python benchmarks/gpu/pack.py gpu-pack --dataset $(PACK_DATASET)
 
 test: venv
 	$(BIN)/python -m pytest tests
