@@ -81,7 +81,8 @@ def measure(setting: str, precision: str, args, data, rd: RunData, device: torch
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     with tempfile.TemporaryDirectory() as tmp:
         model, split, pretrainer = pretraining_setup(cfg, rd, data.encoding(ENCODING), device, Path(tmp))
-        loop = pretrainer.fit(model, split)[-1]["samples_per_second"]
+        last = pretrainer.fit(model, split)[-1]
+    loop = last["samples_per_second"]
     dtype = torch.bfloat16 if precision == "bf16" else None
     model.to(device)
     bare = bare_encoder(model, split, cfg, device, dtype)
@@ -92,7 +93,8 @@ def measure(setting: str, precision: str, args, data, rd: RunData, device: torch
             "padding": round(padding_fraction(lengths, order, split.batch_widths(order, args.batch_size),
                                               args.batch_size), 3),
             "pretrain_rows_per_s": round(loop, 2), "bare_encoder_rows_per_s": round(bare, 2),
-            "ratio": round(bare / loop, 3)}
+            "ratio": round(bare / loop, 3),
+            **({"peak_gpu_memory_mib": last["peak_gpu_memory_mib"]} if "peak_gpu_memory_mib" in last else {})}
 
 
 def main() -> None:
@@ -138,10 +140,13 @@ def render(report: dict) -> str:
              f"torch {env['torch']}.", "",
              "| encoder | precision | batch | padding | pretraining rows/s | bare encoder rows/s | ratio |",
              "|---|---|---|---|---|---|---|"]
+    gpu = any("peak_gpu_memory_mib" in r for r in report["results"])
+    if gpu:
+        lines[-2:] = [lines[-2] + " peak GPU memory (MiB) |", lines[-1] + "---|"]
     for r in report["results"]:
         lines.append(f"| {r['setting']} ({r['profile']} profile) | {r['precision']} | {r['batch_size']} | "
                      f"{r['padding']:.1%} | {r['pretrain_rows_per_s']:.1f} | {r['bare_encoder_rows_per_s']:.1f} | "
-                     f"{r['ratio']:.2f} |")
+                     f"{r['ratio']:.2f} |" + (f" {r.get('peak_gpu_memory_mib', float('nan')):.0f} |" if gpu else ""))
     lines += ["", "Ratio = bare encoder rows/s / pretraining rows/s: the cost of everything around the encoder "
               "(target <= 1.3). Bare encoder: the same batches, clean and masked text as one pass, "
               "forward+backward when trained, forward only when frozen. Padding: share of padded text "

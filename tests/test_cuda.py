@@ -20,6 +20,7 @@ def test_one_pretraining_step_on_cuda_in_bf16(tmp_path):
                             torch.device("cuda"), tmp_path)
     history = pretrainer.fit(model, _pretrain_split(16).to(torch.device("cuda")))
     assert torch.isfinite(torch.tensor(history[0]["loss"]))
+    assert history[0]["peak_gpu_memory_mib"] > 0  # recorded per epoch on a GPU
     assert lm.encoder.embeddings.word_embeddings.weight.dtype == torch.float32  # fp32 master weights
     assert not torch.equal(before, lm.encoder.embeddings.word_embeddings.weight.detach().cpu())
     assert (tmp_path / "pretrained.safetensors").exists()

@@ -99,8 +99,11 @@ class Pretrainer:
         ahead = spans is not None and not module.config.token_level_masking
         bound = (module.max_text_targets(spans, data.host("lengths"))
                  if module.config.mlm and spans is not None and not ahead else None)
+        cuda = self.device.type == "cuda"
         for epoch in range(start_epoch, cfg.epochs + 1):
             model.train()
+            if cuda:  # each epoch's peak memory, for sizing the batch and the profile on a GPU
+                torch.cuda.reset_peak_memory_stats(self.device)
             # one order for the global batch (every rank's rows, length-bucketed), then each rank
             # takes every world-th row; padded by repeating the first rows (as DistributedSampler
             # does), so that the shards have equal length and the ranks' collectives equal shapes
@@ -150,10 +153,13 @@ class Pretrainer:
                       "samples_per_second": round(len(data) / seconds, 1), "text_fields_lost": int(lost),
                       **{k: float(v) / steps_per_epoch for k, v in sums.items()
                          if k == "loss" or getattr(module.config, k, False)}}
+            if cuda:
+                record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
             history.append(record)
-            log.info("pretrain epoch %d  %s  %.0f samples/s", epoch,
+            log.info("pretrain epoch %d  %s  %.0f samples/s%s", epoch,
                      "  ".join(f"{k} {record[k]:.4f}" for k in ("loss", *OBJECTIVES) if k in record),
-                     record["samples_per_second"])
+                     record["samples_per_second"],
+                     f"  peak {record['peak_gpu_memory_mib']:.0f} MiB" if cuda else "")
             tracker.scalars(epoch * steps_per_epoch, {f"pretrain/{k}": record[k] for k in
                                                       ("loss", *OBJECTIVES, "lr", "samples_per_second") if k in record})
             if rank == 0:
