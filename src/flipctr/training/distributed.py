@@ -7,6 +7,7 @@ it everything runs as one process.
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -42,6 +43,25 @@ def is_main() -> bool:
 def barrier() -> None:
     if rank_world()[1] > 1:
         dist.barrier()
+
+
+def rank_rows(n: int) -> torch.Tensor:
+    """This rank's share of ``n`` rows for work every rank needs all of (evaluation, frozen text
+    vectors): every world-th row from its rank, the last ones wrapping round to row 0, so that all
+    ranks hold ``ceil(n / world)`` (equal shapes for the gather). One process: all rows."""
+    rank, world = rank_world()
+    return torch.arange(rank, math.ceil(n / world) * world, world) % max(n, 1)
+
+
+def gather_rows(share: torch.Tensor, n: int) -> torch.Tensor:
+    """Every rank's :func:`rank_rows` share (ceil(n / world), ...) gathered back into the ``n``
+    rows in order, on every rank (row i * world + k came from rank k)."""
+    world = rank_world()[1]
+    if world == 1 or n == 0:
+        return share
+    gathered = [torch.empty_like(share) for _ in range(world)]
+    dist.all_gather(gathered, share)
+    return torch.stack(gathered, 1).reshape(-1, *share.shape[1:])[:n]
 
 
 def leave() -> None:

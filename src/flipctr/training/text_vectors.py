@@ -13,7 +13,6 @@ import copy
 import hashlib
 import json
 import logging
-import math
 import time
 from pathlib import Path
 
@@ -25,7 +24,7 @@ from ..data.prompts import PromptBuilder
 from ..data.text import TokenizedPrompts, tokenize_prompts
 from ..models.language import LanguageModel
 from ..utils import atomic_path
-from .distributed import barrier, is_main, rank_world
+from .distributed import barrier, gather_rows, is_main, rank_rows
 
 log = logging.getLogger("flipctr")
 
@@ -38,22 +37,16 @@ def weights_fingerprint(module: torch.nn.Module) -> str:
     return digest.hexdigest()[:16]
 
 
-def sentence_vectors(language_model: LanguageModel, input_ids: np.ndarray, lengths: np.ndarray,
-                     batch_size: int) -> np.ndarray:
+def sharded_sentence_vectors(language_model: LanguageModel, input_ids: np.ndarray, lengths: np.ndarray,
+                             batch_size: int) -> np.ndarray:
     """``[CLS]`` of every row, (N, L) -> (N, H) float32, on every rank. Under DDP each rank
-    encodes every world-th row (the last ones wrapping round to equal counts) and the vectors
-    are gathered, so the ranks split one pass instead of each making all of it."""
-    rank, world = rank_world()
-    n = len(lengths)
-    rows = np.arange(rank, math.ceil(n / world) * world, world) % max(n, 1) if world > 1 else slice(None)
+    encodes its :func:`~.distributed.rank_rows` and the vectors are gathered, so the ranks
+    split one pass instead of each making all of it."""
+    rows = rank_rows(len(lengths)).numpy()
     vectors = language_model.sentence_vectors(torch.from_numpy(np.array(input_ids[rows])),
                                               torch.from_numpy(np.array(lengths[rows])), batch_size)
-    if world > 1 and n:
-        vectors = vectors.to(next(language_model.parameters()).device)  # NCCL gathers GPU tensors
-        gathered = [torch.empty_like(vectors) for _ in range(world)]
-        torch.distributed.all_gather(gathered, vectors)
-        vectors = torch.stack(gathered, 1).reshape(-1, vectors.shape[1])[:n].cpu()  # row i*world+k: rank k's
-    return vectors.numpy()
+    device = next(language_model.parameters()).device  # NCCL gathers GPU tensors
+    return gather_rows(vectors.to(device), len(lengths)).cpu().numpy()
 
 
 def _save_on_main(path: Path | None, save) -> None:
@@ -85,8 +78,8 @@ class TextVectors:
         if path is not None and path.exists():
             return np.load(path)
         tick = time.perf_counter()
-        vectors = sentence_vectors(self.language_model, self.text.input_ids[start:stop],
-                                   self.text.lengths[start:stop], self.batch_size)
+        vectors = sharded_sentence_vectors(self.language_model, self.text.input_ids[start:stop],
+                                           self.text.lengths[start:stop], self.batch_size)
         log.info("text vectors of rows [%d, %d): %.0f s (%.0f rows/s)", start, stop, time.perf_counter() - tick,
                  (stop - start) / max(time.perf_counter() - tick, 1e-9))
         _save_on_main(path, lambda fh: np.save(fh, vectors))
@@ -120,7 +113,7 @@ def distinct_vectors(values, key: str, text_fields: list[str], language_model: L
             return cached["table"], cached["index"]
     tick = time.perf_counter()
     tok, index = distinct_texts(values, key, text_fields, tokenizer, max_length)
-    table = sentence_vectors(language_model, tok.input_ids, tok.lengths, batch_size)
+    table = sharded_sentence_vectors(language_model, tok.input_ids, tok.lengths, batch_size)
     log.info("text vectors of %d distinct %s values: %.0f s", len(table), key, time.perf_counter() - tick)
     _save_on_main(path, lambda fh: np.savez(fh, table=table, index=index))
     return table, index

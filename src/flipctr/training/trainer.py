@@ -23,7 +23,7 @@ from ..config import TrainConfig
 from ..data.batching import Split
 from ..models.language import LanguageModel
 from ..utils import atomic_path
-from .distributed import rank_world
+from .distributed import gather_rows, rank_rows, rank_world
 from .metrics import ctr_metrics
 from .tracking import Tracker
 
@@ -188,20 +188,14 @@ def predict(model: nn.Module, split: Split, batch_size: int = 8192,
     (the last ones wrapping round to equal counts) and the scores are gathered: every rank
     returns all of them, so all ranks agree on metrics and early stopping."""
     model.eval()
-    rank, world = rank_world()
     names, device, out = input_names(model), split.labels.device, []
-    order = torch.arange(rank, math.ceil(len(split) / world) * world, world) % len(split)
+    order = rank_rows(len(split))
     widths = split.batch_widths(order, batch_size)
     for k, i in enumerate(range(0, len(order), batch_size)):
         batch = split.batch(order[i:i + batch_size].to(device), names, widths[k] if widths else None)
         with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
             out.append(torch.sigmoid(model(**batch).logits.float()))
-    scores = torch.cat(out)
-    if world > 1:
-        gathered = [torch.empty_like(scores) for _ in range(world)]
-        torch.distributed.all_gather(gathered, scores)
-        scores = torch.stack(gathered, 1).reshape(-1)[:len(split)]  # row i*world+k came from rank k
-    return scores.cpu().numpy()
+    return gather_rows(torch.cat(out), len(split)).cpu().numpy()
 
 
 def evaluate(model: nn.Module, split: Split, batch_size: int = 8192,
