@@ -27,7 +27,7 @@ run: venv
 
 # What an offline GPU machine needs for the `gpu` profile (< 60 MiB): the raw data of
 # $(PACK_DATASET) (ml-1m, or bookcrossing: 58.4 MiB), MiniLM-L6 in bf16.
-# There: bash benchmarks/gpu/run.sh gpu-pack OUT_DIR (README, "GPU")
+# There: bash benchmarks/gpu/oneshot.sh gpu-pack OUT_DIR (README, "On a GPU machine without internet")
 PACK_DATASET ?= ml-1m
 gpu-pack: venv
 	$(BIN)/flipctr data get $(PACK_DATASET) --source auto

@@ -169,3 +169,13 @@ def test_frozen_text_vectors_under_ddp_are_one_pass_shared_by_the_ranks(tiny_plm
     assert proc.stdout.count("encoded [6] ok") == 2
     assert [p.name for p in (tmp_path / "cache").rglob("*.npy")] == ["1-12.npy"]
     assert not list((tmp_path / "cache").rglob("*.tmp"))
+
+
+def test_time_budgets_stop_every_rank_at_the_same_point(tmp_path):
+    proc = _torchrun(HERE / "ddp_budget.py", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    # finetuning: rank 1's first interval (20 s) says the next would end past 35 s; rank 0 alone
+    # would have gone on to 30 s. Pretraining: 6 steps an epoch per rank; rank 1's rate (0.5
+    # steps/s) leaves room for 14 steps, rank 0's for 29: both stop at 14
+    assert ranks[0] == ranks[1] == {"evals": [0.5], "stopped": "budget", "steps": 14}

@@ -7,7 +7,7 @@ OUT_DIR gets ``raw-<dataset>.tar.xz`` (the fetched raw folder, SOURCE.json inclu
 the size; flipctr loads them back into fp32 master weights). Raw data must have been fetched
 (`flipctr data get`) and the encoder too (`flipctr lm get`). The folder is written under a
 temporary name and renamed when complete; a pack over ``--limit-mib`` is an error.
-Run it there with ``bash benchmarks/gpu/run.sh OUT_DIR RESULTS_DIR``.
+Run it there with ``bash benchmarks/gpu/oneshot.sh OUT_DIR RESULTS_DIR``.
 """
 
 from __future__ import annotations

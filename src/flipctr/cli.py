@@ -1,4 +1,4 @@
-"""Command line: ``flipctr data get|stats``, ``flipctr lm get``, ``flipctr train``, ``flipctr run``,
+"""Command line: ``flipctr data get|stats|prepare``, ``flipctr lm get``, ``flipctr train``, ``flipctr run``,
 ``flipctr evaluate``, ``flipctr predict``, ``flipctr export``, ``flipctr report``."""
 
 from __future__ import annotations
@@ -66,6 +66,27 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
 
     cfg = _resolve(args, **{"data.dataset": args.name})
     print(json.dumps(prepare(cfg.data).stats(), indent=2))
+
+
+def cmd_data_prepare(args: argparse.Namespace) -> None:
+    """Build the encoded table's cache and, with ``--plm``, the tokenized prompts' cache, so that a
+    later run (or a timed one) starts from them; prints where they are and how long it took."""
+    import time
+
+    import torch
+
+    from .data.cache import prepare
+    from .training.runner import RunData
+
+    cfg = _resolve(args, **{"data.dataset": args.name, "model.plm": args.plm})
+    tick = time.perf_counter()
+    data = prepare(cfg.data)
+    out: dict = {"cache": str(data.folder), "samples": data.sizes.total}
+    if args.plm:
+        text = RunData(data, cfg, torch.device("cpu"), text=True).text
+        out.update(text=str(text.folder), prompts=text.report)
+    out["seconds"] = round(time.perf_counter() - tick, 1)
+    print(json.dumps(out, indent=2))
 
 
 def cmd_train(args: argparse.Namespace) -> None:
@@ -206,6 +227,12 @@ def build_parser() -> argparse.ArgumentParser:
     stats.add_argument("name", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
     _config_args(stats)
     stats.set_defaults(func=cmd_data_stats)
+    prep = data_verbs.add_parser("prepare", help="build a dataset's caches (encoded table; tokenized prompts "
+                                 "with --plm) and print where they are as JSON")
+    prep.add_argument("name", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    prep.add_argument("--plm", help="also tokenize the prompts for this language model (name or folder)")
+    _config_args(prep)
+    prep.set_defaults(func=cmd_data_prepare)
 
     lm = verbs.add_parser("lm", help="language models that work offline")
     lm_verbs = lm.add_subparsers(dest="lm_verb", required=True)

@@ -67,6 +67,9 @@ class TrainConfig:
     epochs: int = 20
     patience: int = 2  # evaluations without a validation-AUC gain before stopping
     evals_per_epoch: int = 1  # validation evaluations per epoch (finer choice of training length)
+    # wall-clock seconds per training stage (selection, refit), checked at each evaluation: the
+    # stage stops when the next evaluation would come past it (None: no limit)
+    max_seconds: float | None = None
     reduce_lr_on_plateau: bool = False
     reduce_lr_factor: float = 0.1
     protocol: str = "clean"  # "clean" (select on valid) or "paper" (select on test)
@@ -109,6 +112,9 @@ class PretrainConfig:
     warmup_steps: int = 0
     rows: int | None = None  # pretrain on N rows of train+valid only (None: all)
     rows_from: str = "last"  # which N rows: "last" (the most recent) or "random" (a seeded uniform sample)
+    # wall-clock seconds: the cosine schedule is sized to the steps that fit (measured after the
+    # first steps) and pretraining stops, with a checkpoint, when they are done (None: no limit)
+    max_seconds: float | None = None
     seed: int = 2024
     amp: str = "auto"
     length_buckets: int = 50  # batches of similar prompt length, sorted within chunks of N batches (0: off)
@@ -129,6 +135,7 @@ class TextFinetuneConfig:
     train_rows: int | None = None  # train on the last N training rows only (None: all)
     valid_rows: int | None = None  # select on the last N validation rows only (None: all); test is always whole
     refit: bool = True
+    max_seconds: float | None = None  # per training stage of FLIP_PLM and FLIP, as train.max_seconds
     # FLIP's starting point: "pretrained" (paper: the pretraining checkpoint) or "finetuned"
     # (the finetuned FLIP_ID and FLIP_PLM, so that an ID side trained on all rows joins a text
     # side trained on a subset; each protocol stage starts from the same stage of those two)

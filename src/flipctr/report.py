@@ -180,5 +180,16 @@ def render_results(report: dict) -> str:
     if "alpha" in report["results"].get("flip", {}):
         lines += ["", f"FLIP's α (weight of the ID side) after training: {report['results']['flip']['alpha']:.3f}."]
     lines += ["", f"Pretrained: {report['pretrained']} ({report['pretrain_seconds']:.0f} s); "
-              f"total {report['wall_seconds']:.0f} s. Selection on validation; test evaluated once per model.", ""]
+              f"total {report['wall_seconds']:.0f} s. Selection on validation; test evaluated once per model."]
+    budgets = {k: v for k, v in report.get("max_seconds", {}).items() if v is not None}
+    if budgets:
+        cut = [names[v] for v, m in report["results"].items() if "budget" in (m.get("stopped"), m.get("refit_stopped"))]
+        lines += ["", "Time budgets (s): " + ", ".join(f"{k} {v:g}" for k, v in budgets.items())
+                  + f"; refit {'on' if report['refit']['id'] else 'off'} (ID models), "
+                  f"{'on' if report['refit']['text'] else 'off'} (text models). "
+                  + (f"Stopped by their budget: {', '.join(cut)}." if cut else "No finetuning was stopped by its budget.")]
+    missing = [v for v in report.get("variants", []) if v not in report["results"]]
+    if missing:
+        lines += ["", f"Not finished (yet): {', '.join(missing)}."]
+    lines.append("")
     return "\n".join(lines)

@@ -180,6 +180,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     text_dim = hidden_size(cfg.model.plm)
     text_train = dataclasses.replace(cfg.train, lr=cfg.text_finetune.lr, batch_size=cfg.text_finetune.batch_size,
                                      epochs=cfg.text_finetune.epochs, refit=cfg.text_finetune.refit,
+                                     max_seconds=cfg.text_finetune.max_seconds,
                                      eval_batch_size=cfg.train.eval_batch_size or 256)
     rows = {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
 
@@ -217,42 +218,55 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         "flip": (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="flip"), train=text_train),
                  flip_model, {**rows, **joint}),
     }
-    results = {}
+    results: dict[str, dict] = {}
+
+    def write_results() -> dict:
+        """``results.{json,md}`` of the models finished so far (rewritten after each: a run
+        killed on a lent machine still leaves its table); ``complete`` once all are in."""
+        report = {
+            "dataset": data.name, "profile": profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
+            "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
+            "flip": dataclasses.asdict(cfg.flip), "prompts": prompts,
+            # the stages' own times, those an earlier call ran included (a resumed run reads them back);
+            # a FLIP_ID that is the scratch run (no pretraining, "note") is not counted twice
+            "wall_seconds": round(pretrain_seconds + sum(r["wall_seconds"] for r in results.values()
+                                                         if "note" not in r), 1),
+            "complete": set(results) == set(variants), "variants": list(variants),
+            "refit": {"id": cfg.train.refit, "text": cfg.text_finetune.refit},
+            "max_seconds": {"pretrain": cfg.pretrain.max_seconds, "train": cfg.train.max_seconds,
+                            "text_finetune": cfg.text_finetune.max_seconds},
+            "results": results,
+            "method": method, "title": recipe.title,
+            "names": {v: recipe.reported[v][0] for v in results if v in recipe.reported},
+            "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else recipe.reported.get(v, (v, v))[1])
+                      for v in results},
+        }
+        if is_main():
+            write_json(run_dir / "results.json", report)
+            write_text(run_dir / "results.md", render_results(report))
+        return report
+
+    write_results()
     for variant in variants:
         done = run_dir / variant / "metrics.json"
         if resume and done.exists():  # finished by an earlier call
             log.info("%s: finished earlier, read from %s", variant, done)
             results[variant] = {k: v for k, v in json.loads(done.read_text()).items() if k != "history"}
-            continue
-        if variant == "flip_id" and pretrained is None and "scratch" in results:
+        elif variant == "flip_id" and pretrained is None and "scratch" in results:
             # without pretraining FLIP_ID is the backbone from scratch: the same run, not a second one
             if is_main():
                 shutil.copytree(run_dir / "scratch", run_dir / "flip_id", dirs_exist_ok=True)
             results[variant] = {**results["scratch"], "note": "no pretraining: the scratch run"}
-            continue
-        variant_cfg, factory, options = plans[variant]
-        metrics = train_run(variant_cfg, run_dir / variant, data_root, **{"model_factory": factory, **options},
-                            encoding=ENCODING, resume=resume)
-        if is_main():
-            setup_logging(run_dir)  # train_run pointed the log at the variant's folder
-        results[variant] = {k: v for k, v in metrics.items() if k != "history"}
-    report = {
-        "dataset": data.name, "profile": profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
-        "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
-        "flip": dataclasses.asdict(cfg.flip), "prompts": prompts,
-        # the stages' own times, those an earlier call ran included (a resumed run reads them back);
-        # a FLIP_ID that is the scratch run (no pretraining, "note") is not counted twice
-        "wall_seconds": round(pretrain_seconds + sum(r["wall_seconds"] for r in results.values()
-                                                     if "note" not in r), 1),
-        "results": results,
-        "method": method, "title": recipe.title,
-        "names": {v: recipe.reported[v][0] for v in results if v in recipe.reported},
-        "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else recipe.reported.get(v, (v, v))[1])
-                  for v in results},
-    }
+        else:
+            variant_cfg, factory, options = plans[variant]
+            metrics = train_run(variant_cfg, run_dir / variant, data_root, **{"model_factory": factory, **options},
+                                encoding=ENCODING, resume=resume)
+            if is_main():
+                setup_logging(run_dir)  # train_run pointed the log at the variant's folder
+            results[variant] = {k: v for k, v in metrics.items() if k != "history"}
+        write_results()
+    report = write_results()
     if not is_main():
         return None
-    write_json(run_dir / "results.json", report)
-    write_text(run_dir / "results.md", render_results(report))
     log.info("\n%s", render_results(report))
     return report

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 from ..config import PretrainConfig
 from ..data.batching import Split
 from ..utils import atomic_path, write_json
+from .budget import Budget, agree_min, wait_for
 from .distributed import rank_world
 from .runner import save_weights
 from .tracking import Tracker
@@ -26,16 +27,62 @@ log = logging.getLogger("flipctr")
 OBJECTIVES = ("mlm", "mtm", "icl")
 
 
-def cosine_schedule(warmup: int, total: int) -> Callable[[int], float]:
-    """lr multiplier: linear warm-up for ``warmup`` steps, then cosine decay to 0 at ``total``."""
+class CosineSchedule:
+    """lr multiplier: linear warm-up for ``warmup`` steps, then cosine decay to 0 at ``total``.
 
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
+    ``total`` may be lowered while training (a time budget sizes it to the steps that fit); a
+    callable object's attributes are saved with ``LambdaLR``'s state, so a resume keeps it."""
+
+    def __init__(self, warmup: int, total: int):
+        self.warmup, self.total = warmup, total
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.total - self.warmup)
         return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
-    return factor
+
+class ScheduleSizer:
+    """Sizes a :class:`CosineSchedule` to a time budget: steps per second are measured from the
+    ``skip``-th step of this call on (the first steps choose kernels, compile), after ``first``
+    measured steps the schedule's total is lowered to the steps that fit in what is left of the
+    budget, and the measure is checked again every ``every`` steps (checkpoints included). The
+    total only ever shrinks; every rank agrees on it. ``margin``: the share of the remaining
+    time kept for the last checkpoint and the measurement's error."""
+
+    def __init__(self, budget: Budget, schedule: CosineSchedule, device: torch.device,
+                 skip: int = 3, first: int = 10, every: int = 50, margin: float = 0.03):
+        self.budget, self.schedule, self.device = budget, schedule, device
+        self.skip, self.first, self.every, self.margin = skip, first, every, margin
+        self.start: int | None = None  # the step count this call started from
+        self.mark: tuple[int, float] | None = None  # (step count, budget seconds) the measure starts at
+        self.rate: float | None = None  # steps per second
+        self.planned = schedule.total
+
+    def after_step(self, step_count: int) -> None:
+        if self.start is None:
+            self.start = step_count - 1
+        if self.mark is None:
+            if step_count - self.start == self.skip:
+                wait_for(self.device)
+                self.mark = (step_count, self.budget.elapsed())
+            return
+        measured = step_count - self.mark[0]
+        if measured >= self.first and (measured - self.first) % self.every == 0:
+            self.plan(step_count)
+
+    def plan(self, step_count: int) -> None:
+        wait_for(self.device)
+        seconds = self.budget.elapsed() - self.mark[1]
+        self.rate = (step_count - self.mark[0]) / max(seconds, 1e-9)
+        fits = step_count + int(max(self.budget.remaining(), 0.0) * (1 - self.margin) * self.rate)
+        fits = agree_min(fits, self.device)
+        if fits < self.schedule.total:
+            if self.schedule.total == self.planned:
+                log.info("pretraining budget %.0f s: %.2f steps/s measured, schedule sized to %d of %d steps",
+                         self.budget.seconds, self.rate, fits, self.schedule.total)
+            self.schedule.total = fits
 
 
 class Pretrainer:
@@ -70,14 +117,15 @@ class Pretrainer:
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
         shard = math.ceil(len(data) / world)  # every rank the same number of rows, hence of steps
         steps_per_epoch = math.ceil(shard / cfg.batch_size)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, cosine_schedule(cfg.warmup_steps, steps_per_epoch * cfg.epochs))
+        planned = steps_per_epoch * cfg.epochs
+        schedule = CosineSchedule(cfg.warmup_steps, planned)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         shuffle = torch.Generator().manual_seed(cfg.seed)
         masking = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + rank)
         choice = torch.Generator().manual_seed(cfg.seed + 3 + rank)  # the masked fields, drawn per epoch
         torch.manual_seed(cfg.seed + 2 + rank)  # dropout
         history: list[dict] = []
-        start_epoch = 1
+        start_epoch, used, done = 1, 0.0, False
         tracker = Tracker(self.folder / "tensorboard")
         if resume and self.state_path.exists():
             state = torch.load(self.state_path, weights_only=True)
@@ -89,7 +137,12 @@ class Pretrainer:
             choice.set_state(state["choice_rng"])
             torch.set_rng_state(state["torch_rng"])
             history, start_epoch = state["history"], state["epoch"] + 1
-            log.info("resumed pretraining after epoch %d", state["epoch"])
+            used, done = state.get("seconds", 0.0), state.get("done", False)
+            log.info("resumed pretraining after epoch %d%s", state["epoch"],
+                     " (it had used its time budget)" if done else "")
+        budget = Budget(cfg.max_seconds, used)
+        sizer = ScheduleSizer(budget, schedule, self.device) if budget.limited else None
+        step_count = scheduler.last_epoch  # optimizer steps taken, an earlier call's included
         if cfg.compile:  # the encoder's shapes: a few bucket widths (multiples of 8) times the batch size
             module.language_model.encoder.compile()  # in place: the weights' names stay
         # the masked fields are drawn on the host for the whole epoch, so each batch's number of
@@ -100,7 +153,7 @@ class Pretrainer:
         bound = (module.max_text_targets(spans, data.host("lengths"))
                  if module.config.mlm and spans is not None and not ahead else None)
         cuda = self.device.type == "cuda"
-        for epoch in range(start_epoch, cfg.epochs + 1):
+        for epoch in range(start_epoch, cfg.epochs + 1 if not done else start_epoch):
             model.train()
             if cuda:  # each epoch's peak memory, for sizing the batch and the profile on a GPU
                 torch.cuda.reset_peak_memory_stats(self.device)
@@ -124,8 +177,12 @@ class Pretrainer:
             # losses add up on the device and are read once per epoch: no step waits on the host
             sums = {k: torch.zeros((), device=self.device) for k in (*OBJECTIVES, "loss")}
             lost, tick = torch.zeros((), dtype=torch.long, device=self.device), time.perf_counter()
+            steps = 0
             for step in tqdm(range(steps_per_epoch), desc=f"pretrain {epoch}", disable=not cfg.progress,
                              leave=False, mininterval=2.0):
+                if step_count >= schedule.total:  # the time budget sized the schedule shorter
+                    done = True
+                    break
                 batch = data.batch(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], self.names,
                                    widths[step])
                 if targets is not None:
@@ -146,13 +203,24 @@ class Pretrainer:
                     if value is not None:
                         sums[name] += value.detach()
                 lost += out.text_fields_lost
+                steps, step_count = steps + 1, step_count + 1
                 if on_step is not None:  # a callback reads the loss, and so waits for it
                     on_step(epoch, step, out.loss.item())
+                if sizer is not None:
+                    sizer.after_step(step_count)
+            done = done or step_count >= schedule.total
             seconds = time.perf_counter() - tick
+            rows = min(len(data), steps * cfg.batch_size * world)
             record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1),
-                      "samples_per_second": round(len(data) / seconds, 1), "text_fields_lost": int(lost),
-                      **{k: float(v) / steps_per_epoch for k, v in sums.items()
+                      "samples_per_second": round(rows / max(seconds, 1e-9), 1), "text_fields_lost": int(lost),
+                      "steps": steps, "rows": rows,
+                      **{k: float(v) / max(steps, 1) for k, v in sums.items()
                          if k == "loss" or getattr(module.config, k, False)}}
+            if schedule.total < planned and done:
+                record["stopped_by_budget"] = True
+                log.info("pretraining stopped by its %.0f s time budget after %d of %d planned steps "
+                         "(epoch %d: %d of %d steps)", cfg.max_seconds, step_count, planned, epoch, steps,
+                         steps_per_epoch)
             if cuda:
                 record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
             history.append(record)
@@ -163,19 +231,22 @@ class Pretrainer:
             tracker.scalars(epoch * steps_per_epoch, {f"pretrain/{k}": record[k] for k in
                                                       ("loss", *OBJECTIVES, "lr", "samples_per_second") if k in record})
             if rank == 0:
-                self._checkpoint(module, optimizer, scheduler, (shuffle, masking, choice), history, epoch)
+                self._checkpoint(module, optimizer, scheduler, (shuffle, masking, choice), history, epoch,
+                                 budget.elapsed(), done)
+            if done:
+                break
         tracker.close()
         if rank == 0:
             self._plot(history)
         return history
 
-    def _checkpoint(self, model, optimizer, scheduler, generators, history, epoch) -> None:
+    def _checkpoint(self, model, optimizer, scheduler, generators, history, epoch, seconds, done) -> None:
         save_weights(model, self.weights_path)
         shuffle, masking, choice = generators
         state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                  "shuffle_rng": shuffle.get_state(), "masking_rng": masking.get_state(),
                  "choice_rng": choice.get_state(),
-                 "torch_rng": torch.get_rng_state(), "history": history}
+                 "torch_rng": torch.get_rng_state(), "history": history, "seconds": seconds, "done": done}
         with atomic_path(self.state_path) as tmp:
             torch.save(state, tmp)
         write_json(self.folder / "pretrain_history.json", history)

@@ -281,6 +281,9 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         train_samples_per_second=round(fit.samples_per_second, 1),
         epochs=len(fit.history), best_epoch=fit.best_epoch,
         refit_epochs=fit.best_epoch if final_fit is not fit else 0,
+        # why training ended: "patience", "budget" (train.max_seconds), None (all epochs ran)
+        stopped=fit.stopped, refit_stopped=final_fit.stopped if final_fit is not fit else None,
+        max_seconds=cfg.train.max_seconds, fit_seconds=round(fit.seconds, 1),
         wall_seconds=round(time.perf_counter() - started, 1),
         history=[vars(r) for r in fit.history],
     )

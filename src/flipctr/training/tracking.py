@@ -1,7 +1,7 @@
 """TensorBoard event files beside a run's ``train.log`` (``tensorboard --logdir RUN_DIR``).
 
 Written by rank 0 only. Without the ``tensorboard`` package (``pip install flipctr[tensorboard]``)
-the run says so once in its log and writes no event files.
+(or with one that fails to load) the run says so once in its log and writes no event files.
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ class Tracker:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(folder))
         except ImportError:
             log.info("tensorboard not installed: no event files in %s (pip install 'flipctr[tensorboard]')", folder)
-            return
-        self.writer = SummaryWriter(str(folder))
+        except Exception as err:  # noqa: BLE001 - an installed but broken TensorBoard must not stop training
+            log.warning("tensorboard unusable (%s: %s): no event files in %s", type(err).__name__, err, folder)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is not None:

@@ -23,6 +23,7 @@ from ..config import TrainConfig
 from ..data.batching import Split
 from ..models.language import LanguageModel
 from ..utils import atomic_path
+from .budget import Budget, agree_any
 from .distributed import gather_rows, rank_rows, rank_world
 from .metrics import ctr_metrics
 from .tracking import Tracker
@@ -46,6 +47,8 @@ class FitResult:
     history: list[EpochRecord] = field(default_factory=list)
     best_epoch: float = 0.0  # epochs of training at the best evaluation (2.5 = mid-epoch 3); 0 without eval
     best_eval: dict[str, float] | None = None
+    stopped: str | None = None  # "patience" (early stopping), "budget" (train.max_seconds), None: ran all epochs
+    seconds: float = 0.0  # the fit's wall-clock time (evaluations included; what a time budget counts)
 
     @property
     def samples_per_second(self) -> float:
@@ -256,7 +259,7 @@ class Trainer:
         last_epoch_auc = -math.inf
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         result, best_state, bad_evals, stop = FitResult(), None, 0, False
-        start_epoch = 1
+        start_epoch, used = 1, 0.0
         if resume and checkpoint is not None and checkpoint.exists():
             state = torch.load(checkpoint, map_location=self.device, weights_only=True)
             module.load_state_dict(state["model"])
@@ -266,8 +269,9 @@ class Trainer:
             if torch.cuda.is_available() and state.get("cuda_rng") is not None:
                 torch.cuda.set_rng_state_all(state["cuda_rng"])
             best_state, bad_evals, last_epoch_auc = state["best_state"], state["bad_evals"], state["last_epoch_auc"]
-            result = FitResult([EpochRecord(**r) for r in state["history"]], state["best_epoch"], state["best_eval"])
-            start_epoch, stop = state["epoch"] + 1, state["done"]
+            result = FitResult([EpochRecord(**r) for r in state["history"]], state["best_epoch"], state["best_eval"],
+                               state.get("stopped"))
+            start_epoch, stop, used = state["epoch"] + 1, state["done"], state.get("seconds", 0.0)
             log.info("resumed %s after epoch %d%s", stage, state["epoch"], " (it had ended)" if stop else "")
         loss_fn = nn.BCEWithLogitsLoss()
         n, bs, names = len(train), cfg.batch_size, input_names(module)
@@ -295,6 +299,19 @@ class Trainer:
         evals = max(1, cfg.evals_per_epoch)
         eval_steps = {round(steps_per_epoch * k / evals) for k in range(1, evals + 1)}
         last_epoch = math.ceil(total_steps / steps_per_epoch)
+        budget = Budget(cfg.max_seconds, used)
+        checked = budget.elapsed()  # when the budget was last checked
+
+        def out_of_time() -> bool:
+            """Checked at each evaluation (each epoch's end without one): stop when the next
+            interval, as long as the last one, would end past the budget."""
+            nonlocal checked
+            if not budget.limited:
+                return False
+            now = budget.elapsed()
+            late, checked = now + (now - checked) > budget.seconds, now
+            return agree_any(late, self.device)
+
         for epoch in range(start_epoch, last_epoch + 1 if not stop else start_epoch):
             if lr_schedule is not None:
                 optimizer.set_lr(lr_schedule[min(epoch, len(lr_schedule)) - 1])
@@ -337,7 +354,10 @@ class Trainer:
                     model.train()
                     tick = time.perf_counter()
                     if bad_evals >= cfg.patience:
-                        stop = True
+                        stop, result.stopped = True, "patience"
+                        break
+                    if out_of_time():
+                        stop, result.stopped = True, "budget"
                         break
             train_seconds += time.perf_counter() - tick
             record.train_loss, record.seconds = float(total) / max(seen, 1), train_seconds
@@ -346,6 +366,8 @@ class Trainer:
                 if record.evals[-1]["auc"] <= last_epoch_auc:
                     optimizer.set_lr(lr * cfg.reduce_lr_factor)
                 last_epoch_auc = max(last_epoch_auc, record.evals[-1]["auc"])
+            if eval_split is None and not stop and epoch < last_epoch and out_of_time():
+                stop, result.stopped = True, "budget"
             result.history.append(record)
             log.info("epoch %d  lr %.2e  train loss %.5f  %.0f samples/s", epoch, lr, record.train_loss,
                      record.samples_per_second)
@@ -361,13 +383,19 @@ class Trainer:
                                 "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
                                 "best_state": best_state, "bad_evals": bad_evals, "last_epoch_auc": last_epoch_auc,
                                 "history": [vars(r) for r in result.history], "best_epoch": result.best_epoch,
-                                "best_eval": result.best_eval}, tmp)
+                                "best_eval": result.best_eval, "stopped": result.stopped,
+                                "seconds": budget.elapsed()}, tmp)
             if on_epoch_end is not None:
                 on_epoch_end(record)
             if stop:
-                log.info("early stop: no eval AUC gain in %d evaluations; best at epoch %g", bad_evals,
-                         result.best_epoch)
+                if result.stopped == "budget":
+                    log.info("stopped by the %.0f s time budget after %.0f s; best at epoch %g", budget.seconds,
+                             budget.elapsed(), result.best_epoch)
+                else:
+                    log.info("early stop: no eval AUC gain in %d evaluations; best at epoch %g", bad_evals,
+                             result.best_epoch)
                 break
         if best_state is not None:
             module.load_state_dict(best_state)
+        result.seconds = budget.elapsed()
         return result
