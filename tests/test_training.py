@@ -323,3 +323,19 @@ def test_report_pools_seeds_and_draws_figures(ml1m_root, tmp_path, capsys):
         assert (tmp_path / "report" / figure).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "± " in (tmp_path / "report" / "report.md").read_text()
     assert main(["report", str(tmp_path / "nothing"), "--out", str(tmp_path / "r2")]) == 2
+
+
+def test_a_broken_tensorboard_does_not_stop_training(tmp_path, monkeypatch, caplog):
+    import torch.utils.tensorboard
+
+    from flipctr.training.tracking import Tracker
+
+    def broken(*args, **kwargs):
+        raise TypeError("Descriptors cannot be created directly")  # e.g. a protobuf mismatch
+
+    monkeypatch.setattr(torch.utils.tensorboard, "SummaryWriter", broken)
+    with caplog.at_level("WARNING", logger="flipctr"):
+        tracker = Tracker(tmp_path / "tb")
+    tracker.scalars(1, {"train/loss": 0.5})  # a no-op, not an error
+    tracker.close()
+    assert tracker.writer is None and "tensorboard unusable (TypeError" in caplog.text
