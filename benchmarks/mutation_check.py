@@ -104,6 +104,12 @@ FAULTS = [
           "inside = (pos >= value_spans[..., :1] - 2) & (pos < value_spans[..., 1:])"),
     Fault("tab_mask_other_id", "the tabular <MASK> is not the shared mask id", MASKING,
           "return ids.masked_fill(chosen, mask_id)", "return ids.masked_fill(chosen, mask_id + 1)"),
+    Fault("text_fields_are_table_fields", "the text masks the fields the table masks (drawn ahead)", MASKING,
+          "return tab, None if self.token_level else choose_fields(rows, self.num_fields, self.text_ratio, generator)",
+          "return tab, None if self.token_level else tab"),
+    Fault("text_fields_are_table_fields_in_forward", "the text masks the fields the table masks (drawn in the forward)",
+          MASKING, "text = choose_fields(batch, self.num_fields, self.text_ratio, generator, device)",
+          "text = tab"),
     Fault("fields_per_sample_truncated", "k = int(ratio · F) instead of max(1, round(ratio · F))", MASKING,
           "return max(1, round(ratio * num_fields))", "return max(1, int(ratio * num_fields))"),
 ]

@@ -231,3 +231,50 @@ def test_finetuning_loss_is_eq_15_through_the_trainers_step():
     split = Split(labels, {"ids": ids, "input_ids": input_ids, "lengths": torch.full((6,), 15)})
     result = Trainer(cfg.train, torch.device("cpu")).fit(model, split)
     assert result.history[0].train_loss == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("ahead", [True, False])
+def test_text_and_table_fields_are_drawn_independently(ahead):
+    """Each side draws its own fields (3.3.1): with one field of eight masked per side, they
+    coincide in about 1/8 of the rows, not always. Both ways of drawing: ahead on the host
+    (pretraining's) and inside the forward."""
+    from flipctr.data.masking import FieldMasker
+
+    rows, fields = 4000, 8
+    masker = FieldMasker(fields, MASK_ID, TEXT_MASK, 0.15, 0.15)
+    generator = torch.Generator().manual_seed(0)
+    if ahead:
+        tab, text = masker.choose(rows, generator)
+    else:  # one token per field at position f + 1: the masked token gives the text field
+        spans = torch.stack([torch.arange(1, fields + 1), torch.arange(2, fields + 2)], -1).expand(rows, -1, -1)
+        masked = masker(torch.ones(rows, fields, dtype=torch.long), torch.full((rows, fields + 2), 9),
+                        torch.ones(rows, fields + 2, dtype=torch.long), spans, generator)
+        tab, text = masked.tab_fields, masked.text_positions.long().argmax(1, keepdim=True) - 1
+    assert tab.shape == text.shape == (rows, 1)
+    same = (tab == text).float().mean().item()
+    assert abs(same - 1 / fields) < 0.03  # sd of the fraction ~0.005
+
+
+def test_a_pretraining_step_is_bitwise_repeatable_on_several_threads():
+    """Same inputs and seeds, two threads: the same gradients to the last bit (indexing with
+    repeated ids must not sum in a thread-dependent order; Adam would make that lr-sized)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = 64
+        ids, input_ids, spans = IDS.repeat(rows, 1), INPUT_IDS.repeat(rows, 1), SPANS.repeat(rows, 1, 1)
+        tab, text = TAB_FIELDS.repeat(rows, 1), TEXT_FIELDS.repeat(rows, 1)
+
+        def gradients():
+            model = _pretrain_model().train()
+            torch.manual_seed(5)
+            out = model(ids, input_ids, torch.ones_like(input_ids), spans, torch.Generator().manual_seed(0),
+                        text_targets=int(model.masker.text_targets(spans, text).sum()), tab_fields=tab,
+                        text_fields=text)
+            out.loss.backward()
+            return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+        first, second = gradients(), gradients()
+        assert [n for n in first if not torch.equal(first[n], second[n])] == []
+    finally:
+        torch.set_num_threads(threads)

@@ -53,6 +53,13 @@ def info_nce(z_a: torch.Tensor, z_b: torch.Tensor, temperature: float, rows: sli
     return 0.5 * (F.cross_entropy(a_to_b, target) + F.cross_entropy(b_to_a, target))
 
 
+def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``table[index]`` for an index with repeats, with a backward that sums the repeats in a
+    fixed order: advanced indexing's backward accumulates in parallel on CPUs, so two runs
+    with the same seed would differ in the last bits (and Adam makes those bits lr-sized)."""
+    return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
+
+
 def gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every rank's rows under DDP, in rank order, the gradient flowing back to their owners
     (``torch.distributed.nn``), and the offset of this rank's rows; ``(z, 0)`` outside DDP.
@@ -118,11 +125,11 @@ class MTMHead(nn.Module):
         step waits on the host. ``u`` None: no text reference (ablation "w/o joint reconstruction").
         """
         ctx = v_hat if u is None else torch.cat([v_hat, u], -1)
-        h = torch.einsum("bd,bmde->bme", ctx, self.field_proj[fields])  # (B, m, dim)
+        h = torch.einsum("bd,bmde->bme", ctx, take(self.field_proj, fields))  # (B, m, dim)
         target = targets.gather(1, fields).long()  # (B, m)
         noise = self.sample_noise(target.numel(), k, generator).to(target.device).view(*target.shape, k)
-        target_scores = (h * self.output(target)).sum(-1) + self.bias[target]
-        noise_scores = torch.einsum("bme,bmke->bmk", h, self.output(noise)) + self.bias[noise]
+        target_scores = (h * self.output(target)).sum(-1) + take(self.bias, target)
+        noise_scores = torch.einsum("bme,bmke->bmk", h, self.output(noise)) + take(self.bias, noise)
         return nce_loss(target_scores, noise_scores, self.log_q[target], self.log_q[noise], k).mean(1)
 
 
@@ -224,7 +231,7 @@ class FlipPretrainModel(nn.Module):
             where = torch.nonzero_static(positions, size=max(1, budget), fill_value=-1)
         valid = where[:, 0] >= 0
         rows, cols = where.clamp_min(0).unbind(1)
-        ref = v[rows] if self.config.joint_reconstruction else w_hat.new_zeros(len(rows), 0)
+        ref = take(v, rows) if self.config.joint_reconstruction else w_hat.new_zeros(len(rows), 0)
         logits = self.mlm_head(w_hat[rows, cols], ref)
         per_token = F.cross_entropy(logits.float(), input_ids[rows, cols].long(), reduction="none")
         per_sample = torch.zeros(len(input_ids), device=input_ids.device).index_add_(
