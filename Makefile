@@ -3,16 +3,18 @@ PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 RUN_DIR ?= runs/flip-ml-1m
-# The CPU build of torch is pinned here (a bare `pip install torch` may pull a CUDA build);
-# pyproject.toml keeps a range for users.
+# torch is pinned here (pyproject.toml keeps a range for users). Which build pip installs depends
+# on the index: from the public one on Linux it is the CUDA build; TORCH_INDEX=URL (e.g.
+# https://download.pytorch.org/whl/cpu) takes it from there instead.
 TORCH   := torch==2.13.0
+TORCH_INDEX ?=
 
 .PHONY: run test venv clean gpu-pack
 
 $(BIN)/flipctr: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q $(TORCH)
+	$(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) $(TORCH)
 	$(BIN)/python -m pip install -q -e '.[dev]'
 	touch $@
 

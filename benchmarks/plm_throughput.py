@@ -23,7 +23,7 @@ from flipctr.data.batching import Split
 from flipctr.data.cache import prepare
 from flipctr.data.text import load_or_build_text
 from flipctr.models.language import LanguageModel, load_tokenizer
-from flipctr.training.trainer import bf16_supported
+from flipctr.training.engine import bf16_supported
 from flipctr.utils import environment_info, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"

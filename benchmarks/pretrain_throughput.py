@@ -30,7 +30,7 @@ from flipctr.training.distributed import resolve_device
 from flipctr.profiles import profile_config
 from flipctr.training.flip_run import ENCODING, pretraining_setup
 from flipctr.training.runner import RunData
-from flipctr.training.trainer import bf16_supported
+from flipctr.training.engine import bf16_supported
 from flipctr.utils import environment_info, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -38,3 +38,4 @@ def test_one_finetuning_step_on_cuda_in_bf16():
     fit = trainer.fit(model, train.to(device), eval_split=valid.to(device))
     assert 0.0 <= fit.best_eval["auc"] <= 1.0 and next(model.parameters()).is_cuda
     assert any(not torch.equal(before[k], v.cpu()) for k, v in model.state_dict().items())
+

@@ -33,7 +33,8 @@ def deterministic_pair():
 
     from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
     from flipctr.models.backbones import build_model
-    from flipctr.models.flip import FlipConfig, FlipPretrainModel
+    from flipctr.config import FlipSettings
+    from flipctr.models.flip import FlipPretrainModel
     from flipctr.models.language import LanguageModel
 
     from conftest import tiny_config
@@ -46,7 +47,7 @@ def deterministic_pair():
     lm = LanguageModel.from_config(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                                               intermediate_size=16, max_position_embeddings=32,
                                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    config = FlipConfig(text_mask_ratio=1.0, tab_mask_ratio=1.0, mtm=False, mlm_dropout=0.0)
+    config = FlipSettings(text_mask_ratio=1.0, tab_mask_ratio=1.0, mtm=False, mlm_dropout=0.0)
     return FlipPretrainModel(backbone, lm, torch.arange(31).float(), config, tab_mask_id=MASK_ID, text_mask_id=4,
                              vocab_size=30, cls_id=2, sep_id=3)
 

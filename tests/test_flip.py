@@ -6,11 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from flipctr.config import FlipSettings
 from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
 from flipctr.data.masking import FieldMasker, choose_fields, field_mask, span_token_mask
 from flipctr.inference import Scorer
 from flipctr.models.backbones import build_model
-from flipctr.models.flip import (FlipConfig, FlipCTRModel, FlipPretrainModel, MTMHead, info_nce,
+from flipctr.models.flip import (FlipCTRModel, FlipPretrainModel, MTMHead, info_nce,
                                  nce_loss)
 from flipctr.models.language import LanguageModel
 
@@ -120,7 +121,7 @@ def test_token_level_masking_variant():
     assert torch.equal(touched, allowed)
 
 
-def _tiny_pair(config: FlipConfig | None = None):
+def _tiny_pair(config: FlipSettings | None = None):
     from transformers import BertConfig
 
     fmap = FeatureMap([FieldInfo(f"f{i}", 1 + 10 * i, 10) for i in range(3)], 31, 1, 100)
@@ -130,7 +131,7 @@ def _tiny_pair(config: FlipConfig | None = None):
                                               num_attention_heads=2, intermediate_size=16,
                                               max_position_embeddings=32))
     counts = torch.arange(31).float()
-    model = FlipPretrainModel(backbone, lm, counts, config or FlipConfig(text_mask_ratio=0.67, tab_mask_ratio=0.34),
+    model = FlipPretrainModel(backbone, lm, counts, config or FlipSettings(text_mask_ratio=0.67, tab_mask_ratio=0.34),
                               tab_mask_id=MASK_ID, text_mask_id=4, vocab_size=30, cls_id=2, sep_id=3)
     return model, backbone, lm
 
@@ -180,7 +181,7 @@ def test_one_pretraining_step_moves_both_models():
 @pytest.mark.parametrize("switch", ["mlm", "mtm", "icl", "joint_reconstruction", "token_level_masking"])
 def test_ablation_switches(switch):
     value = switch == "token_level_masking"
-    config = FlipConfig(text_mask_ratio=0.67, tab_mask_ratio=0.34, **{switch: value})
+    config = FlipSettings(text_mask_ratio=0.67, tab_mask_ratio=0.34, **{switch: value})
     model, _, _ = _tiny_pair(config)
     out = model(*_batch(), generator=torch.Generator().manual_seed(0))
     if switch in ("mlm", "mtm", "icl"):
@@ -190,7 +191,7 @@ def test_ablation_switches(switch):
 
 
 def test_without_joint_reconstruction_heads_see_one_modality(monkeypatch):
-    model, backbone, lm = _tiny_pair(FlipConfig(text_mask_ratio=0.67, tab_mask_ratio=0.34, joint_reconstruction=False))
+    model, backbone, lm = _tiny_pair(FlipSettings(text_mask_ratio=0.67, tab_mask_ratio=0.34, joint_reconstruction=False))
     dt, dv = lm.hidden_size, backbone.output_dim
     assert model.mlm_head.net[0].in_features == dt  # MLM reads ŵ only
     assert model.mtm_head.query is None and model.mtm_head.field_proj.shape[1] == dv  # MTM reads v̂ only
@@ -233,7 +234,7 @@ def test_nce_noise_follows_training_frequency_and_skips_unseen_features():
 
 def test_no_objective_is_an_error():
     with pytest.raises(ValueError, match="at least one"):
-        _tiny_pair(FlipConfig(mlm=False, mtm=False, icl=False))
+        _tiny_pair(FlipSettings(mlm=False, mtm=False, icl=False))
 
 
 def test_mtm_bias_starts_at_log_frequency():
@@ -302,6 +303,23 @@ def test_alpha_has_its_own_learning_rate():
     assert lr_of[id(model.plm_head.weight)] == pytest.approx(5e-5)
 
 
+def test_one_builder_gives_every_caller_the_joint_models_lr_groups(tiny_plm):
+    """`flipctr train --model flip` and `flipctr run` build the joint model the same way: the ID
+    side at text_finetune.id_lr, α at text_finetune.alpha_lr, the rest at the base lr."""
+    from flipctr.models import build_ctr_model
+    from flipctr.training.runner import lr_scales
+    from flipctr.training.trainer import make_optimizer
+
+    cfg = tiny_config(lr=5e-5)
+    cfg.model.name, cfg.model.plm = "flip", str(tiny_plm)
+    fmap = FeatureMap([FieldInfo(f"f{i}", 1 + 10 * i, 10) for i in range(3)], 31, 1, 100)
+    model = build_ctr_model(cfg.model, fmap, scales=lr_scales(cfg))
+    lr_of = {id(p): g["lr"] for g in make_optimizer(model, cfg.train).param_groups for p in g["params"]}
+    assert lr_of[id(model.alpha_logit)] == pytest.approx(cfg.text_finetune.alpha_lr)
+    assert lr_of[id(model.backbone.embedding.weight)] == pytest.approx(cfg.text_finetune.id_lr)
+    assert lr_of[id(model.plm_head.weight)] == pytest.approx(5e-5)
+
+
 def _pretrain_split(n=24):
     ids, input_ids, attention, spans = _batch()
     from flipctr.data.batching import Split
@@ -311,15 +329,19 @@ def _pretrain_split(n=24):
                                   "lengths": torch.full((n,), input_ids.shape[1]), "value_spans": rep(spans)})
 
 
-def test_pretraining_resume_after_kill_gives_the_same_next_step_loss(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs CUDA"))])
+def test_pretraining_resume_after_kill_gives_the_same_next_step_loss(tmp_path, device):
+    """On a GPU, dropout draws from CUDA's generator: its state is checkpointed and restored too."""
     from flipctr.config import PretrainConfig
     from flipctr.training.pretrain import Pretrainer
 
+    device = torch.device(device)
     cfg = PretrainConfig(lr=1e-2, batch_size=8, epochs=2, progress=False, amp="off")
     full_losses = []
     model, _, _ = _tiny_pair()
-    Pretrainer(cfg, torch.device("cpu"), tmp_path / "a").fit(
-        model, _pretrain_split(), on_step=lambda e, s, loss: full_losses.append((e, s, loss)))
+    Pretrainer(cfg, device, tmp_path / "a").fit(
+        model, _pretrain_split().to(device), on_step=lambda e, s, loss: full_losses.append((e, s, loss)))
     # the "killed" run dies during epoch 2 (after epoch 1's checkpoint); a new process resumes it
 
     class Killed(Exception):
@@ -331,11 +353,14 @@ def test_pretraining_resume_after_kill_gives_the_same_next_step_loss(tmp_path):
 
     model, _, _ = _tiny_pair()
     with pytest.raises(Killed):
-        Pretrainer(cfg, torch.device("cpu"), tmp_path / "b").fit(model, _pretrain_split(), on_step=kill)
+        Pretrainer(cfg, device, tmp_path / "b").fit(model, _pretrain_split().to(device), on_step=kill)
+    if device.type == "cuda":
+        torch.cuda.manual_seed_all(12345)  # a new process starts from another CUDA state
     resumed_losses = []
     model, _, _ = _tiny_pair()
-    history = Pretrainer(cfg, torch.device("cpu"), tmp_path / "b").fit(
-        model, _pretrain_split(), resume=True, on_step=lambda e, s, loss: resumed_losses.append((e, s, loss)))
+    history = Pretrainer(cfg, device, tmp_path / "b").fit(
+        model, _pretrain_split().to(device), resume=True,
+        on_step=lambda e, s, loss: resumed_losses.append((e, s, loss)))
     assert [r["epoch"] for r in history] == [1, 2]
     epoch2 = [x for x in full_losses if x[0] == 2]
     assert resumed_losses[0][:2] == (2, 0)

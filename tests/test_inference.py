@@ -133,3 +133,57 @@ def test_train_killed_mid_run_resumes_to_the_same_metrics(tmp_path):
     assert again["test"] == whole["test"] and again["valid"] == whole["valid"]
     assert again["best_epoch"] == whole["best_epoch"]
     assert not (tmp_path / "killed" / "checkpoint-train.pt").exists()  # removed once complete
+
+
+@pytest.mark.parametrize("model", ["plm", "flip"])
+def test_predict_replays_the_runs_precision(ml1m_root, tiny_plm, tmp_path, monkeypatch, model):
+    """A frozen encoder's [CLS] vectors are computed in bf16 weights when the run trains in bf16;
+    scoring the run's test rows must use the same precision, or its scores (and Logloss) differ."""
+    import flipctr
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from conftest import held_out_rows
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    sets = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.epochs=2",
+            "train.progress=false", "train.amp=bf16", "model.plm_trainable_layers=0", "train.batch_size=64",
+            "train.lr=1e-2"]
+    run = tmp_path / model
+    assert main(["train", "--dataset", "ml-1m", "--model", model, "--plm", str(tiny_plm), "--run-dir", str(run),
+                 *[x for s in sets for x in ("--set", s)]]) == 0
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert json.loads((run / "config.json").read_text())["amp"] == "bf16"
+    rows = held_out_rows(ml1m_root)
+    scores = flipctr.load(run).predict(rows)
+    assert roc_auc_score(rows["label"], scores) == pytest.approx(metrics["test"]["auc"], abs=1e-6)
+    assert log_loss(rows["label"], scores.astype(np.float64)) == pytest.approx(metrics["test"]["logloss"], abs=1e-6)
+
+
+def test_predict_applies_the_runs_label_rule_with_drop_equal(tmp_path, capsys):
+    """A rating threshold with drop_equal: rows at the threshold are no samples in training, and
+    `predict` (which reads the rule from the run folder) leaves their label empty and out of the
+    metrics."""
+    rng = np.random.default_rng(1)
+    n = 600
+    items = rng.integers(0, 30, n)
+    rating = np.clip(np.round(3 + np.sin(items) * 2 + rng.normal(0, 0.7, n)), 1, 5).astype(int)
+    frame = pd.DataFrame({"uid": [f"u{u}" for u in rng.integers(0, 20, n)], "item": items, "rating": rating})
+    frame.to_csv(tmp_path / "log.csv", index=False)
+    schema = {"file": "log.csv", "fields": {"user ID": "uid", "item ID": "item"},
+              "label": {"column": "rating", "threshold": 3, "drop_equal": True}}
+    (tmp_path / "log.yaml").write_text(yaml.safe_dump(schema))
+    cfg = tiny_config(epochs=2)
+    cfg.data.dataset = str(tmp_path / "log.yaml")
+    train_run(cfg, tmp_path / "run", data_root=tmp_path / "home")
+    assert json.loads((tmp_path / "run" / "config.json").read_text())["label"] == {
+        "column": "rating", "threshold": 3.0, "drop_equal": True}
+    rows = frame.iloc[-100:]
+    rows.to_csv(tmp_path / "rows.csv", index=False)
+    assert main(["predict", "--run-dir", str(tmp_path / "run"), "--input", str(tmp_path / "rows.csv"),
+                 "--output", str(tmp_path / "scores.csv")]) == 0
+    out = pd.read_csv(tmp_path / "scores.csv")
+    at_threshold = (rows["rating"] == 3).to_numpy()
+    assert 0 < at_threshold.sum() < 100 and len(out) == 100
+    assert out["label"][at_threshold].isna().all()
+    np.testing.assert_array_equal(out["label"][~at_threshold], (rows["rating"][~at_threshold] > 3).astype(int))
+    assert f"({(~at_threshold).sum()} labelled rows)" in capsys.readouterr().err

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig
 
+from flipctr.config import FlipSettings
 from flipctr.data.batching import Split
 from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
 from flipctr.models.backbones import build_model
-from flipctr.models.flip import FlipConfig, FlipCTRModel, FlipPretrainModel, MTMHead
+from flipctr.models.flip import FlipCTRModel, FlipPretrainModel, MTMHead
 from flipctr.models.language import LanguageModel
 from flipctr.training.trainer import Trainer
 
@@ -51,7 +52,7 @@ def _backbone():
 
 def _pretrain_model(**switches) -> FlipPretrainModel:
     model = FlipPretrainModel(_backbone(), _language_model(), torch.arange(31).float(),
-                              FlipConfig(text_mask_ratio=0.67, tab_mask_ratio=0.34, **switches),
+                              FlipSettings(text_mask_ratio=0.67, tab_mask_ratio=0.34, **switches),
                               tab_mask_id=MASK_ID, text_mask_id=TEXT_MASK, vocab_size=30, cls_id=2, sep_id=3)
     return model.eval()  # no dropout: every pass is a function of its inputs
 

@@ -147,6 +147,7 @@ def cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def cmd_predict(args: argparse.Namespace) -> None:
+    import numpy as np
     import pandas as pd
 
     from .inference import Predictor, read_frame
@@ -156,13 +157,16 @@ def cmd_predict(args: argparse.Namespace) -> None:
     predictor = Predictor.load(args.run_dir)
     frame = read_frame(args.input)
     scores = predictor.predict(frame)
-    labels = predictor.labels(frame)
+    labels = predictor.labels(frame, str(args.input))
     out = pd.DataFrame({"score": scores})
     if labels is not None:
-        out["label"] = labels
-        if 0 < labels.sum() < len(labels):
-            metrics = ctr_metrics(labels, out["score"].to_numpy())
-            print(f"AUC {metrics['auc']:.6f}  Logloss {metrics['logloss']:.6f}  ({len(out)} rows)", file=sys.stderr)
+        out["label"] = labels  # NA where the run's label rule drops the row (no sample)
+        kept = labels.notna().to_numpy()
+        known = labels[kept].to_numpy(dtype=np.int8)
+        if 0 < known.sum() < len(known):
+            metrics = ctr_metrics(known, scores[kept])
+            print(f"AUC {metrics['auc']:.6f}  Logloss {metrics['logloss']:.6f}  ({len(known)} labelled rows)",
+                  file=sys.stderr)
     args.output.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(args.output) as tmp:
         if args.output.suffix == ".parquet":

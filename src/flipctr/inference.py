@@ -30,11 +30,12 @@ from .data.encoder import FeatureEncoder
 from .data.errors import DataError
 from .data.batching import Split
 from .data.prompts import PromptBuilder
-from .data.readers import field_values
+from .data.readers import LabelRule, field_values
 from .data.text import tokenize_prompts
 from .models import TEXT_SIDES, build_ctr_model
 from .models.language import LanguageModel, hidden_size, load_tokenizer
 from .models.text_sides import SideText
+from .training.engine import Runtime
 from .training.text_vectors import side_tables
 from .training.trainer import input_names, predict
 from .utils import atomic_path
@@ -66,8 +67,11 @@ class Predictor:
     """A trained CTR model with its encoding: scores rows given as a DataFrame."""
 
     def __init__(self, model: nn.Module, encoder: FeatureEncoder, columns: dict[str, str], label: dict | None,
-                 text: TextSide | None = None):
+                 text: TextSide | None = None, runtime: Runtime | None = None):
+        """``runtime``: the precision the run evaluated in (its ``config.json``), replayed here so
+        that scores equal the run's; computed on the CPU."""
         self.model, self.encoder, self.columns, self.label, self.text = model.eval(), encoder, columns, label, text
+        self.runtime = runtime or Runtime(torch.device("cpu"))
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Predictor":
@@ -89,14 +93,17 @@ class Predictor:
         encoder = FeatureEncoder.load(run_dir)
         model = build_ctr_model(model_cfg, encoder.feature_map, sides={side: placeholder for side in sides})
         model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+        # the run's precision (runs written before it was saved evaluated in fp32 on CPUs without bf16)
+        runtime = Runtime.create("cpu", config.get("amp", "off"))
         names, text = input_names(model), None
         if "input_ids" in names or "text_cls" in names or sides:
             frozen = None
             if "text_cls" in names or (sides and frozen_sides):
                 frozen = LanguageModel.from_pretrained(model_cfg.plm)
                 frozen.freeze(0)
+                runtime.frozen(frozen)  # as training ran it: weights in the autocast dtype
             text = TextSide(load_tokenizer(model_cfg.plm), config["max_length"], frozen, sides)
-        return cls(model, encoder, config["columns"], config.get("label"), text)
+        return cls(model, encoder, config["columns"], config.get("label"), text, runtime)
 
     def values(self, frame: pd.DataFrame, source: str = "input") -> pd.DataFrame:
         """The fields' text values of ``frame``, as the readers give them (missing -> "unknown")."""
@@ -141,18 +148,16 @@ class Predictor:
         evaluation size unless given)."""
         if len(frame) == 0:
             return np.zeros(0, dtype=np.float32)
-        return predict(self.model, self.inputs(frame), batch_size or self.model.default_eval_batch_size)
+        return predict(self.model, self.inputs(frame), batch_size or self.model.default_eval_batch_size, self.runtime)
 
-    def labels(self, frame: pd.DataFrame) -> np.ndarray | None:
-        """0/1 labels of ``frame`` when it has the run's label column, as in training; else None."""
+    def labels(self, frame: pd.DataFrame, source: str = "input") -> pd.Series | None:
+        """0/1 labels of ``frame`` by the run's label rule (``config.json``) when it has the label
+        column; rows the rule drops (equal to the threshold with ``drop_equal``) are missing (NA).
+        None without the column."""
         if not self.label or self.label["column"] not in frame.columns:
             return None
-        raw = pd.to_numeric(frame[self.label["column"]], errors="coerce")
-        if raw.isna().any():
-            row = int(np.argmax(raw.isna().to_numpy()))
-            raise DataError(f"row {row + 1}: label column {self.label['column']!r} is empty or not a number")
-        threshold = self.label.get("threshold")
-        return (raw > threshold if threshold is not None else raw > 0.5).to_numpy().astype(np.int8)
+        labels, keep = LabelRule.from_schema(self.label).apply(frame[self.label["column"]], source)
+        return pd.Series(labels, dtype="Int8").where(keep)
 
     def export_onnx(self, path: str | Path) -> Path:
         """An ONNX graph ``ids (batch, F) int64 -> probability (batch,)``, batch size dynamic."""

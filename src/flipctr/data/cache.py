@@ -25,7 +25,7 @@ from ..config import DataConfig
 from ..utils import atomic_dir, data_home, sha256_file, write_json
 from .encoder import FeatureEncoder, FeatureMap
 from .errors import DataError
-from .readers import DEFAULT_ORDER, READERS, read_custom
+from .readers import DEFAULT_ORDER, READERS, LabelRule, read_custom
 from .sources import SOURCES, raw_dir
 from .splits import SplitSizes, order_table, split_sizes
 from .table import Table
@@ -112,17 +112,16 @@ class PreparedData:
         """Where the encoding fitted on ``fit_split`` lives (``FeatureEncoder.load`` reads it)."""
         return self.folder / _encoding_dir(fit_split)
 
-    def input_columns(self) -> tuple[dict[str, str], dict]:
-        """How raw rows name the fields and the label: ``({field: column}, {"column", "threshold"?})``.
+    def input_columns(self) -> tuple[dict[str, str], LabelRule]:
+        """How raw rows name the fields and the label: ``({field: column}, label rule)``.
         Built-in datasets: the field names and a 0/1 ``label`` column; custom data: its schema's."""
         dataset = self.meta["config"]["dataset"]
         if _is_schema(dataset):
             import yaml
 
             schema = yaml.safe_load(Path(dataset).read_text())
-            label = schema["label"] if isinstance(schema["label"], dict) else {"column": schema["label"]}
-            return dict(schema["fields"]), {k: label[k] for k in ("column", "threshold") if k in label}
-        return {f: f for f in self.fields}, {"column": "label"}
+            return dict(schema["fields"]), LabelRule.from_schema(schema["label"])
+        return {f: f for f in self.fields}, LabelRule("label")
 
     def split(self, name: str, fit_split: str = "train") -> tuple[np.ndarray, np.ndarray]:
         """``(ids, labels)`` of one split under the encoding fitted on ``fit_split``."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -318,6 +319,44 @@ def order_key(column: pd.Series, source: str) -> np.ndarray:
     return parsed.to_numpy(dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class LabelRule:
+    """How a raw column becomes the 0/1 label, the one rule for reading training data and for
+    scoring new rows (saved with a run): ``value > threshold`` (rows equal to the threshold are
+    no samples with ``drop_equal``), or, without a threshold, values already 0/1."""
+
+    column: str
+    threshold: float | None = None
+    drop_equal: bool = False
+
+    @classmethod
+    def from_schema(cls, spec: dict | str) -> "LabelRule":
+        spec = spec if isinstance(spec, dict) else {"column": spec}
+        threshold = spec.get("threshold")
+        return cls(spec["column"], None if threshold is None else float(threshold), bool(spec.get("drop_equal", False)))
+
+    def to_dict(self) -> dict:
+        return {"column": self.column, **({"threshold": self.threshold, "drop_equal": self.drop_equal}
+                                          if self.threshold is not None else {})}
+
+    def apply(self, raw: pd.Series, source: str) -> tuple[np.ndarray, np.ndarray]:
+        """``(labels (N,) int8, keep (N,) bool)`` of the raw column; one error naming the row of the
+        first value that is empty, not a number, or (without a threshold) not 0/1."""
+        values = pd.to_numeric(raw, errors="coerce")
+        if values.isna().any():
+            row = int(np.argmax(values.isna().to_numpy()))
+            raise DataError(f"{source}: row {row + 1}, label column {self.column!r} is empty or not a number "
+                            f"({raw.iloc[row]!r})")
+        if self.threshold is None:
+            if not values.isin([0, 1]).all():
+                row = int(np.argmax(~values.isin([0, 1]).to_numpy()))
+                raise DataError(f"{source}: row {row + 1}, label column {self.column!r} must be 0 or 1 "
+                                "(or give a threshold in the schema)")
+            return (values.to_numpy() > 0.5).astype(np.int8), np.ones(len(values), dtype=bool)
+        keep = (values != self.threshold).to_numpy() if self.drop_equal else np.ones(len(values), dtype=bool)
+        return (values > self.threshold).to_numpy().astype(np.int8), keep
+
+
 def read_custom(schema_path: str | Path) -> Table:
     """A CSV or Parquet file described by a small YAML schema.
 
@@ -350,31 +389,15 @@ def read_custom(schema_path: str | Path) -> Table:
         frame = pd.read_csv(path, sep=schema.get("sep", ","), dtype=str, keep_default_na=False,
                             na_values=[""])
     fields: dict[str, str] = dict(schema["fields"])
-    label_spec = schema["label"] if isinstance(schema["label"], dict) else {"column": schema["label"]}
+    rule = LabelRule.from_schema(schema["label"])
     order_col = schema.get("order")
-    for col in [*fields.values(), label_spec["column"], *([order_col] if order_col else [])]:
+    for col in [*fields.values(), rule.column, *([order_col] if order_col else [])]:
         if col not in frame.columns:
             raise DataError(f"{path}: column {col!r} named in {schema_path} is missing "
                             f"(columns: {list(frame.columns)})")
-    raw_label = pd.to_numeric(frame[label_spec["column"]], errors="coerce")
-    if raw_label.isna().any():
-        row = int(np.argmax(raw_label.isna().to_numpy()))
-        raise DataError(f"{path}: row {row + 1}, label column {label_spec['column']!r} is empty or "
-                        f"not a number ({frame[label_spec['column']].iloc[row]!r})")
-    keep = np.ones(len(frame), dtype=bool)
-    if "threshold" in label_spec:
-        thr = float(label_spec["threshold"])
-        if label_spec.get("drop_equal", False):
-            keep = (raw_label != thr).to_numpy()
-        labels = (raw_label > thr).to_numpy()
-    else:
-        if not raw_label.isin([0, 1]).all():
-            row = int(np.argmax(~raw_label.isin([0, 1]).to_numpy()))
-            raise DataError(f"{path}: row {row + 1}, label column {label_spec['column']!r} must be 0 or 1 "
-                            "(or give a threshold in the schema)")
-        labels = raw_label.to_numpy() > 0.5
+    labels, keep = rule.apply(frame[rule.column], str(path))
     frame = frame.loc[keep].reset_index(drop=True)
-    labels = labels[keep].astype(np.int8)
+    labels = labels[keep]
     values = field_values(frame, fields)
     time = None
     if order_col:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,14 +35,26 @@ def text_encoder(config: ModelConfig, state: dict[str, torch.Tensor] | None = No
 TEXT_SIDES = {"morec": {"item": False}, "ctr_bert": {"user": True, "item": True}}
 
 
-def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: float = 1.0,
-                    sides: dict[str, dict[str, torch.Tensor]] | None = None, text_lr_scale: float = 1.0) -> nn.Module:
-    """An ID backbone by name; ``plm``: the language-model-only CTR model; ``flip``: the joint
-    FLIP model over ``config.backbone`` and the language model (see :func:`text_encoder`);
-    ``morec``: ``config.backbone`` with the items' text as a field; ``ctr_bert``: two text
-    towers. ``sides``: per side of :data:`TEXT_SIDES` the arguments of its
-    :class:`~.text_sides.SideText` (cached ``vectors`` for a frozen encoder, ``tokens`` and
-    ``lengths`` for a trained one, which learns at ``text_lr_scale`` times the model's lr)."""
+@dataclass(frozen=True)
+class LrScales:
+    """Learning rates of a model's parameter groups as multiples of its base lr (the trainer's):
+    the joint FLIP model's ID backbone and α, a language model inside an ID-side model."""
+
+    id: float = 1.0
+    alpha: float = 1.0
+    text: float = 1.0
+
+
+def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, sides: dict[str, dict[str, torch.Tensor]] | None = None,
+                    scales: LrScales = LrScales(), text_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+    """The one builder of every CTR model (its lr groups included). An ID backbone by name;
+    ``plm``: the language-model-only CTR model; ``flip``: the joint FLIP model over
+    ``config.backbone`` and the language model (see :func:`text_encoder`; ``text_state``: the
+    language model's weights to start from, e.g. pretrained); ``morec``: ``config.backbone``
+    with the items' text as a field; ``ctr_bert``: two text towers. ``sides``: per side of
+    :data:`TEXT_SIDES` the arguments of its :class:`~.text_sides.SideText` (cached ``vectors``
+    for a frozen encoder, ``tokens`` and ``lengths`` for a trained one, which learns at
+    ``scales.text`` times the model's lr)."""
     name = config.name.lower()
     if name in TEXT_SIDES:
         from .text_sides import SideText
@@ -56,12 +69,12 @@ def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: f
         if name == "morec":
             from .morec import MoRecModel
 
-            return MoRecModel(config, feature_map, text["item"], language_model, text_lr_scale)
+            return MoRecModel(config, feature_map, text["item"], language_model, scales.text)
         from .ctr_bert import CTRBertModel
 
-        return CTRBertModel(config, text["user"], text["item"], language_model, text_lr_scale)
+        return CTRBertModel(config, text["user"], text["item"], language_model, scales.text)
     if name in ("plm", "flip"):
-        language_model, hidden_size = text_encoder(config)
+        language_model, hidden_size = text_encoder(config, text_state)
         if name == "plm":
             from .plm import PLMCTRModel
 
@@ -69,8 +82,9 @@ def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, id_lr_scale: f
         from .flip import FlipCTRModel
 
         backbone = build_model(dataclasses.replace(config, name=config.backbone), feature_map)
-        return FlipCTRModel(backbone, language_model, id_lr_scale=id_lr_scale, hidden_size=hidden_size)
+        return FlipCTRModel(backbone, language_model, id_lr_scale=scales.id, hidden_size=hidden_size,
+                            alpha_lr_scale=scales.alpha)
     return build_model(config, feature_map)
 
 
-__all__ = ["MODELS", "TEXT_SIDES", "build_ctr_model", "build_model", "text_encoder"]
+__all__ = ["MODELS", "TEXT_SIDES", "LrScales", "build_ctr_model", "build_model", "text_encoder"]

@@ -54,17 +54,16 @@ class CTRModel(nn.Module):
         c = self.config
         return MLP(in_dim or self.num_fields * c.embedding_dim, c.dnn_hidden, c.dropout, c.batch_norm)
 
-    def embed(self, ids: torch.Tensor) -> torch.Tensor:
-        """(B, F) ids -> (B, F, D). With ``dense_fields`` (B, E, D) set (MoRec's projected item
-        text), those replace the embeddings of the last E fields, so every backbone's feature
-        interaction sees them as fields of their own."""
+    def embed(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, F) ids -> (B, F, D). ``dense_fields`` (B, E, D) (MoRec's projected item text)
+        replace the embeddings of the last E fields, so every backbone's feature interaction
+        sees them as fields of their own."""
         emb = self.embedding(ids)
-        dense = getattr(self, "dense_fields", None)
-        if dense is None:
+        if dense_fields is None:
             return emb
-        return torch.cat([emb[:, :emb.shape[1] - dense.shape[1]], dense.to(emb.dtype)], 1)
+        return torch.cat([emb[:, :emb.shape[1] - dense_fields.shape[1]], dense_fields.to(emb.dtype)], 1)
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
 
     def logit(self, v: torch.Tensor) -> torch.Tensor:
@@ -117,8 +116,8 @@ class DCNv2(LinearHead):
         self._make_head(dim + self.dnn.output_dim if config.structure == "parallel" else self.dnn.output_dim)
         self.post_init()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        x0 = self.embed(ids).flatten(1)
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        x0 = self.embed(ids, dense_fields).flatten(1)
         if self.config.structure == "stacked":
             return self.dnn(self.cross(x0))
         return torch.cat([self.cross(x0), self.dnn(x0)], dim=-1)
@@ -135,8 +134,8 @@ class DCN(LinearHead):
         self._make_head(dim + self.dnn.output_dim)
         self.post_init()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        x0 = self.embed(ids).flatten(1)
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        x0 = self.embed(ids, dense_fields).flatten(1)
         return torch.cat([self.cross(x0), self.dnn(x0)], dim=-1)
 
 
@@ -151,8 +150,8 @@ class DeepFM(FirstOrderMixin, CTRModel):
         self.output_dim = 1 + config.embedding_dim + self.dnn.output_dim
         self.post_init()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        emb = self.embed(ids)
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(ids, dense_fields)
         return torch.cat([self._first_order(ids), fm_interaction(emb), self.dnn(emb.flatten(1))], dim=-1)
 
     def logit(self, v: torch.Tensor) -> torch.Tensor:
@@ -171,8 +170,8 @@ class WideDeep(FirstOrderMixin, CTRModel):
         self.output_dim = 1 + self.dnn.output_dim
         self.post_init()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._first_order(ids), self.dnn(self.embed(ids).flatten(1))], dim=-1)
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([self._first_order(ids), self.dnn(self.embed(ids, dense_fields).flatten(1))], dim=-1)
 
     def logit(self, v: torch.Tensor) -> torch.Tensor:
         return v[:, 0] + self.dnn_out(v[:, 1:]).squeeze(-1)
@@ -190,8 +189,8 @@ class AFM(FirstOrderMixin, CTRModel):
         self.output_dim = 1 + config.embedding_dim
         self.post_init()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        return torch.cat([self._first_order(ids), self.pooling(self.embed(ids))], dim=-1)
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.cat([self._first_order(ids), self.pooling(self.embed(ids, dense_fields))], dim=-1)
 
     def logit(self, v: torch.Tensor) -> torch.Tensor:
         return v[:, 0] + self.projection(v[:, 1:]).squeeze(-1)
@@ -208,8 +207,8 @@ class PNN(LinearHead):
         self._make_head(self.dnn.output_dim)
         self.post_init()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        emb = self.embed(ids)
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(ids, dense_fields)
         return self.dnn(torch.cat([emb.flatten(1), self.product(emb)], dim=-1))
 
 
@@ -225,8 +224,8 @@ class XDeepFM(FirstOrderMixin, CTRModel):
         self.output_dim = 1 + self.cin.output_dim + self.dnn.output_dim
         self.post_init()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        emb = self.embed(ids)
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(ids, dense_fields)
         return torch.cat([self._first_order(ids), self.cin(emb), self.dnn(emb.flatten(1))], dim=-1)
 
     def logit(self, v: torch.Tensor) -> torch.Tensor:
@@ -248,8 +247,8 @@ class AutoInt(LinearHead):
         self._make_head(out + (self.dnn.output_dim if self.dnn is not None else 0))
         self.post_init()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        emb = self.embed(ids)
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        emb = self.embed(ids, dense_fields)
         v = self.attention(emb).flatten(1)
         if self.dnn is not None:
             v = torch.cat([v, self.dnn(emb.flatten(1))], dim=-1)
@@ -266,8 +265,8 @@ class AFN(LinearHead):
         self._make_head(self.dnn.output_dim)
         self.post_init()
 
-    def encode(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.dnn(self.log_layer(self.embed(ids)))
+    def encode(self, ids: torch.Tensor, dense_fields: torch.Tensor | None = None) -> torch.Tensor:
+        return self.dnn(self.log_layer(self.embed(ids, dense_fields)))
 
 
 MODELS: dict[str, type[CTRModel]] = {

@@ -25,9 +25,6 @@ from .language import LanguageModel, LMOutput
 from .plm import TEXT_INPUTS, TEXT_VECTOR_INPUTS, text_vector
 
 
-FlipConfig = FlipSettings  # the switches live in the run configuration
-
-
 def nce_loss(target_scores: torch.Tensor, noise_scores: torch.Tensor, target_logq: torch.Tensor,
              noise_logq: torch.Tensor, k: int) -> torch.Tensor:
     """Noise-contrastive estimation (Eq. 10) with the ``log(K q)`` correction.
@@ -166,7 +163,7 @@ class FlipPretrainModel(nn.Module):
     input_names = ("ids", "input_ids", "attention_mask", "value_spans")
 
     def __init__(self, backbone: CTRModel, language_model: LanguageModel, counts: torch.Tensor,
-                 config: FlipConfig, tab_mask_id: int, text_mask_id: int, vocab_size: int,
+                 config: FlipSettings, tab_mask_id: int, text_mask_id: int, vocab_size: int,
                  cls_id: int | None = None, sep_id: int | None = None):
         super().__init__()
         if not (config.mlm or config.mtm or config.icl):

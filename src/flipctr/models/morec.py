@@ -60,9 +60,5 @@ class MoRecModel(nn.Module):
         """ids (B, F), item_index (B,) -> logits (B,)."""
         text = self.project(self.item_text(item_index, self.language_model))  # (B, D)
         ids = torch.cat([ids, torch.full_like(ids[:, :1], self.text_id)], 1)
-        self.backbone.dense_fields = text[:, None, :]
-        try:
-            v = self.backbone.encode(ids)
-        finally:
-            self.backbone.dense_fields = None
+        v = self.backbone.encode(ids, dense_fields=text[:, None, :])
         return CTROutput(self.backbone.logit(v), v)

@@ -37,12 +37,6 @@ class Budget:
         return float("inf") if self.seconds is None else self.seconds - self.elapsed()
 
 
-def wait_for(device: torch.device) -> None:
-    """Let the device finish its queued work, so that the host's clock measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def agree_min(value: int, device: torch.device) -> int:
     """The smallest of every rank's ``value`` (one process: ``value``)."""
     if rank_world()[1] == 1:

@@ -23,17 +23,16 @@ from ..config import Config
 from ..data.batching import Split
 from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
-from ..models import text_encoder
-from ..models.backbones import build_model
+from ..models import build_ctr_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
-from ..models.language import LanguageModel, hidden_size, load_tokenizer
+from ..models.language import LanguageModel, load_tokenizer
 from ..models.plm import PLMCTRModel
 from ..paper import table2
 from ..report import render_results
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world, resolve_device
 from .pretrain import Pretrainer
-from .runner import RunData, setup_logging, train_run
+from .runner import RunData, lr_scales, setup_logging, train_run
 
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
@@ -88,7 +87,7 @@ def pretraining_model(cfg: Config, encoding) -> FlipPretrainModel:
     lm = LanguageModel.from_pretrained(cfg.model.plm)
     lm.freeze(cfg.model.plm_trainable_layers)
     backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
-    return FlipPretrainModel(build_model(backbone_cfg, encoding.feature_map), lm,
+    return FlipPretrainModel(build_ctr_model(backbone_cfg, encoding.feature_map), lm,
                              torch.from_numpy(encoding.counts), cfg.flip, MASK_ID, tokenizer.mask_token_id,
                              lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
 
@@ -100,8 +99,8 @@ def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
     seed_everything(cfg.pretrain.seed)
     model = pretraining_model(cfg, encoding)
     pretrainer = Pretrainer(cfg.pretrain, device, folder)
-    if not model.language_model.trainable and pretrainer.amp_dtype is not None:
-        model.language_model.to(pretrainer.amp_dtype)  # a frozen encoder runs in bf16 weights: no per-op casts
+    if not model.language_model.trainable:
+        pretrainer.runtime.frozen(model.language_model)  # weights in the autocast dtype: no per-op casts
     if cfg.pretrain.rows_from == "last":
         split = rd.split("train+valid", ENCODING, cfg.pretrain.rows, spans=True)
     else:
@@ -169,30 +168,30 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         del model, split
 
     def backbone(fmap: FeatureMap, load: bool) -> torch.nn.Module:
-        model = build_model(backbone_cfg, fmap)
+        model = build_ctr_model(backbone_cfg, fmap)
         if load and pretrained is not None:
             model.load_state_dict(_prefixed(pretrained, "backbone."))
         return model
 
-    def text_model(load: bool) -> LanguageModel | None:
-        return text_encoder(cfg.model, _prefixed(pretrained, "language_model.") if load and pretrained else None)[0]
+    def text_state(load: bool) -> dict[str, torch.Tensor] | None:
+        return _prefixed(pretrained, "language_model.") if load and pretrained else None
 
-    text_dim = hidden_size(cfg.model.plm)
     text_train = dataclasses.replace(cfg.train, lr=cfg.text_finetune.lr, batch_size=cfg.text_finetune.batch_size,
                                      epochs=cfg.text_finetune.epochs, refit=cfg.text_finetune.refit,
                                      max_seconds=cfg.text_finetune.max_seconds,
                                      eval_batch_size=cfg.train.eval_batch_size or 256)
     rows = {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
+    plm_cfg, flip_cfg = (dataclasses.replace(cfg.model, name=name) for name in ("plm", "flip"))
 
     def plm_model(fm: FeatureMap) -> PLMCTRModel:
-        return PLMCTRModel(text_model(load=True), hidden_size=text_dim)
+        return build_ctr_model(plm_cfg, fm, text_state=text_state(load=True))
 
     def flip_model(fm: FeatureMap, stage: str | None = None) -> FlipCTRModel:
-        """``stage`` "selected"/"final": start from that stage of the finetuned FLIP_ID and FLIP_PLM."""
-        model = FlipCTRModel(backbone(fm, load=stage is None), text_model(load=stage is None),
-                             id_lr_scale=cfg.text_finetune.id_lr / cfg.text_finetune.lr,
-                             alpha_lr_scale=cfg.text_finetune.alpha_lr / cfg.text_finetune.lr,
-                             hidden_size=text_dim)
+        """From the pretrained backbone and language model; ``stage`` "selected"/"final": from
+        that stage of the finetuned FLIP_ID and FLIP_PLM instead."""
+        model = build_ctr_model(flip_cfg, fm, scales=lr_scales(cfg), text_state=text_state(load=stage is None))
+        if stage is None and pretrained is not None:
+            model.backbone.load_state_dict(_prefixed(pretrained, "backbone."))
         if stage is not None:
             model.backbone.load_state_dict(finetuned_weights(run_dir / "flip_id", stage))
             plm = finetuned_weights(run_dir / "flip_plm", stage)
@@ -213,10 +212,8 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     plans = {
         "scratch": (dataclasses.replace(cfg, model=backbone_cfg), lambda fm: backbone(fm, load=False), {}),
         "flip_id": (dataclasses.replace(cfg, model=backbone_cfg), lambda fm: backbone(fm, load=True), {}),
-        "flip_plm": (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="plm"), train=text_train),
-                     plm_model, rows),
-        "flip": (dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="flip"), train=text_train),
-                 flip_model, {**rows, **joint}),
+        "flip_plm": (dataclasses.replace(cfg, model=plm_cfg, train=text_train), plm_model, rows),
+        "flip": (dataclasses.replace(cfg, model=flip_cfg, train=text_train), flip_model, {**rows, **joint}),
     }
     results: dict[str, dict] = {}
 

@@ -17,11 +17,12 @@ from tqdm.auto import tqdm
 from ..config import PretrainConfig
 from ..data.batching import Split
 from ..utils import atomic_path, write_json
-from .budget import Budget, agree_min, wait_for
+from .budget import Budget, agree_min
 from .distributed import rank_world
+from .engine import (Runtime, autocast_dtype, load_checkpoint, plan_epoch, random_states, restore_random_states,
+                     save_checkpoint, shard_size)
 from .runner import save_weights
 from .tracking import Tracker
-from .trainer import autocast_dtype
 
 log = logging.getLogger("flipctr")
 OBJECTIVES = ("mlm", "mtm", "icl")
@@ -51,9 +52,9 @@ class ScheduleSizer:
     total only ever shrinks; every rank agrees on it. ``margin``: the share of the remaining
     time kept for the last checkpoint and the measurement's error."""
 
-    def __init__(self, budget: Budget, schedule: CosineSchedule, device: torch.device,
+    def __init__(self, budget: Budget, schedule: CosineSchedule, runtime: Runtime,
                  skip: int = 3, first: int = 10, every: int = 50, margin: float = 0.03):
-        self.budget, self.schedule, self.device = budget, schedule, device
+        self.budget, self.schedule, self.runtime = budget, schedule, runtime
         self.skip, self.first, self.every, self.margin = skip, first, every, margin
         self.start: int | None = None  # the step count this call started from
         self.mark: tuple[int, float] | None = None  # (step count, budget seconds) the measure starts at
@@ -65,7 +66,7 @@ class ScheduleSizer:
             self.start = step_count - 1
         if self.mark is None:
             if step_count - self.start == self.skip:
-                wait_for(self.device)
+                self.runtime.synchronize()
                 self.mark = (step_count, self.budget.elapsed())
             return
         measured = step_count - self.mark[0]
@@ -73,11 +74,11 @@ class ScheduleSizer:
             self.plan(step_count)
 
     def plan(self, step_count: int) -> None:
-        wait_for(self.device)
+        self.runtime.synchronize()
         seconds = self.budget.elapsed() - self.mark[1]
         self.rate = (step_count - self.mark[0]) / max(seconds, 1e-9)
         fits = step_count + int(max(self.budget.remaining(), 0.0) * (1 - self.margin) * self.rate)
-        fits = agree_min(fits, self.device)
+        fits = agree_min(fits, self.runtime.device)
         if fits < self.schedule.total:
             if self.schedule.total == self.planned:
                 log.info("pretraining budget %.0f s: %.2f steps/s measured, schedule sized to %d of %d steps",
@@ -90,9 +91,11 @@ class Pretrainer:
 
     names = ("ids", "input_ids", "attention_mask", "value_spans")
 
-    def __init__(self, cfg: PretrainConfig, device: torch.device, folder: Path):
-        self.cfg, self.device, self.folder = cfg, device, Path(folder)
-        self.amp_dtype = autocast_dtype(cfg.amp, device)
+    def __init__(self, cfg: PretrainConfig, runtime: Runtime | torch.device, folder: Path):
+        """``runtime``: where and in which precision to compute (a bare device: in ``cfg.amp``'s)."""
+        self.cfg, self.folder = cfg, Path(folder)
+        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime, autocast_dtype(cfg.amp, runtime))
+        self.device = self.runtime.device
 
     @property
     def weights_path(self) -> Path:
@@ -109,14 +112,13 @@ class Pretrainer:
         rank, world = rank_world()
         self.folder.mkdir(parents=True, exist_ok=True)
         model.to(self.device)
-        module = model  # the unwrapped model: its config, weights and checkpoints
-        if world > 1:  # DDP: the backbone's logit layer (and heads switched off) get no gradient in pretraining
-            model = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+        # module: the unwrapped model (its config, weights, checkpoints); under DDP the backbone's
+        # logit layer (and heads switched off) get no gradient in pretraining
+        module, model = model, self.runtime.wrap(model, find_unused=True)
         params = [p for p in model.parameters() if p.requires_grad]
         # fused: one pass over every tensor (a trained encoder + MLM head are ~36M parameters)
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        shard = math.ceil(len(data) / world)  # every rank the same number of rows, hence of steps
-        steps_per_epoch = math.ceil(shard / cfg.batch_size)
+        steps_per_epoch = math.ceil(shard_size(len(data)) / cfg.batch_size)
         planned = steps_per_epoch * cfg.epochs
         schedule = CosineSchedule(cfg.warmup_steps, planned)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
@@ -127,21 +129,19 @@ class Pretrainer:
         history: list[dict] = []
         start_epoch, used, done = 1, 0.0, False
         tracker = Tracker(self.folder / "tensorboard")
+        generators = {"shuffle": shuffle, "masking": masking, "choice": choice}
         if resume and self.state_path.exists():
-            state = torch.load(self.state_path, weights_only=True)
+            state = load_checkpoint(self.state_path)
             module.load_state_dict(load_file(str(self.weights_path), device=str(self.device)))
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            shuffle.set_state(state["shuffle_rng"])
-            masking.set_state(state["masking_rng"])
-            choice.set_state(state["choice_rng"])
-            torch.set_rng_state(state["torch_rng"])
+            restore_random_states(state, generators)
             history, start_epoch = state["history"], state["epoch"] + 1
             used, done = state.get("seconds", 0.0), state.get("done", False)
             log.info("resumed pretraining after epoch %d%s", state["epoch"],
                      " (it had used its time budget)" if done else "")
         budget = Budget(cfg.max_seconds, used)
-        sizer = ScheduleSizer(budget, schedule, self.device) if budget.limited else None
+        sizer = ScheduleSizer(budget, schedule, self.runtime) if budget.limited else None
         step_count = scheduler.last_epoch  # optimizer steps taken, an earlier call's included
         if cfg.compile:  # the encoder's shapes: a few bucket widths (multiples of 8) times the batch size
             module.language_model.encoder.compile()  # in place: the weights' names stay
@@ -157,12 +157,7 @@ class Pretrainer:
             model.train()
             if cuda:  # each epoch's peak memory, for sizing the batch and the profile on a GPU
                 torch.cuda.reset_peak_memory_stats(self.device)
-            # one order for the global batch (every rank's rows, length-bucketed), then each rank
-            # takes every world-th row; padded by repeating the first rows (as DistributedSampler
-            # does), so that the shards have equal length and the ranks' collectives equal shapes
-            perm = data.order(shuffle, cfg.batch_size * world, cfg.length_buckets)
-            perm = torch.cat([perm, perm[:shard * world - len(data)]])[rank::world]
-            widths = data.batch_widths(perm, cfg.batch_size)
+            perm, widths = plan_epoch(data, shuffle, cfg.batch_size, cfg.length_buckets)
             chosen, targets = None, None
             if ahead:
                 chosen = module.masker.choose(len(perm), choice)
@@ -190,8 +185,7 @@ class Pretrainer:
                 if chosen is not None:
                     rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
                     batch["tab_fields"], batch["text_fields"] = chosen[0][rows], chosen[1][rows]
-                with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                    enabled=self.amp_dtype is not None):
+                with self.runtime.autocast():
                     out = model(**batch, generator=masking)
                 optimizer.zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -231,8 +225,7 @@ class Pretrainer:
             tracker.scalars(epoch * steps_per_epoch, {f"pretrain/{k}": record[k] for k in
                                                       ("loss", *OBJECTIVES, "lr", "samples_per_second") if k in record})
             if rank == 0:
-                self._checkpoint(module, optimizer, scheduler, (shuffle, masking, choice), history, epoch,
-                                 budget.elapsed(), done)
+                self._checkpoint(module, optimizer, scheduler, generators, history, epoch, budget.elapsed(), done)
             if done:
                 break
         tracker.close()
@@ -242,13 +235,9 @@ class Pretrainer:
 
     def _checkpoint(self, model, optimizer, scheduler, generators, history, epoch, seconds, done) -> None:
         save_weights(model, self.weights_path)
-        shuffle, masking, choice = generators
-        state = {"epoch": epoch, "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "shuffle_rng": shuffle.get_state(), "masking_rng": masking.get_state(),
-                 "choice_rng": choice.get_state(),
-                 "torch_rng": torch.get_rng_state(), "history": history, "seconds": seconds, "done": done}
-        with atomic_path(self.state_path) as tmp:
-            torch.save(state, tmp)
+        save_checkpoint(self.state_path, {"epoch": epoch, "optimizer": optimizer.state_dict(),
+                                          "scheduler": scheduler.state_dict(), **random_states(generators),
+                                          "history": history, "seconds": seconds, "done": done})
         write_json(self.folder / "pretrain_history.json", history)
 
     def _plot(self, history: list[dict]) -> None:

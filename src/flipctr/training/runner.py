@@ -32,11 +32,12 @@ from ..data.batching import Split
 from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
 from ..data.readers import SIDES
-from ..models import TEXT_SIDES, build_ctr_model
+from ..models import TEXT_SIDES, LrScales, build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
-from .distributed import barrier, is_main, rank_world, resolve_device
+from .distributed import barrier, is_main, rank_world
+from .engine import Runtime
 from .tracking import Tracker
-from .trainer import Trainer, autocast_dtype, input_names, resolve_train_config
+from .trainer import Trainer, input_names, resolve_train_config
 
 log = logging.getLogger("flipctr")
 PROTOCOLS = ("clean", "paper")
@@ -53,14 +54,15 @@ def setup_logging(run_dir: Path) -> None:
     log.propagate = False
 
 
-def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding: str) -> None:
+def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding: str, runtime: Runtime) -> None:
     """What ``flipctr.load`` needs beside the weights: ``config.json`` (model and data settings,
-    the input column of every field and of the label, a text-side model's sides) and the
-    encoding the model was trained with (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
+    the input column of every field and of the label, a text-side model's sides, the precision
+    it was evaluated in, which scoring replays) and the encoding the model was trained with
+    (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
     columns, label = data.input_columns()
     write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
-                                         "encoding": encoding, "fields": data.fields, "columns": columns,
-                                         "label": label, "max_length": prompt_length(cfg, data),
+                                         "encoding": encoding, "amp": runtime.amp_name, "fields": data.fields, "columns": columns,
+                                         "label": label.to_dict(), "max_length": prompt_length(cfg, data),
                                          "sides": side_fields(cfg.model.name, data.name)})
     for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
         with atomic_path(run_dir / name) as tmp:
@@ -80,7 +82,7 @@ def prompt_length(cfg: Config, data: PreparedData) -> int:
     return cfg.data.max_length or DEFAULT_MAX_LENGTH.get(data.name, 100)
 
 
-def side_texts(data: PreparedData, cfg: Config, device: torch.device
+def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, np.ndarray]]:
     """:func:`~.text_vectors.side_tables` of ``cfg.model`` on the prepared data (a frozen
     ``cfg.model.plm``'s vectors cached beside it); both empty for models without text sides."""
@@ -94,7 +96,7 @@ def side_texts(data: PreparedData, cfg: Config, device: torch.device
     if cfg.model.plm_trainable_layers == 0:
         frozen = LanguageModel.from_pretrained(cfg.model.plm)
         frozen.freeze(0)
-        frozen.to(device)
+        runtime.frozen(frozen)
     return side_tables(data.values(), wanted, load_tokenizer(cfg.model.plm), prompt_length(cfg, data), frozen,
                        data.folder, cfg.train.eval_batch_size or 256)
 
@@ -111,10 +113,13 @@ def side_fields(model: str, dataset: str) -> dict[str, tuple[str, list[str]]]:
     return sides
 
 
-def text_lr_scale(cfg: Config) -> float:
-    """A language model inside an ID-side model (MoRec, CTR-BERT) trains at ``text_finetune.lr``;
-    the rest at ``train.lr`` (default 1e-3, these models' own)."""
-    return cfg.text_finetune.lr / (cfg.train.lr or 1e-3)
+def lr_scales(cfg: Config) -> LrScales:
+    """The lr ratios of a model's parameter groups: the joint FLIP model trains at
+    ``text_finetune.lr`` with its ID side at ``text_finetune.id_lr`` and α at ``alpha_lr``; a
+    language model inside an ID-side model (MoRec, CTR-BERT) at ``text_finetune.lr``, the rest
+    at ``train.lr`` (default 1e-3, these models' own)."""
+    tf = cfg.text_finetune
+    return LrScales(id=tf.id_lr / tf.lr, alpha=tf.alpha_lr / tf.lr, text=tf.lr / (cfg.train.lr or 1e-3))
 
 
 class RunData:
@@ -138,18 +143,17 @@ class RunData:
                      report["tokens_max"], report["samples_truncated"], report["fields_lost"], max_length)
 
     @classmethod
-    def for_model(cls, data: PreparedData, cfg: Config, device: torch.device, model: torch.nn.Module) -> "RunData":
+    def for_model(cls, data: PreparedData, cfg: Config, runtime: Runtime, model: torch.nn.Module) -> "RunData":
         """The inputs ``model`` reads; ``text_cls``: the cached vectors of the frozen ``cfg.model.plm``."""
         names = input_names(model)
-        rd = cls(data, cfg, device, text="input_ids" in names or "text_cls" in names)
+        rd = cls(data, cfg, runtime.device, text="input_ids" in names or "text_cls" in names)
         if "text_cls" in names:
             from ..models.language import LanguageModel
             from .text_vectors import TextVectors
 
             lm = LanguageModel.from_pretrained(cfg.model.plm)
             lm.freeze(0)
-            rd.text_vectors = TextVectors(lm, rd.text, device, autocast_dtype(cfg.train.amp, device),
-                                          cfg.train.eval_batch_size or 256)
+            rd.text_vectors = TextVectors(lm, rd.text, runtime, cfg.train.eval_batch_size or 256)
         return rd
 
     def split(self, name: str, fit: str, last: int | None = None, spans: bool = False,
@@ -211,7 +215,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         setup_logging(run_dir)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    device = resolve_device(cfg.train.device)
+    runtime = Runtime.create(cfg.train.device, cfg.train.amp)
+    device = runtime.device
     started = time.perf_counter()
     if not main:
         barrier()  # rank 0 builds the caches first
@@ -221,8 +226,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     # the paper protocol trains on the whole 90 %, so its encoding is fitted there
     select_fit = encoding or ("train+valid" if cfg.train.protocol == "paper" else "train")
     refit_fit = encoding or "train+valid"
-    sides, side_index = side_texts(data, cfg, device)
-    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm, sides=sides, text_lr_scale=text_lr_scale(cfg)))
+    sides, side_index = side_texts(data, cfg, runtime)
+    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm, sides=sides, scales=lr_scales(cfg)))
 
     def new_model(fm: FeatureMap, refit: bool = False) -> torch.nn.Module:
         seed_everything(cfg.train.seed)
@@ -234,14 +239,14 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     if main:
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(run_dir / "environment.json", {**environment_info(str(device)), "seed": cfg.train.seed,
-                                                  "amp": str(autocast_dtype(cfg.train.amp, device)),
+                                                  "amp": str(runtime.amp_dtype),
                                                   "world_size": rank_world()[1]})
     log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
              data.name, data.sizes.train, data.sizes.valid, data.sizes.test, len(data.fields),
              cfg.model.name, device, cfg.train.protocol)
-    rd = RunData.for_model(data, cfg, device, model)
+    rd = RunData.for_model(data, cfg, runtime, model)
     rd.side_index = side_index
-    trainer = Trainer(cfg.train, device)
+    trainer = Trainer(cfg.train, runtime)
     tracker = Tracker(run_dir / "tensorboard")
     metrics: dict = {"protocol": cfg.train.protocol, "dataset": data.name, "model": cfg.model.name}
 
@@ -289,7 +294,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     )
     tracker.close()
     if main:
-        save_for_inference(run_dir, cfg, data, metrics["encoding"])
+        save_for_inference(run_dir, cfg, data, metrics["encoding"], runtime)
         save_weights(model, run_dir / "model.safetensors")
         write_json(run_dir / "metrics.json", metrics)
         for stage in ("train", "refit"):  # the run is complete: its checkpoints are not needed
@@ -307,15 +312,15 @@ def evaluate_run(run_dir: str | Path, data_root: Path | None = None) -> dict:
         raise FileNotFoundError(f"{run_dir}: no model.safetensors (not a finished run folder)")
     cfg = Config.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
     saved = json.loads((run_dir / "metrics.json").read_text())
-    device = resolve_device(cfg.train.device)
+    runtime = Runtime.create(cfg.train.device, cfg.train.amp)
     data = prepare(cfg.data, data_root)
-    sides, side_index = side_texts(data, cfg, device)
+    sides, side_index = side_texts(data, cfg, runtime)
     model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"), sides=sides)
     model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
-    model.to(device)
-    rd = RunData.for_model(data, cfg, device, model)
+    model.to(runtime.device)
+    rd = RunData.for_model(data, cfg, runtime, model)
     rd.side_index = side_index
-    trainer = Trainer(cfg.train, device)
+    trainer = Trainer(cfg.train, runtime)
     encoding = saved.get("encoding", "train")
     out = {"run_dir": str(run_dir), "protocol": saved["protocol"], "selected_on": saved["selected_on"],
            "test": trainer.evaluate(model, rd.split("test", encoding))}

@@ -25,6 +25,7 @@ from ..data.text import TokenizedPrompts, tokenize_prompts
 from ..models.language import LanguageModel
 from ..utils import atomic_path
 from .distributed import barrier, gather_rows, is_main, rank_rows
+from .engine import Runtime
 
 log = logging.getLogger("flipctr")
 
@@ -62,16 +63,19 @@ def _save_on_main(path: Path | None, save) -> None:
 class TextVectors:
     """``vectors(start, stop) -> (stop - start, H) float32``: ``[CLS]`` of rows [start, stop)."""
 
-    def __init__(self, language_model: LanguageModel, text: TokenizedPrompts, device: torch.device,
-                 dtype: torch.dtype | None = None, batch_size: int = 256, folder: Path | None = None):
+    def __init__(self, language_model: LanguageModel, text: TokenizedPrompts, runtime: Runtime | torch.device,
+                 batch_size: int = 256, folder: Path | None = None):
+        """``runtime``: the device and precision of the run (the encoder's weights in its autocast
+        dtype); a bare device computes in fp32."""
         if language_model.trainable:
             raise ValueError("cached text vectors need a frozen language model (model.plm_trainable_layers=0)")
-        self.text, self.device, self.batch_size = text, device, batch_size
+        runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime)
+        self.text, self.device, self.batch_size = text, runtime.device, batch_size
         self.hidden_size = language_model.hidden_size
-        key = f"{weights_fingerprint(language_model)}-{str(dtype or torch.float32).split('.')[-1]}"
+        key = f"{weights_fingerprint(language_model)}-{str(runtime.amp_dtype or torch.float32).split('.')[-1]}"
         root = folder or text.folder
         self.folder = None if root is None else Path(root) / f"cls-{key}"
-        self.language_model = copy.deepcopy(language_model).to(device=device, dtype=dtype)
+        self.language_model = runtime.frozen(copy.deepcopy(language_model))
 
     def __call__(self, start: int, stop: int) -> np.ndarray:
         path = None if self.folder is None else self.folder / f"{start}-{stop}.npy"

@@ -22,9 +22,10 @@ from tqdm.auto import tqdm
 from ..config import TrainConfig
 from ..data.batching import Split
 from ..models.language import LanguageModel
-from ..utils import atomic_path
 from .budget import Budget, agree_any
 from .distributed import gather_rows, rank_rows, rank_world
+from .engine import (Runtime, autocast_dtype, load_checkpoint, plan_epoch, random_states, restore_random_states,
+                     save_checkpoint, shard_size)
 from .metrics import ctr_metrics
 from .tracking import Tracker
 
@@ -58,35 +59,6 @@ class FitResult:
     @property
     def lr_per_epoch(self) -> list[float]:
         return [r.lr for r in self.history]
-
-
-def bf16_supported(device: torch.device) -> bool:
-    """Fast bf16 matmuls: CUDA with bf16, or a CPU with AMX/AVX512-BF16 (oneDNN)."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        cap = torch.backends.cpu.get_cpu_capability()
-        return cap in ("AVX512", "AMX") and _cpu_has_bf16()
-    return False
-
-
-def _cpu_has_bf16() -> bool:
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return "amx_bf16" in flags or "avx512_bf16" in flags
-
-
-def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``train.amp`` ("auto", "bf16", "off"), or None for fp32."""
-    if mode == "off":
-        return None
-    if mode == "bf16" or (mode == "auto" and bf16_supported(device)):
-        return torch.bfloat16
-    if mode != "auto":
-        raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', not {mode!r}")
-    return None
 
 
 def resolve_train_config(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
@@ -185,38 +157,40 @@ def input_names(model: nn.Module) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int = 8192,
-            amp_dtype: torch.dtype | None = None) -> np.ndarray:
-    """Probabilities for every row of ``split``. Under DDP each rank scores every world-th row
-    (the last ones wrapping round to equal counts) and the scores are gathered: every rank
-    returns all of them, so all ranks agree on metrics and early stopping."""
+def predict(model: nn.Module, split: Split, batch_size: int = 8192, runtime: Runtime | None = None) -> np.ndarray:
+    """Probabilities for every row of ``split``, in ``runtime``'s precision (default fp32 on the
+    split's device). Under DDP each rank scores every world-th row (the last ones wrapping round
+    to equal counts) and the scores are gathered: every rank returns all of them, so all ranks
+    agree on metrics and early stopping."""
     model.eval()
+    runtime = runtime or Runtime(split.labels.device)
     names, device, out = input_names(model), split.labels.device, []
     order = rank_rows(len(split))
     widths = split.batch_widths(order, batch_size)
     for k, i in enumerate(range(0, len(order), batch_size)):
         batch = split.batch(order[i:i + batch_size].to(device), names, widths[k] if widths else None)
-        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+        with runtime.autocast():
             out.append(torch.sigmoid(model(**batch).logits.float()))
     return gather_rows(torch.cat(out), len(split)).cpu().numpy()
 
 
-def evaluate(model: nn.Module, split: Split, batch_size: int = 8192,
-             amp_dtype: torch.dtype | None = None) -> dict[str, float]:
-    return ctr_metrics(split.labels.cpu().numpy(), predict(model, split, batch_size, amp_dtype))
+def evaluate(model: nn.Module, split: Split, batch_size: int = 8192, runtime: Runtime | None = None
+             ) -> dict[str, float]:
+    return ctr_metrics(split.labels.cpu().numpy(), predict(model, split, batch_size, runtime))
 
 
 class Trainer:
     """Mini-batch BCE training of a CTR model with optional early stopping on an eval split."""
 
-    def __init__(self, cfg: TrainConfig, device: torch.device):
+    def __init__(self, cfg: TrainConfig, runtime: Runtime | torch.device):
+        """``runtime``: where and in which precision to compute (a bare device: in ``cfg.amp``'s)."""
         self.cfg = cfg
-        self.device = device
-        self.amp_dtype = autocast_dtype(cfg.amp, device)
+        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime, autocast_dtype(cfg.amp, runtime))
+        self.device = self.runtime.device
 
     def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
         cfg = resolve_train_config(self.cfg, model)
-        return evaluate(model, split, cfg.eval_batch_size, self.amp_dtype)
+        return evaluate(model, split, cfg.eval_batch_size, self.runtime)
 
     def fit(
         self,
@@ -251,39 +225,31 @@ class Trainer:
             cfg = dataclasses.replace(cfg, sparse_embeddings="off")
         model.to(self.device)
         optimizer = make_optimizer(model, cfg)
-        module = model  # the unwrapped model: evaluation, weights, L2
-        if world > 1:  # each rank a shard of every batch; DDP averages the gradients
-            model = nn.parallel.DistributedDataParallel(
-                model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        module, model = model, self.runtime.wrap(model)  # module: the unwrapped model (evaluation, weights, L2)
         reduce_lr = cfg.reduce_lr_on_plateau and eval_split is not None and lr_schedule is None
         last_epoch_auc = -math.inf
         generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
         result, best_state, bad_evals, stop = FitResult(), None, 0, False
         start_epoch, used = 1, 0.0
         if resume and checkpoint is not None and checkpoint.exists():
-            state = torch.load(checkpoint, map_location=self.device, weights_only=True)
+            state = load_checkpoint(checkpoint, self.device)
             module.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-            generator.set_state(state["shuffle_rng"])
-            torch.set_rng_state(state["torch_rng"])
-            if torch.cuda.is_available() and state.get("cuda_rng") is not None:
-                torch.cuda.set_rng_state_all(state["cuda_rng"])
+            restore_random_states(state, {"shuffle": generator})
             best_state, bad_evals, last_epoch_auc = state["best_state"], state["bad_evals"], state["last_epoch_auc"]
             result = FitResult([EpochRecord(**r) for r in state["history"]], state["best_epoch"], state["best_eval"],
                                state.get("stopped"))
             start_epoch, stop, used = state["epoch"] + 1, state["done"], state.get("seconds", 0.0)
             log.info("resumed %s after epoch %d%s", stage, state["epoch"], " (it had ended)" if stop else "")
         loss_fn = nn.BCEWithLogitsLoss()
-        n, bs, names = len(train), cfg.batch_size, input_names(module)
-        shard = math.ceil(n / world)  # rows per rank, padded as DistributedSampler does
+        bs, names = cfg.batch_size, input_names(module)
         embedding_l2 = cfg.embedding_l2 if hasattr(module, "embed") else 0.0
         if cfg.embedding_l2 > 0 and not embedding_l2:
             log.info("train.embedding_l2 ignored: %s has no ID embeddings", type(module).__name__)
 
         def step_loss(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
             """Forward and loss of one batch: BCE on the logits (+ each auxiliary head, FLIP Eq. 15)."""
-            with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
-                                enabled=self.amp_dtype is not None):
+            with self.runtime.autocast():
                 out = model(**batch)
             loss = loss_fn(out.logits.float(), labels)
             for aux in out.aux_logits:
@@ -294,7 +260,7 @@ class Trainer:
 
         if cfg.compile:  # fuses the many small ops of an ID model's step; compiling costs ~15-40 s
             step_loss = torch.compile(step_loss)
-        steps_per_epoch = math.ceil(shard / bs)
+        steps_per_epoch = math.ceil(shard_size(len(train)) / bs)
         total_steps = round(epochs * steps_per_epoch)
         evals = max(1, cfg.evals_per_epoch)
         eval_steps = {round(steps_per_epoch * k / evals) for k in range(1, evals + 1)}
@@ -317,10 +283,7 @@ class Trainer:
                 optimizer.set_lr(lr_schedule[min(epoch, len(lr_schedule)) - 1])
             lr = optimizer.lr  # the base lr: what a refit replays and a plateau lowers
             model.train()
-            # one order for the global batch of every rank's rows; rank r takes every world-th row
-            perm = train.order(generator, bs * world, cfg.length_buckets)
-            perm = torch.cat([perm, perm[:shard * world - n]])[rank::world]
-            widths = train.batch_widths(perm, bs)
+            perm, widths = plan_epoch(train, generator, bs, cfg.length_buckets)
             perm = perm.to(self.device)
             steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
             total, seen, train_seconds = torch.zeros((), device=self.device), 0, 0.0
@@ -376,15 +339,12 @@ class Trainer:
                                 {f"{stage}/loss": record.train_loss, f"{stage}/lr": lr,
                                  f"{stage}/samples_per_second": record.samples_per_second})
             if checkpoint is not None and rank == 0:
-                with atomic_path(checkpoint) as tmp:
-                    torch.save({"epoch": epoch, "done": stop or epoch == last_epoch, "model": module.state_dict(),
-                                "optimizer": optimizer.state_dict(), "shuffle_rng": generator.get_state(),
-                                "torch_rng": torch.get_rng_state(),
-                                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-                                "best_state": best_state, "bad_evals": bad_evals, "last_epoch_auc": last_epoch_auc,
-                                "history": [vars(r) for r in result.history], "best_epoch": result.best_epoch,
-                                "best_eval": result.best_eval, "stopped": result.stopped,
-                                "seconds": budget.elapsed()}, tmp)
+                save_checkpoint(checkpoint, {
+                    "epoch": epoch, "done": stop or epoch == last_epoch, "model": module.state_dict(),
+                    "optimizer": optimizer.state_dict(), **random_states({"shuffle": generator}),
+                    "best_state": best_state, "bad_evals": bad_evals, "last_epoch_auc": last_epoch_auc,
+                    "history": [vars(r) for r in result.history], "best_epoch": result.best_epoch,
+                    "best_eval": result.best_eval, "stopped": result.stopped, "seconds": budget.elapsed()})
             if on_epoch_end is not None:
                 on_epoch_end(record)
             if stop:

@@ -1,0 +1,135 @@
+"""The training floor, decided in one place: the device and precision a process computes in
+(training, evaluation, cached text vectors, ``predict`` alike), data-parallel wrapping, each
+epoch's plan (order -> shard -> batch widths), and checkpoints with every random state.
+
+The finetuning loop (:class:`~.trainer.Trainer`) and the pretraining loop
+(:class:`~.pretrain.Pretrainer`) are built on it and differ in what they are about: a step's
+loss and what is evaluated.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..data.batching import Split
+from ..utils import atomic_path
+from .distributed import rank_world, resolve_device
+
+
+def bf16_supported(device: torch.device) -> bool:
+    """Fast bf16 matmuls: CUDA with bf16, or a CPU with AMX/AVX512-BF16 (oneDNN)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        cap = torch.backends.cpu.get_cpu_capability()
+        return cap in ("AVX512", "AMX") and _cpu_has_bf16()
+    return False
+
+
+def _cpu_has_bf16() -> bool:
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for an ``amp`` setting ("auto", "bf16", "off"), or None for fp32."""
+    if mode == "off":
+        return None
+    if mode == "bf16" or (mode == "auto" and bf16_supported(device)):
+        return torch.bfloat16
+    if mode != "auto":
+        raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', not {mode!r}")
+    return None
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and in which precision a process computes: the device, and the autocast dtype
+    (None: fp32). Master weights stay fp32; a frozen encoder may hold its weights in
+    ``amp_dtype`` (:meth:`frozen`)."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None = None
+
+    @classmethod
+    def create(cls, device: str | torch.device = "auto", amp: str = "auto") -> "Runtime":
+        device = resolve_device(device) if isinstance(device, str) else device
+        return cls(device, autocast_dtype(amp, device))
+
+    @property
+    def amp_name(self) -> str:
+        """The precision as a run folder records it ("bf16" or "off")."""
+        return "bf16" if self.amp_dtype == torch.bfloat16 else "off"
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def frozen(self, module: nn.Module) -> nn.Module:
+        """A frozen module on the device, its weights in the autocast dtype (no per-op casts)."""
+        return module.to(device=self.device, dtype=self.amp_dtype or torch.float32)
+
+    def wrap(self, model: nn.Module, find_unused: bool = False) -> nn.Module:
+        """``model`` under DDP when the process group has several ranks (each rank a shard of
+        every batch; DDP averages the gradients), else itself."""
+        if rank_world()[1] == 1:
+            return model
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            find_unused_parameters=find_unused)
+
+    def synchronize(self) -> None:
+        """Let the device finish its queued work (so that the host's clock measures it)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+
+def shard_size(rows: int) -> int:
+    """Rows per rank: every rank the same number, hence the same number of steps."""
+    return math.ceil(rows / rank_world()[1])
+
+
+def plan_epoch(split: Split, generator: torch.Generator, batch_size: int, buckets: int
+                ) -> tuple[torch.Tensor, list[int] | None]:
+    """This rank's rows of one epoch, in order (host), and each batch's text width (None
+    without text). One seeded order for the global batch of every rank's rows (length-bucketed);
+    rank r takes every world-th row, the order padded by its first rows to equal shards (as
+    DistributedSampler does), so that the ranks' collectives have equal shapes."""
+    rank, world = rank_world()
+    perm = split.order(generator, batch_size * world, buckets)
+    perm = torch.cat([perm, perm[:shard_size(len(split)) * world - len(split)]])[rank::world]
+    return perm, split.batch_widths(perm, batch_size)
+
+
+def random_states(generators: dict[str, torch.Generator]) -> dict:
+    """Every random state a resume needs: torch's CPU and CUDA ones and the named generators'."""
+    return {"torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+            **{f"{name}_rng": g.get_state() for name, g in generators.items()}}
+
+
+def restore_random_states(state: dict, generators: dict[str, torch.Generator]) -> None:
+    torch.set_rng_state(state["torch_rng"])
+    if torch.cuda.is_available() and state.get("cuda_rng") is not None:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    for name, generator in generators.items():
+        generator.set_state(state[f"{name}_rng"])
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """``state`` (tensors, plain values) to ``path``, atomically: a kill leaves the last one whole."""
+    with atomic_path(path) as tmp:
+        torch.save(state, tmp)
+
+
+def load_checkpoint(path: Path, device: torch.device | None = None) -> dict:
+    return torch.load(path, map_location=device, weights_only=True)
