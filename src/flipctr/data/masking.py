@@ -66,6 +66,27 @@ class MaskedBatch:
     # 0-dim tensor on the batch's device, so that counting it never waits on the host
 
 
+@dataclass
+class EpochMasks:
+    """The masking of one epoch planned on the host (:meth:`FieldMasker.plan_epoch`): the fields
+    each row masks, on the device, and each batch's number of MLM targets, rounded up to a
+    multiple of 64 (few distinct shapes), so that no step waits on the device for it."""
+
+    tab_fields: torch.Tensor | None  # (N, k) or None: drawn in the forward
+    text_fields: torch.Tensor | None  # (N, k') or None
+    text_targets: list[int] | None  # per batch; None: counted on the device
+
+    def batch(self, step: int, batch_size: int) -> dict:
+        """The keyword arguments of batch ``step`` for the pretraining model's forward."""
+        out: dict = {}
+        if self.text_targets is not None:
+            out["text_targets"] = self.text_targets[step]
+        if self.tab_fields is not None:
+            rows = slice(step * batch_size, (step + 1) * batch_size)
+            out["tab_fields"], out["text_fields"] = self.tab_fields[rows], self.text_fields[rows]
+        return out
+
+
 class FieldMasker:
     """Masks a batch of paired text/tabular inputs (field-level, or token-level for the ablation)."""
 
@@ -110,6 +131,26 @@ class FieldMasker:
             lost = (value_spans[..., 1] == 0).gather(1, text).sum()
         return MaskedBatch(mask_tabular(ids, field_mask(tab, self.num_fields), self.tab_mask_id), tab,
                            input_ids.masked_fill(positions, self.text_mask_id), positions, lost)
+
+    def plan_epoch(self, order: torch.Tensor, value_spans: torch.Tensor | None, lengths: torch.Tensor | None,
+                   batch_size: int, generator: torch.Generator, mlm: bool, device: torch.device) -> EpochMasks:
+        """One epoch's masking of the rows of ``order``, planned on the host from the split's value
+        spans (N, F, 2) and lengths (N,): field-level masking draws every row's fields here
+        (``generator``), so each batch's number of masked tokens is exact; token-level masking
+        draws in the forward, each batch sized by :meth:`max_text_targets`. Without value spans
+        everything is drawn and counted in the forward."""
+        if value_spans is None:
+            return EpochMasks(None, None, None)
+        tab = text = None
+        if self.token_level:
+            per_row = self.max_text_targets(value_spans, lengths)[order]
+        else:
+            tab, text = self.choose(len(order), generator)
+            per_row = self.text_targets(value_spans[order], text)
+            tab, text = tab.to(device), text.to(device)
+        targets = ([-(-int(per_row[i:i + batch_size].sum()) // 64) * 64 for i in range(0, len(order), batch_size)]
+                   if mlm else None)
+        return EpochMasks(tab, text, targets)
 
     def max_text_targets(self, value_spans: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(N,) an upper bound on each row's masked text tokens when the fields are drawn on the

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
 from ..data.batching import Split
@@ -123,6 +124,13 @@ def restore_random_states(state: dict, generators: dict[str, torch.Generator]) -
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     for name, generator in generators.items():
         generator.set_state(state[f"{name}_rng"])
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """A model's weights as safetensors (a state dict, never a pickled module), atomically."""
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    with atomic_path(path) as tmp:
+        save_file(state, str(tmp))
 
 
 def save_checkpoint(path: Path, state: dict) -> None:

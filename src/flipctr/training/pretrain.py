@@ -20,8 +20,7 @@ from ..utils import atomic_path, write_json
 from .budget import Budget, agree_min
 from .distributed import rank_world
 from .engine import (Runtime, autocast_dtype, load_checkpoint, plan_epoch, random_states, restore_random_states,
-                     save_checkpoint, shard_size)
-from .runner import save_weights
+                     save_checkpoint, save_weights, shard_size)
 from .tracking import Tracker
 
 log = logging.getLogger("flipctr")
@@ -145,29 +144,16 @@ class Pretrainer:
         step_count = scheduler.last_epoch  # optimizer steps taken, an earlier call's included
         if cfg.compile:  # the encoder's shapes: a few bucket widths (multiples of 8) times the batch size
             module.language_model.encoder.compile()  # in place: the weights' names stay
-        # the masked fields are drawn on the host for the whole epoch, so each batch's number of
-        # masked tokens is known exactly there (the MLM head's size); token-level masking (the
-        # ablation) is drawn on the device and sized by a bound
-        spans = data.host("value_spans")
-        ahead = spans is not None and not module.config.token_level_masking
-        bound = (module.max_text_targets(spans, data.host("lengths"))
-                 if module.config.mlm and spans is not None and not ahead else None)
+        spans, lengths = data.host("value_spans"), data.host("lengths")
         cuda = self.device.type == "cuda"
         for epoch in range(start_epoch, cfg.epochs + 1 if not done else start_epoch):
             model.train()
             if cuda:  # each epoch's peak memory, for sizing the batch and the profile on a GPU
                 torch.cuda.reset_peak_memory_stats(self.device)
             perm, widths = plan_epoch(data, shuffle, cfg.batch_size, cfg.length_buckets)
-            chosen, targets = None, None
-            if ahead:
-                chosen = module.masker.choose(len(perm), choice)
-                per_row = module.masker.text_targets(spans[perm], chosen[1])
-                chosen = [c.to(self.device) for c in chosen]
-            elif bound is not None:
-                per_row = bound[perm]
-            if module.config.mlm and (ahead or bound is not None):  # rounded up: few distinct shapes
-                targets = [-(-int(per_row[i:i + cfg.batch_size].sum()) // 64) * 64
-                           for i in range(0, len(perm), cfg.batch_size)]
+            # the masked fields drawn on the host for the whole epoch: each batch's MLM size is known there
+            masks = module.masker.plan_epoch(perm, spans, lengths, cfg.batch_size, choice, module.config.mlm,
+                                             self.device)
             perm = perm.to(self.device)
             # losses add up on the device and are read once per epoch: no step waits on the host
             sums = {k: torch.zeros((), device=self.device) for k in (*OBJECTIVES, "loss")}
@@ -180,11 +166,7 @@ class Pretrainer:
                     break
                 batch = data.batch(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], self.names,
                                    widths[step])
-                if targets is not None:
-                    batch["text_targets"] = targets[step]
-                if chosen is not None:
-                    rows = slice(step * cfg.batch_size, (step + 1) * cfg.batch_size)
-                    batch["tab_fields"], batch["text_fields"] = chosen[0][rows], chosen[1][rows]
+                batch.update(masks.batch(step, cfg.batch_size))
                 with self.runtime.autocast():
                     out = model(**batch, generator=masking)
                 optimizer.zero_grad(set_to_none=True)

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from ..config import Config
 from ..data.batching import Split
@@ -35,7 +35,7 @@ from ..data.readers import SIDES
 from ..models import TEXT_SIDES, LrScales, build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world
-from .engine import Runtime
+from .engine import Runtime, save_weights
 from .tracking import Tracker
 from .trainer import Trainer, input_names, resolve_train_config
 
@@ -67,12 +67,6 @@ def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding:
     for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
         with atomic_path(run_dir / name) as tmp:
             shutil.copyfile(data.encoding_folder(encoding) / name, tmp)
-
-
-def save_weights(model: torch.nn.Module, path: Path) -> None:
-    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    with atomic_path(path) as tmp:
-        save_file(state, str(tmp))
 
 
 DEFAULT_MAX_LENGTH = {"goodreads": 180}  # prompt tokens; 100 elsewhere
