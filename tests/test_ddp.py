@@ -25,10 +25,11 @@ def test_one_pretraining_step_under_torchrun_with_two_ranks(tmp_path):
     assert (tmp_path / "pretrain" / "pretrained.safetensors").exists()  # written by rank 0
 
 
-def deterministic_pair():
+def deterministic_pair(**flip):
     """A tiny FLIP pretraining model whose step has no randomness: every field masked in both
     modalities, no dropout, no BatchNorm (its batch statistics are per rank), MTM off (its
-    noise is drawn per rank); MLM and ICL, whose negatives cross ranks, are on."""
+    noise is random); MLM and ICL, whose negatives cross ranks, are on. ``flip``:
+    other settings (e.g. MTM on and random masks, for a whole pretraining)."""
     from transformers import BertConfig
 
     from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
@@ -47,7 +48,7 @@ def deterministic_pair():
     lm = LanguageModel.from_config(BertConfig(vocab_size=30, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                                               intermediate_size=16, max_position_embeddings=32,
                                               hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
-    config = FlipSettings(text_mask_ratio=1.0, tab_mask_ratio=1.0, mtm=False, mlm_dropout=0.0)
+    config = FlipSettings(**{"text_mask_ratio": 1.0, "tab_mask_ratio": 1.0, "mtm": False, "mlm_dropout": 0.0, **flip})
     return FlipPretrainModel(backbone, lm, torch.arange(31).float(), config, tab_mask_id=MASK_ID, text_mask_id=4,
                              vocab_size=30, cls_id=2, sep_id=3)
 
@@ -180,3 +181,39 @@ def test_time_budgets_stop_every_rank_at_the_same_point(tmp_path):
     # would have gone on to 30 s. Pretraining: 6 steps an epoch per rank; rank 1's rate (0.5
     # steps/s) leaves room for 14 steps, rank 0's for 29: both stop at 14
     assert ranks[0] == ranks[1] == {"evals": [0.5], "stopped": "budget", "steps": 14}
+
+
+def distinct_split(n: int):
+    """``n`` pretraining rows that differ (ids and tokens), so that every ICL pair is its own."""
+    from test_flip import _pretrain_split
+
+    split = _pretrain_split(n)
+    split.inputs["ids"][:, 0] = torch.arange(1, n + 1) % 10 + 1
+    split.inputs["ids"][:, 1] = torch.arange(n) % 7 + 11
+    split.inputs["input_ids"][:, 3] = torch.arange(n) % 10 + 20
+    return split
+
+
+def test_the_real_pretrainer_under_two_ranks_equals_one_process(tmp_path):
+    """Masks and NCE noise are drawn per row, alike on every rank: two ranks with batch 4 each
+    pretrain (MLM and MTM, fields masked at random) to the weights of one process with batch 8.
+    ICL is off here: its gradients equal one process's (the step test above), but some of its
+    components are zero in theory (a projection bias shifts a query's logits alike), and over
+    several steps Adam turns their float noise into lr-sized moves that differ between runs."""
+    from safetensors.torch import load_file
+
+    from flipctr.config import PretrainConfig
+    from flipctr.training.pretrain import Pretrainer
+
+    cfg = PretrainConfig(lr=1e-3, batch_size=8, epochs=2, progress=False, amp="off")
+    Pretrainer(cfg, torch.device("cpu"), tmp_path / "one").fit(deterministic_pair(**PRETRAIN_EQUAL), distinct_split(16))
+    proc = _torchrun(HERE / "ddp_pretrain_equal.py", tmp_path / "two")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    one, two = (load_file(str(tmp_path / name / "pretrained.safetensors")) for name in ("one", "two"))
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], atol=2e-5, rtol=1e-4, msg=name)
+    assert any(not torch.equal(one[k], deterministic_pair(**PRETRAIN_EQUAL).state_dict()[k]) for k in one)
+
+
+PRETRAIN_EQUAL = {"text_mask_ratio": 0.34, "tab_mask_ratio": 0.34, "mtm": True, "icl": False}

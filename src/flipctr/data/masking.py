@@ -133,22 +133,26 @@ class FieldMasker:
                            input_ids.masked_fill(positions, self.text_mask_id), positions, lost)
 
     def plan_epoch(self, order: torch.Tensor, value_spans: torch.Tensor | None, lengths: torch.Tensor | None,
-                   batch_size: int, generator: torch.Generator, mlm: bool, device: torch.device) -> EpochMasks:
-        """One epoch's masking of the rows of ``order``, planned on the host from the split's value
-        spans (N, F, 2) and lengths (N,): field-level masking draws every row's fields here
-        (``generator``), so each batch's number of masked tokens is exact; token-level masking
-        draws in the forward, each batch sized by :meth:`max_text_targets`. Without value spans
-        everything is drawn and counted in the forward."""
+                   batch_size: int, generator: torch.Generator, mlm: bool, device: torch.device,
+                   rank: int = 0, world: int = 1) -> EpochMasks:
+        """One epoch's masking, planned on the host from the split's value spans (N, F, 2) and
+        lengths (N,). ``order``: the epoch's rows of every rank (the same on all of them); this
+        rank's are every ``world``-th from ``rank``. Field-level masking draws the fields of every
+        row of ``order`` here (``generator``, seeded alike on every rank), so a row's masks do not
+        depend on the rank that holds it, and each batch's number of masked tokens is exact;
+        token-level masking draws in the forward, each batch sized by :meth:`max_text_targets`.
+        Without value spans everything is drawn and counted in the forward."""
         if value_spans is None:
             return EpochMasks(None, None, None)
+        mine = order[rank::world]
         tab = text = None
         if self.token_level:
-            per_row = self.max_text_targets(value_spans, lengths)[order]
+            per_row = self.max_text_targets(value_spans, lengths)[mine]
         else:
-            tab, text = self.choose(len(order), generator)
-            per_row = self.text_targets(value_spans[order], text)
+            tab, text = (fields[rank::world] for fields in self.choose(len(order), generator))
+            per_row = self.text_targets(value_spans[mine], text)
             tab, text = tab.to(device), text.to(device)
-        targets = ([-(-int(per_row[i:i + batch_size].sum()) // 64) * 64 for i in range(0, len(order), batch_size)]
+        targets = ([-(-int(per_row[i:i + batch_size].sum()) // 64) * 64 for i in range(0, len(mine), batch_size)]
                    if mlm else None)
         return EpochMasks(tab, text, targets)
 

@@ -57,6 +57,12 @@ def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
+def _rank_world() -> tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
 def gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every rank's rows under DDP, in rank order, the gradient flowing back to their owners
     (``torch.distributed.nn``), and the offset of this rank's rows; ``(z, 0)`` outside DDP.
@@ -124,7 +130,11 @@ class MTMHead(nn.Module):
         ctx = v_hat if u is None else torch.cat([v_hat, u], -1)
         h = torch.einsum("bd,bmde->bme", ctx, take(self.field_proj, fields))  # (B, m, dim)
         target = targets.gather(1, fields).long()  # (B, m)
-        noise = self.sample_noise(target.numel(), k, generator).to(target.device).view(*target.shape, k)
+        # under DDP every rank draws the global batch's noise (rank r holds its rows r, r + world, ...)
+        # and keeps its own rows: a row's noise does not depend on the rank that holds it
+        rank, world = _rank_world()
+        noise = self.sample_noise(target.numel() * world, k, generator).to(target.device)
+        noise = noise.view(len(target) * world, target.shape[1], k)[rank::world]
         target_scores = (h * self.output(target)).sum(-1) + take(self.bias, target)
         noise_scores = torch.einsum("bme,bmke->bmk", h, self.output(noise)) + take(self.bias, noise)
         return nce_loss(target_scores, noise_scores, self.log_q[target], self.log_q[noise], k).mean(1)

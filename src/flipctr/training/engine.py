@@ -99,15 +99,21 @@ def shard_size(rows: int) -> int:
     return math.ceil(rows / rank_world()[1])
 
 
-def plan_epoch(split: Split, generator: torch.Generator, batch_size: int, buckets: int
-                ) -> tuple[torch.Tensor, list[int] | None]:
-    """This rank's rows of one epoch, in order (host), and each batch's text width (None
-    without text). One seeded order for the global batch of every rank's rows (length-bucketed);
-    rank r takes every world-th row, the order padded by its first rows to equal shards (as
-    DistributedSampler does), so that the ranks' collectives have equal shapes."""
-    rank, world = rank_world()
+def global_order(split: Split, generator: torch.Generator, batch_size: int, buckets: int) -> torch.Tensor:
+    """One epoch's order of every rank's rows (host), the same on every rank: one seeded order for
+    the global batch (world × ``batch_size`` rows, length-bucketed), padded by its first rows to
+    equal shards (as DistributedSampler does), so that the ranks' collectives have equal shapes."""
+    world = rank_world()[1]
     perm = split.order(generator, batch_size * world, buckets)
-    perm = torch.cat([perm, perm[:shard_size(len(split)) * world - len(split)]])[rank::world]
+    return torch.cat([perm, perm[:shard_size(len(split)) * world - len(split)]])
+
+
+def plan_epoch(split: Split, generator: torch.Generator, batch_size: int, buckets: int
+               ) -> tuple[torch.Tensor, list[int] | None]:
+    """This rank's rows of one epoch, in order (host): every world-th row of :func:`global_order`
+    from its rank; and each batch's text width (None without text)."""
+    rank, world = rank_world()
+    perm = global_order(split, generator, batch_size, buckets)[rank::world]
     return perm, split.batch_widths(perm, batch_size)
 
 

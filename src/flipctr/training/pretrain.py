@@ -19,7 +19,7 @@ from ..data.batching import Split
 from ..utils import atomic_path, write_json
 from .budget import Budget, agree_min
 from .distributed import rank_world
-from .engine import (Runtime, autocast_dtype, load_checkpoint, plan_epoch, random_states, restore_random_states,
+from .engine import (Runtime, autocast_dtype, global_order, load_checkpoint, random_states, restore_random_states,
                      save_checkpoint, save_weights, shard_size)
 from .tracking import Tracker
 
@@ -122,9 +122,11 @@ class Pretrainer:
         schedule = CosineSchedule(cfg.warmup_steps, planned)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
         shuffle = torch.Generator().manual_seed(cfg.seed)
-        masking = torch.Generator(device=self.device).manual_seed(cfg.seed + 1 + rank)
-        choice = torch.Generator().manual_seed(cfg.seed + 3 + rank)  # the masked fields, drawn per epoch
-        torch.manual_seed(cfg.seed + 2 + rank)  # dropout
+        # masks and NCE noise are drawn alike on every rank for every rank's rows, each rank keeping
+        # its own: a row's draws do not depend on the rank that holds it (DDP equals one process)
+        masking = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
+        choice = torch.Generator().manual_seed(cfg.seed + 3)  # the masked fields, drawn per epoch
+        torch.manual_seed(cfg.seed + 2 + rank)  # dropout: per rank
         history: list[dict] = []
         start_epoch, used, done = 1, 0.0, False
         tracker = Tracker(self.folder / "tensorboard")
@@ -150,10 +152,12 @@ class Pretrainer:
             model.train()
             if cuda:  # each epoch's peak memory, for sizing the batch and the profile on a GPU
                 torch.cuda.reset_peak_memory_stats(self.device)
-            perm, widths = plan_epoch(data, shuffle, cfg.batch_size, cfg.length_buckets)
+            order = global_order(data, shuffle, cfg.batch_size, cfg.length_buckets)
+            perm = order[rank::world]
+            widths = data.batch_widths(perm, cfg.batch_size)
             # the masked fields drawn on the host for the whole epoch: each batch's MLM size is known there
-            masks = module.masker.plan_epoch(perm, spans, lengths, cfg.batch_size, choice, module.config.mlm,
-                                             self.device)
+            masks = module.masker.plan_epoch(order, spans, lengths, cfg.batch_size, choice, module.config.mlm,
+                                             self.device, rank, world)
             perm = perm.to(self.device)
             # losses add up on the device and are read once per epoch: no step waits on the host
             sums = {k: torch.zeros((), device=self.device) for k in (*OBJECTIVES, "loss")}
