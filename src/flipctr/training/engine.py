@@ -1,22 +1,26 @@
 """The training floor, decided in one place: the device and precision a process computes in
 (training, evaluation, cached text vectors, ``predict`` alike), data-parallel wrapping, each
-epoch's plan (order -> shard -> batch widths), and checkpoints with every random state.
+epoch's plan (order -> shard -> batch widths), the step loop, and checkpoints with every
+random state.
 
-The finetuning loop (:class:`~.trainer.Trainer`) and the pretraining loop
-(:class:`~.pretrain.Pretrainer`) are built on it and differ in what they are about: a step's
-loss and what is evaluated.
+Finetuning (:class:`~.trainer.Trainer`) and pretraining (:class:`~.pretrain.Pretrainer`) run
+on it and supply what differs: a step's loss, what happens after a step (evaluation, early
+stopping, a time budget's schedule) and what an epoch records.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors.torch import save_file
 from torch import nn
+from tqdm.auto import tqdm
 
 from ..data.batching import Split
 from ..utils import atomic_path
@@ -92,6 +96,52 @@ class Runtime:
         """Let the device finish its queued work (so that the host's clock measures it)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+
+class StepLoop:
+    """The hot loop of every training stage, one epoch at a time: each batch gathered on the
+    device, its loss computed by the stage (under :meth:`Runtime.autocast`), one optimizer step
+    (and scheduler step). Nothing here waits on the host. A stage's ``after_step`` may evaluate
+    inside :meth:`paused` (not counted as training time) and ask to stop; ``stop_before`` ends
+    the epoch before a step (a time budget's schedule)."""
+
+    def __init__(self, optimizer, scheduler=None, progress: bool = True, desc: str = "epoch"):
+        self.optimizer, self.scheduler, self.progress, self.desc = optimizer, scheduler, progress, desc
+        self._paused = 0.0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Time spent in this block (an evaluation) is not training time."""
+        tick = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - tick
+
+    def run_epoch(self, epoch: int, split: Split, perm: torch.Tensor, widths: list[int] | None,
+                  names: tuple[str, ...], batch_size: int, steps: int,
+                  loss_of: Callable[[int, dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
+                  after_step: Callable[[int, torch.Tensor], bool] | None = None,
+                  stop_before: Callable[[], bool] | None = None) -> tuple[int, float]:
+        """Up to ``steps`` steps over the rows ``perm`` (on the device) in batches of
+        ``batch_size``; ``loss_of(step, batch, rows)`` -> the loss. Returns (steps run, seconds
+        of training)."""
+        self._paused, done, tick = 0.0, 0, time.perf_counter()
+        for step in tqdm(range(steps), desc=f"{self.desc} {epoch}", disable=not self.progress, leave=False,
+                         mininterval=2.0, unit="batch"):
+            if stop_before is not None and stop_before():
+                break
+            rows = perm[step * batch_size:(step + 1) * batch_size]
+            loss = loss_of(step, split.batch(rows, names, widths[step] if widths else None), rows)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            done += 1
+            if after_step is not None and after_step(step, loss):
+                break
+        return done, time.perf_counter() - tick - self._paused
 
 
 def shard_size(rows: int) -> int:

@@ -6,21 +6,19 @@ from __future__ import annotations
 
 import logging
 import math
-import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 from safetensors.torch import load_file
-from tqdm.auto import tqdm
 
 from ..config import PretrainConfig
 from ..data.batching import Split
 from ..utils import atomic_path, write_json
 from .budget import Budget, agree_min
 from .distributed import rank_world
-from .engine import (Runtime, autocast_dtype, global_order, load_checkpoint, random_states, restore_random_states,
-                     save_checkpoint, save_weights, shard_size)
+from .engine import (Runtime, StepLoop, global_order, load_checkpoint, random_states,
+                     restore_random_states, save_checkpoint, save_weights, shard_size)
 from .tracking import Tracker
 
 log = logging.getLogger("flipctr")
@@ -93,7 +91,7 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig, runtime: Runtime | torch.device, folder: Path):
         """``runtime``: where and in which precision to compute (a bare device: in ``cfg.amp``'s)."""
         self.cfg, self.folder = cfg, Path(folder)
-        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime, autocast_dtype(cfg.amp, runtime))
+        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime.create(runtime, cfg.amp)
         self.device = self.runtime.device
 
     @property
@@ -148,6 +146,7 @@ class Pretrainer:
             module.language_model.encoder.compile()  # in place: the weights' names stay
         spans, lengths = data.host("value_spans"), data.host("lengths")
         cuda = self.device.type == "cuda"
+        loop = StepLoop(optimizer, scheduler, cfg.progress, desc="pretrain")
         for epoch in range(start_epoch, cfg.epochs + 1 if not done else start_epoch):
             model.train()
             if cuda:  # each epoch's peak memory, for sizing the batch and the profile on a GPU
@@ -158,38 +157,36 @@ class Pretrainer:
             # the masked fields drawn on the host for the whole epoch: each batch's MLM size is known there
             masks = module.masker.plan_epoch(order, spans, lengths, cfg.batch_size, choice, module.config.mlm,
                                              self.device, rank, world)
-            perm = perm.to(self.device)
             # losses add up on the device and are read once per epoch: no step waits on the host
             sums = {k: torch.zeros((), device=self.device) for k in (*OBJECTIVES, "loss")}
-            lost, tick = torch.zeros((), dtype=torch.long, device=self.device), time.perf_counter()
-            steps = 0
-            for step in tqdm(range(steps_per_epoch), desc=f"pretrain {epoch}", disable=not cfg.progress,
-                             leave=False, mininterval=2.0):
-                if step_count >= schedule.total:  # the time budget sized the schedule shorter
-                    done = True
-                    break
-                batch = data.batch(perm[step * cfg.batch_size:(step + 1) * cfg.batch_size], self.names,
-                                   widths[step])
+            lost = torch.zeros((), dtype=torch.long, device=self.device)
+
+            def loss_of(step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+                nonlocal lost
                 batch.update(masks.batch(step, cfg.batch_size))
                 with self.runtime.autocast():
                     out = model(**batch, generator=masking)
-                optimizer.zero_grad(set_to_none=True)
-                out.loss.backward()
-                optimizer.step()
-                scheduler.step()
                 sums["loss"] += out.loss.detach()
                 for name in OBJECTIVES:
                     value = getattr(out, name)
                     if value is not None:
                         sums[name] += value.detach()
                 lost += out.text_fields_lost
-                steps, step_count = steps + 1, step_count + 1
+                return out.loss
+
+            def after_step(step: int, loss: torch.Tensor) -> bool:
+                nonlocal step_count
+                step_count += 1
                 if on_step is not None:  # a callback reads the loss, and so waits for it
-                    on_step(epoch, step, out.loss.item())
+                    on_step(epoch, step, loss.item())
                 if sizer is not None:
                     sizer.after_step(step_count)
-            done = done or step_count >= schedule.total
-            seconds = time.perf_counter() - tick
+                return False
+
+            steps, seconds = loop.run_epoch(epoch, data, perm.to(self.device), widths, self.names, cfg.batch_size,
+                                            steps_per_epoch, loss_of, after_step,
+                                            stop_before=lambda: step_count >= schedule.total)
+            done = step_count >= schedule.total  # every planned step, or as many as the budget sized
             rows = min(len(data), steps * cfg.batch_size * world)
             record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1),
                       "samples_per_second": round(rows / max(seconds, 1e-9), 1), "text_fields_lost": int(lost),

@@ -9,7 +9,6 @@ import copy
 import dataclasses
 import logging
 import math
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -17,15 +16,14 @@ from typing import Callable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from ..config import TrainConfig
 from ..data.batching import Split
 from ..models.language import LanguageModel
 from .budget import Budget, agree_any
 from .distributed import gather_rows, rank_rows, rank_world
-from .engine import (Runtime, autocast_dtype, load_checkpoint, plan_epoch, random_states, restore_random_states,
-                     save_checkpoint, shard_size)
+from .engine import (Runtime, StepLoop, load_checkpoint, plan_epoch, random_states,
+                     restore_random_states, save_checkpoint, shard_size)
 from .metrics import ctr_metrics
 from .tracking import Tracker
 
@@ -185,7 +183,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig, runtime: Runtime | torch.device):
         """``runtime``: where and in which precision to compute (a bare device: in ``cfg.amp``'s)."""
         self.cfg = cfg
-        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime, autocast_dtype(cfg.amp, runtime))
+        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime.create(runtime, cfg.amp)
         self.device = self.runtime.device
 
     def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
@@ -278,29 +276,31 @@ class Trainer:
             late, checked = now + (now - checked) > budget.seconds, now
             return agree_any(late, self.device)
 
+        loop = StepLoop(optimizer, progress=cfg.progress)
         for epoch in range(start_epoch, last_epoch + 1 if not stop else start_epoch):
             if lr_schedule is not None:
                 optimizer.set_lr(lr_schedule[min(epoch, len(lr_schedule)) - 1])
             lr = optimizer.lr  # the base lr: what a refit replays and a plateau lowers
             model.train()
             perm, widths = plan_epoch(train, generator, bs, cfg.length_buckets)
-            perm = perm.to(self.device)
             steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
-            total, seen, train_seconds = torch.zeros((), device=self.device), 0, 0.0
+            total, seen = torch.zeros((), device=self.device), 0
             record = EpochRecord(epoch, lr, 0.0, 0.0, 0.0)
-            tick = time.perf_counter()
-            for step in tqdm(range(steps), desc=f"epoch {epoch}", disable=not cfg.progress, leave=False,
-                             mininterval=2.0, unit="batch"):
-                index = perm[step * bs:(step + 1) * bs]
-                batch, labels = train.batch(index, names, widths[step] if widths else None), train.labels[index]
+
+            def loss_of(step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+                nonlocal total, seen
+                labels = train.labels[rows]
                 loss = step_loss(batch, labels)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
                 total += loss.detach() * len(labels)
                 seen += len(labels)
-                if eval_split is not None and step + 1 in eval_steps:
-                    train_seconds += time.perf_counter() - tick
+                return loss
+
+            def after_step(step: int, loss: torch.Tensor) -> bool:
+                """At each evaluation point: evaluate, keep the best weights, stop on patience or time."""
+                nonlocal best_state, bad_evals, stop
+                if eval_split is None or step + 1 not in eval_steps:
+                    return False
+                with loop.paused():
                     at = round(epoch - 1 + (step + 1) / steps_per_epoch, 4)
                     metrics = self.evaluate(module, eval_split)
                     record.evals.append({"epoch": at, **metrics})
@@ -315,14 +315,14 @@ class Trainer:
                     else:
                         bad_evals += 1
                     model.train()
-                    tick = time.perf_counter()
-                    if bad_evals >= cfg.patience:
-                        stop, result.stopped = True, "patience"
-                        break
-                    if out_of_time():
-                        stop, result.stopped = True, "budget"
-                        break
-            train_seconds += time.perf_counter() - tick
+                if bad_evals >= cfg.patience:
+                    stop, result.stopped = True, "patience"
+                elif out_of_time():
+                    stop, result.stopped = True, "budget"
+                return stop
+
+            _, train_seconds = loop.run_epoch(epoch, train, perm.to(self.device), widths, names, bs, steps,
+                                              loss_of, after_step)
             record.train_loss, record.seconds = float(total) / max(seen, 1), train_seconds
             record.samples, record.samples_per_second = seen, seen / max(train_seconds, 1e-9)
             if reduce_lr and record.evals:  # end-of-epoch AUC did not improve: lower the lr
