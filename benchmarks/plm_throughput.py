@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from flipctr.config import DataConfig
-from flipctr.data.batching import Split
+from flipctr.data.batching import DeviceRows
 from flipctr.data.cache import prepare
 from flipctr.data.text import load_or_build_text
 from flipctr.models.language import LanguageModel, load_tokenizer
@@ -29,7 +29,7 @@ from flipctr.utils import environment_info, write_json, write_text
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
-def measure(lm: LanguageModel, split: Split, batch_size: int, batches: int, train: bool,
+def measure(lm: LanguageModel, split: DeviceRows, batch_size: int, batches: int, train: bool,
             dtype: torch.dtype | None, fixed_width: int | None) -> float:
     rows = torch.arange(batch_size * (batches + 1))
     params = [p for p in lm.parameters()]
@@ -68,7 +68,7 @@ def main() -> None:
     start, stop = data.sizes.bounds("train")
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(stop - start, args.batch_size * (args.batches + 1), replace=False))
-    split = Split.from_arrays(np.zeros(len(rows)), torch.device("cpu"),
+    split = DeviceRows.from_arrays(np.zeros(len(rows)), torch.device("cpu"),
                               input_ids=text.input_ids[rows], lengths=text.lengths[rows])
     lm = LanguageModel.from_pretrained(args.plm)
     lm.train()  # dropout on in the training measurements, as in finetuning

@@ -1,6 +1,6 @@
 import torch
 
-from flipctr.data.batching import WIDTH_MULTIPLE, Split, epoch_order, padding_fraction
+from flipctr.data.batching import WIDTH_MULTIPLE, DeviceRows, epoch_order, padding_fraction
 
 
 def _lengths(n=1000, seed=0):
@@ -23,7 +23,7 @@ def test_bucketing_cuts_padding_and_plain_order_is_a_plain_permutation():
     lengths = _lengths(4096)
     plain = epoch_order(4096, torch.Generator().manual_seed(0), 128, lengths, bucket_batches=0)
     assert torch.equal(plain, torch.randperm(4096, generator=torch.Generator().manual_seed(0)))
-    split = Split(torch.zeros(4096), {"lengths": lengths, "input_ids": torch.zeros(4096, 96, dtype=torch.long)})
+    split = DeviceRows(torch.zeros(4096), {"lengths": lengths, "input_ids": torch.zeros(4096, 96, dtype=torch.long)})
     bucketed = split.order(torch.Generator().manual_seed(0), 128, bucket_batches=8)
     pad_plain = padding_fraction(lengths, plain, split.batch_widths(plain, 128), 128)
     pad_bucketed = padding_fraction(lengths, bucketed, split.batch_widths(bucketed, 128), 128)
@@ -32,9 +32,9 @@ def test_bucketing_cuts_padding_and_plain_order_is_a_plain_permutation():
 
 def test_batch_widths_round_up_to_a_few_shapes_and_never_past_the_stored_width():
     lengths = torch.tensor([3, 9, 17, 30])
-    split = Split(torch.zeros(4), {"lengths": lengths, "input_ids": torch.zeros(4, 30, dtype=torch.long)})
+    split = DeviceRows(torch.zeros(4), {"lengths": lengths, "input_ids": torch.zeros(4, 30, dtype=torch.long)})
     widths = split.batch_widths(torch.arange(4), 1)
     assert widths == [8, 16, 24, 30] and all(w % WIDTH_MULTIPLE == 0 for w in widths[:3])
     batch = split.batch(torch.tensor([0, 1]), ("input_ids", "attention_mask"), 16)
     assert batch["input_ids"].shape == (2, 16) and batch["attention_mask"].sum(1).tolist() == [3, 9]
-    assert Split(torch.zeros(2), {"ids": torch.zeros(2, 3)}).batch_widths(torch.arange(2), 1) is None
+    assert DeviceRows(torch.zeros(2), {"ids": torch.zeros(2, 3)}).batch_widths(torch.arange(2), 1) is None

@@ -95,3 +95,17 @@ def test_a_stage_without_evaluations_checks_its_budget_each_epoch(clock):
 def test_budget_must_be_positive():
     with pytest.raises(ValueError, match="positive"):
         budget.Budget(0)
+
+
+def test_a_budget_spent_before_the_first_measure_stops_there(clock, tmp_path):
+    # the first steps are slow (compilation, a loaded machine): 5 s each, 12 s allowed
+    cfg = PretrainConfig(lr=1e-2, batch_size=2, epochs=5, progress=False, amp="off", max_seconds=12)
+    steps = []
+
+    def on_step(epoch, step, loss):
+        clock[0] += 5.0
+        steps.append(step)
+
+    model, _, _ = _tiny_pair()
+    history = Pretrainer(cfg, torch.device("cpu"), tmp_path).fit(model, _pretrain_split(), on_step=on_step)
+    assert len(steps) == 3 and history[-1]["stopped_by_budget"]  # 15 s: the first step past 12

@@ -76,7 +76,7 @@ def finetune_setup(batch_size: int):
     """A tiny deterministic finetuning task: no dropout, no BatchNorm (per-rank statistics),
     dense embedding gradients; 128 train rows (4 global batches of 32), 51 eval rows (odd: the
     gathered evaluation must drop the padding)."""
-    from flipctr.data.batching import Split
+    from flipctr.data.batching import DeviceRows
     from flipctr.data.encoder import FeatureMap, FieldInfo
     from flipctr.models.backbones import build_model
     from flipctr.training.trainer import Trainer
@@ -91,8 +91,8 @@ def finetune_setup(batch_size: int):
     cfg.model.name, cfg.model.batch_norm = "dcnv2", False
     torch.manual_seed(0)
     model = build_model(cfg.model, FeatureMap([FieldInfo("a", 1, 5), FieldInfo("b", 6, 5)], 11, 1, 179))
-    return (model, Trainer(cfg.train, torch.device("cpu")), Split(labels[:128], {"ids": ids[:128]}),
-            Split(labels[128:], {"ids": ids[128:]}))
+    return (model, Trainer(cfg.train, torch.device("cpu")), DeviceRows(labels[:128], {"ids": ids[:128]}),
+            DeviceRows(labels[128:], {"ids": ids[128:]}))
 
 
 def test_ddp_finetuning_equals_one_process_on_the_global_batch(tmp_path):

@@ -260,7 +260,7 @@ def _joint_on_one_informative_side(informative: str, steps_seed: int = 0):
     """Train the joint model (frozen-text mode) where only the ``informative`` side carries the label."""
     from flipctr.config import TrainConfig
     from flipctr.data.encoder import FeatureMap, FieldInfo
-    from flipctr.data.batching import Split
+    from flipctr.data.batching import DeviceRows
     from flipctr.training.trainer import Trainer
 
     g = torch.Generator().manual_seed(steps_seed)
@@ -276,7 +276,7 @@ def _joint_on_one_informative_side(informative: str, steps_seed: int = 0):
     torch.manual_seed(0)
     model = FlipCTRModel(build_model(tiny_config().model, fmap), None, hidden_size=8, alpha_lr_scale=10.0)
     cfg = TrainConfig(lr=1e-3, batch_size=64, epochs=3, progress=False, amp="off", seed=0)
-    Trainer(cfg, torch.device("cpu")).fit(model, Split(labels, {"ids": ids.int(), "text_cls": text}))
+    Trainer(cfg, torch.device("cpu")).fit(model, DeviceRows(labels, {"ids": ids.int(), "text_cls": text}))
     return model
 
 
@@ -322,10 +322,10 @@ def test_one_builder_gives_every_caller_the_joint_models_lr_groups(tiny_plm):
 
 def _pretrain_split(n=24):
     ids, input_ids, attention, spans = _batch()
-    from flipctr.data.batching import Split
+    from flipctr.data.batching import DeviceRows
 
     rep = lambda t: t.repeat((n + 1) // 2, *([1] * (t.dim() - 1)))[:n]  # noqa: E731
-    return Split(torch.zeros(n), {"ids": rep(ids), "input_ids": rep(input_ids),
+    return DeviceRows(torch.zeros(n), {"ids": rep(ids), "input_ids": rep(input_ids),
                                   "lengths": torch.full((n,), input_ids.shape[1]), "value_spans": rep(spans)})
 
 

@@ -60,12 +60,14 @@ def test_oneshot_runs_the_four_models_within_its_budgets(pack, tmp_path):
     out = tmp_path / "out"
     # budgets that cannot hold the epochs asked for: pretraining is cut by its budget (mid-epoch:
     # 60 steps an epoch), every finetuning stage by its own
-    done, seconds = _oneshot(pack, out, tmp_path / "work", "--seconds", "120", "--reserve", "40", "--every", "2",
+    # a generous preflight limit: here it takes ~10 s, but a loaded machine must not fail the test
+    done, seconds = _oneshot(pack, out, tmp_path / "work", "--seconds", "150", "--preflight-seconds", "90",
+                             "--reserve", "40", "--every", "2",
                              "--run-set", "pretrain.epochs=500", "--run-set", "pretrain.batch_size=8",
                              "--run-set", "train.epochs=100000", "--run-set", "train.patience=100000",
                              "--run-set", "text_finetune.epochs=100000")
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
-    assert seconds < 120
+    assert seconds < 150
     files = sorted(p.name for p in out.iterdir())
     assert files == ["machine.txt", "oneshot.log", "preflight.tar.gz", "results.json", "results.md", "run.tar.gz"]
     results = json.loads((out / "results.json").read_text())
@@ -84,7 +86,7 @@ def test_oneshot_runs_the_four_models_within_its_budgets(pack, tmp_path):
     assert not any(name.endswith((".safetensors", ".pt")) for name in members)
     history = json.loads(members["run/pretrain/pretrain_history.json"])
     assert history[-1].get("stopped_by_budget") and len(history) < 500
-    assert sum(r["seconds"] for r in history) <= budgets["pretrain"] + 1
+    assert sum(r["seconds"] for r in history) <= budgets["pretrain"] + 3  # a step or two past it at most
     assert json.loads(members["run/results.json"]) == results
     preflight = _members(out / "preflight.tar.gz")
     assert set(json.loads(preflight["preflight/results.json"])["results"]) == set(results["results"])

@@ -8,7 +8,7 @@ import torch
 
 from flipctr.data.prompts import PromptBuilder
 from flipctr.data.text import load_or_build_text, tokenize_prompts
-from flipctr.data.batching import Split
+from flipctr.data.batching import DeviceRows
 
 from conftest import tiny_tokenizer
 
@@ -86,7 +86,7 @@ def test_text_cache_is_reused(table, tokenizer, tmp_path):
 def test_batches_are_padded_dynamically(table, tokenizer):
     prompts = PromptBuilder(list(table.columns)).build(table)
     tok = tokenize_prompts(prompts, tokenizer, max_length=64)
-    split = Split.from_arrays(np.zeros(3), torch.device("cpu"), input_ids=tok.input_ids, lengths=tok.lengths)
+    split = DeviceRows.from_arrays(np.zeros(3), torch.device("cpu"), input_ids=tok.input_ids, lengths=tok.lengths)
     short = int(np.argmin(tok.lengths))
     batch = split.batch(torch.tensor([short]), ("input_ids", "attention_mask"))
     assert batch["input_ids"].shape == (1, tok.lengths[short]) < (1, tok.input_ids.shape[1])
@@ -174,7 +174,7 @@ def test_field_masking_on_real_prompts_keeps_field_names_and_special_tokens(tabl
 
     prompts = PromptBuilder(list(table.columns)).build(table)
     tok = tokenize_prompts(prompts, tokenizer, max_length=64)
-    split = Split.from_arrays(np.zeros(3), torch.device("cpu"), ids=np.ones((3, 4), np.int32),
+    split = DeviceRows.from_arrays(np.zeros(3), torch.device("cpu"), ids=np.ones((3, 4), np.int32),
                               input_ids=tok.input_ids, lengths=tok.lengths, value_spans=tok.value_spans)
     batch = split.batch(torch.arange(3), ("ids", "input_ids", "attention_mask", "value_spans"))
     input_ids, spans = batch["input_ids"], batch["value_spans"]

@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import load_file
 
 from flipctr.cli import main
-from flipctr.data.batching import Split
+from flipctr.data.batching import DeviceRows
 from flipctr.models.backbones import build_model
 from flipctr.training.runner import evaluate_run, train_run
 from flipctr.training.trainer import Trainer
@@ -26,7 +26,7 @@ def _toy_splits(n=512, seed=0):
     ids = torch.stack([1 + a, 6 + b], 1).to(torch.int32)
     labels = ((a + b) % 2 == 0).float()
     fmap = FeatureMap([FieldInfo("a", 1, 5), FieldInfo("b", 6, 5)], 11, 1, n)
-    return fmap, Split(labels, {"ids": ids}), Split(1 - labels, {"ids": ids})
+    return fmap, DeviceRows(labels, {"ids": ids}), DeviceRows(1 - labels, {"ids": ids})
 
 
 def test_early_stopping_restores_best_epoch():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from transformers import BertConfig
 
 from flipctr.config import FlipSettings
-from flipctr.data.batching import Split
+from flipctr.data.batching import DeviceRows
 from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
 from flipctr.models.backbones import build_model
 from flipctr.models.flip import FlipCTRModel, FlipPretrainModel, MTMHead
@@ -229,7 +229,7 @@ def test_finetuning_loss_is_eq_15_through_the_trainers_step():
         out = hand(ids, input_ids, torch.ones_like(input_ids))
     torch.testing.assert_close(out.logits, joint)
     cfg = tiny_config(batch_size=6, epochs=1, lr=1e-3, length_buckets=0)
-    split = Split(labels, {"ids": ids, "input_ids": input_ids, "lengths": torch.full((6,), 15)})
+    split = DeviceRows(labels, {"ids": ids, "input_ids": input_ids, "lengths": torch.full((6,), 15)})
     result = Trainer(cfg.train, torch.device("cpu")).fit(model, split)
     assert result.history[0].train_loss == pytest.approx(float(expected), rel=1e-5)
 

@@ -28,7 +28,7 @@ from torch import nn
 from .config import ModelConfig
 from .data.encoder import FeatureEncoder
 from .data.errors import DataError
-from .data.batching import Split
+from .data.batching import DeviceRows
 from .data.prompts import PromptBuilder
 from .data.readers import LabelRule, field_values
 from .data.text import tokenize_prompts
@@ -116,7 +116,7 @@ class Predictor:
         """The (N, F) id matrix of ``frame``; unseen values get their field's OOV id."""
         return self.encoder.transform(self.values(frame, source))
 
-    def inputs(self, frame: pd.DataFrame) -> Split:
+    def inputs(self, frame: pd.DataFrame) -> DeviceRows:
         """Every input the model reads, for the rows of ``frame`` (prompts built as in training).
         A text-side model (MoRec, CTR-BERT) is given the text of the frame's distinct users and
         items, which the returned rows index."""
@@ -132,7 +132,7 @@ class Predictor:
                     torch.from_numpy(tok.input_ids), torch.from_numpy(tok.lengths), 256).numpy()
             else:
                 arrays.update(input_ids=tok.input_ids, lengths=tok.lengths)
-        return Split.from_arrays(np.zeros(len(frame), dtype=np.float32), torch.device("cpu"), **arrays)
+        return DeviceRows.from_arrays(np.zeros(len(frame), dtype=np.float32), torch.device("cpu"), **arrays)
 
     def _side_inputs(self, values: pd.DataFrame) -> dict[str, np.ndarray]:
         """Each row's index into its side's table (``<side>_index``); the model's side tables

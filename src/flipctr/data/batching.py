@@ -1,8 +1,8 @@
 """Rows on the training device and their batching, shared by every training loop.
 
-A :class:`Split` holds one split's tensors on the device. An epoch is planned on the host
-once (:func:`epoch_order`, :meth:`Split.batch_widths`), so that no step of the loop waits
-for the device: the order of the rows, optionally length-bucketed (rows of similar prompt
+A :class:`DeviceRows` holds rows (a split, a sample of one, new rows to score) as tensors on
+the device. An epoch is planned on the host once (:func:`epoch_order`,
+:meth:`DeviceRows.batch_widths`), so that no step of the loop waits for the device: the order of the rows, optionally length-bucketed (rows of similar prompt
 length batched together, so that little of the encoder's work is padding), and each batch's
 text width, rounded up to a few fixed sizes.
 """
@@ -48,16 +48,17 @@ def padding_fraction(lengths: torch.Tensor, order: torch.Tensor, widths: list[in
 
 
 @dataclass
-class Split:
-    """One split as tensors on the training device, row-aligned: ``labels (N,)`` float and
-    named inputs, e.g. ``ids (N, F)``, or ``input_ids (N, L)`` + ``lengths (N,)`` for text."""
+class DeviceRows:
+    """Rows as tensors on the device (a split, part of one, rows to score), row-aligned:
+    ``labels (N,)`` float and named inputs, e.g. ``ids (N, F)``, or ``input_ids (N, L)`` +
+    ``lengths (N,)`` for text."""
 
     labels: torch.Tensor
     inputs: dict[str, torch.Tensor]
     _host: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_arrays(cls, labels: np.ndarray, device: torch.device, **arrays: np.ndarray) -> "Split":
+    def from_arrays(cls, labels: np.ndarray, device: torch.device, **arrays: np.ndarray) -> "DeviceRows":
         # np.array copies: cached arrays are read-only memory maps
         return cls(torch.from_numpy(np.asarray(labels, dtype=np.float32)).to(device),
                    {k: torch.from_numpy(np.array(v)).to(device) for k, v in arrays.items()})
@@ -65,8 +66,8 @@ class Split:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def to(self, device: torch.device) -> "Split":
-        return Split(self.labels.to(device), {k: v.to(device) for k, v in self.inputs.items()})
+    def to(self, device: torch.device) -> "DeviceRows":
+        return DeviceRows(self.labels.to(device), {k: v.to(device) for k, v in self.inputs.items()})
 
     def host(self, name: str) -> torch.Tensor | None:
         """A CPU copy of input ``name`` (made once), or None when the split has no such input."""

@@ -1,7 +1,8 @@
 """Interaction layers shared by the ID backbones. Shapes: B batch, F fields, D embedding dim.
 
-Each layer states its formula; weights are initialised in :func:`init_weights`, the one place
-that decides initialisation for every backbone.
+Each layer states its formula. Every ``nn.Linear`` and ``nn.Embedding`` of a backbone is
+initialised by :func:`init_weights` (applied once by ``CTRModel.post_init``); the cross nets'
+own parameter tensors are initialised in their constructors, at the scale their formula needs.
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data.batching import Split
+from ..data.batching import DeviceRows
 from ..utils import atomic_path
 from .distributed import rank_world, resolve_device
 
@@ -118,7 +118,7 @@ class StepLoop:
         finally:
             self._paused += time.perf_counter() - tick
 
-    def run_epoch(self, epoch: int, split: Split, perm: torch.Tensor, widths: list[int] | None,
+    def run_epoch(self, epoch: int, split: DeviceRows, perm: torch.Tensor, widths: list[int] | None,
                   names: tuple[str, ...], batch_size: int, steps: int,
                   loss_of: Callable[[int, dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
                   after_step: Callable[[int, torch.Tensor], bool] | None = None,
@@ -149,7 +149,7 @@ def shard_size(rows: int) -> int:
     return math.ceil(rows / rank_world()[1])
 
 
-def global_order(split: Split, generator: torch.Generator, batch_size: int, buckets: int) -> torch.Tensor:
+def global_order(split: DeviceRows, generator: torch.Generator, batch_size: int, buckets: int) -> torch.Tensor:
     """One epoch's order of every rank's rows (host), the same on every rank: one seeded order for
     the global batch (world × ``batch_size`` rows, length-bucketed), padded by its first rows to
     equal shards (as DistributedSampler does), so that the ranks' collectives have equal shapes."""
@@ -158,7 +158,7 @@ def global_order(split: Split, generator: torch.Generator, batch_size: int, buck
     return torch.cat([perm, perm[:shard_size(len(split)) * world - len(split)]])
 
 
-def plan_epoch(split: Split, generator: torch.Generator, batch_size: int, buckets: int
+def plan_epoch(split: DeviceRows, generator: torch.Generator, batch_size: int, buckets: int
                ) -> tuple[torch.Tensor, list[int] | None]:
     """This rank's rows of one epoch, in order (host): every world-th row of :func:`global_order`
     from its rank; and each batch's text width (None without text)."""

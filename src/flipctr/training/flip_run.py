@@ -20,7 +20,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ..config import Config
-from ..data.batching import Split
+from ..data.batching import DeviceRows
 from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
 from ..models import build_ctr_model
@@ -93,7 +93,7 @@ def pretraining_model(cfg: Config, encoding) -> FlipPretrainModel:
 
 
 def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
-                      folder: Path) -> tuple[FlipPretrainModel, Split, Pretrainer]:
+                      folder: Path) -> tuple[FlipPretrainModel, DeviceRows, Pretrainer]:
     """The pretraining model, its train+valid rows and the loop, as ``cfg`` says
     (``benchmarks/pretrain_throughput.py`` measures exactly this)."""
     seed_everything(cfg.pretrain.seed)

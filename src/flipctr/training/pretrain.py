@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from ..config import PretrainConfig
-from ..data.batching import Split
+from ..data.batching import DeviceRows
 from ..utils import atomic_path, write_json
-from .budget import Budget, agree_min
+from .budget import Budget, agree_any, agree_min
 from .distributed import rank_world
 from .engine import (Runtime, StepLoop, global_order, load_checkpoint, random_states,
                      restore_random_states, save_checkpoint, save_weights, shard_size)
@@ -45,9 +45,10 @@ class ScheduleSizer:
     """Sizes a :class:`CosineSchedule` to a time budget: steps per second are measured from the
     ``skip``-th step of this call on (the first steps choose kernels, compile), after ``first``
     measured steps the schedule's total is lowered to the steps that fit in what is left of the
-    budget, and the measure is checked again every ``every`` steps (checkpoints included). The
-    total only ever shrinks; every rank agrees on it. ``margin``: the share of the remaining
-    time kept for the last checkpoint and the measurement's error."""
+    budget, and the measure is checked again every ``every`` steps (checkpoints included). Until
+    the first measure, a budget already spent stops at that step. The total only ever shrinks;
+    every rank agrees on it. ``margin``: the share of the remaining time kept for the last
+    checkpoint and the measurement's error."""
 
     def __init__(self, budget: Budget, schedule: CosineSchedule, runtime: Runtime,
                  skip: int = 3, first: int = 10, every: int = 50, margin: float = 0.03):
@@ -61,12 +62,16 @@ class ScheduleSizer:
     def after_step(self, step_count: int) -> None:
         if self.start is None:
             self.start = step_count - 1
+        measured = 0 if self.mark is None else step_count - self.mark[0]
+        if measured < self.first:  # no measure yet: stop where the budget runs out (host clock, ranks agree)
+            if agree_any(self.budget.remaining() <= 0, self.runtime.device):
+                self.schedule.total = min(self.schedule.total, step_count)
+                return
         if self.mark is None:
             if step_count - self.start == self.skip:
                 self.runtime.synchronize()
                 self.mark = (step_count, self.budget.elapsed())
             return
-        measured = step_count - self.mark[0]
         if measured >= self.first and (measured - self.first) % self.every == 0:
             self.plan(step_count)
 
@@ -102,7 +107,7 @@ class Pretrainer:
     def state_path(self) -> Path:
         return self.folder / "pretrain_state.pt"
 
-    def fit(self, model: torch.nn.Module, data: Split, resume: bool = False,
+    def fit(self, model: torch.nn.Module, data: DeviceRows, resume: bool = False,
             on_step: Callable[[int, int, float], None] | None = None) -> list[dict]:
         """Pretrain for ``cfg.epochs``; with ``resume`` continue from the last saved epoch."""
         cfg = self.cfg

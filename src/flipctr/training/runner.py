@@ -28,7 +28,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ..config import Config
-from ..data.batching import Split
+from ..data.batching import DeviceRows
 from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
 from ..data.readers import SIDES
@@ -151,7 +151,7 @@ class RunData:
         return rd
 
     def split(self, name: str, fit: str, last: int | None = None, spans: bool = False,
-              sample: int | None = None, seed: int = 0) -> Split:
+              sample: int | None = None, seed: int = 0) -> DeviceRows:
         """Split ``name`` under the encoding fitted on ``fit``; ``last``: only its most recent rows;
         ``sample``: a seeded uniform sample of that many of its rows (kept in time order)."""
         start, stop = self.data.sizes.bounds(name)
@@ -172,7 +172,7 @@ class RunData:
             arrays["text_cls"] = self.text_vectors(start, stop)
         for side, index in self.side_index.items():
             arrays[f"{side}_index"] = index[rows]
-        return Split.from_arrays(labels, self.device, **arrays)
+        return DeviceRows.from_arrays(labels, self.device, **arrays)
 
 
 def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,

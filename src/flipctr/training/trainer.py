@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..config import TrainConfig
-from ..data.batching import Split
+from ..data.batching import DeviceRows
 from ..models.language import LanguageModel
 from .budget import Budget, agree_any
 from .distributed import gather_rows, rank_rows, rank_world
@@ -155,7 +155,7 @@ def input_names(model: nn.Module) -> tuple[str, ...]:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: Split, batch_size: int = 8192, runtime: Runtime | None = None) -> np.ndarray:
+def predict(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtime: Runtime | None = None) -> np.ndarray:
     """Probabilities for every row of ``split``, in ``runtime``'s precision (default fp32 on the
     split's device). Under DDP each rank scores every world-th row (the last ones wrapping round
     to equal counts) and the scores are gathered: every rank returns all of them, so all ranks
@@ -172,7 +172,7 @@ def predict(model: nn.Module, split: Split, batch_size: int = 8192, runtime: Run
     return gather_rows(torch.cat(out), len(split)).cpu().numpy()
 
 
-def evaluate(model: nn.Module, split: Split, batch_size: int = 8192, runtime: Runtime | None = None
+def evaluate(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtime: Runtime | None = None
              ) -> dict[str, float]:
     return ctr_metrics(split.labels.cpu().numpy(), predict(model, split, batch_size, runtime))
 
@@ -186,15 +186,15 @@ class Trainer:
         self.runtime = runtime if isinstance(runtime, Runtime) else Runtime.create(runtime, cfg.amp)
         self.device = self.runtime.device
 
-    def evaluate(self, model: nn.Module, split: Split) -> dict[str, float]:
+    def evaluate(self, model: nn.Module, split: DeviceRows) -> dict[str, float]:
         cfg = resolve_train_config(self.cfg, model)
         return evaluate(model, split, cfg.eval_batch_size, self.runtime)
 
     def fit(
         self,
         model: nn.Module,
-        train: Split,
-        eval_split: Split | None = None,
+        train: DeviceRows,
+        eval_split: DeviceRows | None = None,
         epochs: float | None = None,
         lr_schedule: list[float] | None = None,
         on_epoch_end: Callable[[EpochRecord], None] | None = None,
