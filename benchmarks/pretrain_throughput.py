@@ -30,7 +30,7 @@ from flipctr.training.distributed import resolve_device
 from flipctr.profiles import profile_config
 from flipctr.training.flip_run import ENCODING, pretraining_setup
 from flipctr.training.runner import RunData
-from flipctr.training.engine import bf16_supported
+from flipctr.training.engine import Runtime, bf16_supported
 from flipctr.utils import environment_info, write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -53,7 +53,7 @@ def bare_encoder(model, split, cfg, device: torch.device, dtype: torch.dtype | N
                                       batch["value_spans"], masking).masked_input_ids
             ids = torch.cat([batch["input_ids"], masked])
             mask = torch.cat([batch["attention_mask"], batch["attention_mask"]])
-            _sync(device)
+            Runtime(device).synchronize()
             tick = time.perf_counter()
             with torch.set_grad_enabled(trained), torch.autocast(device.type, dtype=dtype or torch.float32,
                                                                  enabled=dtype is not None):
@@ -61,15 +61,10 @@ def bare_encoder(model, split, cfg, device: torch.device, dtype: torch.dtype | N
             if trained:
                 hidden.float().pow(2).mean().backward()
                 lm.zero_grad(set_to_none=True)
-            _sync(device)
+            Runtime(device).synchronize()
             if epoch:
                 seconds += time.perf_counter() - tick
     return len(split) / seconds
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(setting: str, precision: str, args, data, rd: RunData, device: torch.device) -> dict:
