@@ -11,6 +11,16 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
+from ..config import DataConfig
+
+
+DEFAULT_MAX_LENGTH = {"goodreads": 180}  # prompt tokens (the paper's); 100 elsewhere
+
+
+def prompt_length(cfg: DataConfig, dataset: str) -> int:
+    """Tokens a prompt is cut at: ``data.max_length``, else the dataset's default."""
+    return cfg.max_length or DEFAULT_MAX_LENGTH.get(dataset, 100)
+
 
 @dataclass
 class Prompts:

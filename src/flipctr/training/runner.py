@@ -31,6 +31,7 @@ from ..config import Config
 from ..data.batching import DeviceRows
 from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
+from ..data.prompts import prompt_length
 from ..data.readers import SIDES
 from ..models import TEXT_SIDES, LrScales, build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
@@ -62,18 +63,11 @@ def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding:
     columns, label = data.input_columns()
     write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
                                          "encoding": encoding, "amp": runtime.amp_name, "fields": data.fields, "columns": columns,
-                                         "label": label.to_dict(), "max_length": prompt_length(cfg, data),
+                                         "label": label.to_dict(), "max_length": prompt_length(cfg.data, data.name),
                                          "sides": side_fields(cfg.model.name, data.name)})
     for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
         with atomic_path(run_dir / name) as tmp:
             shutil.copyfile(data.encoding_folder(encoding) / name, tmp)
-
-
-DEFAULT_MAX_LENGTH = {"goodreads": 180}  # prompt tokens; 100 elsewhere
-
-
-def prompt_length(cfg: Config, data: PreparedData) -> int:
-    return cfg.data.max_length or DEFAULT_MAX_LENGTH.get(data.name, 100)
 
 
 def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
@@ -91,7 +85,7 @@ def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
         frozen = LanguageModel.from_pretrained(cfg.model.plm)
         frozen.freeze(0)
         runtime.frozen(frozen)
-    return side_tables(data.values(), wanted, load_tokenizer(cfg.model.plm), prompt_length(cfg, data), frozen,
+    return side_tables(data.values(), wanted, load_tokenizer(cfg.model.plm), prompt_length(cfg.data, data.name), frozen,
                        data.folder, cfg.train.eval_batch_size or 256)
 
 
@@ -128,7 +122,7 @@ class RunData:
             from ..data.text import load_or_build_text
             from ..models.language import load_tokenizer
 
-            max_length = prompt_length(cfg, data)
+            max_length = prompt_length(cfg.data, data.name)
             self.text = load_or_build_text(data.folder, None, data.fields, load_tokenizer(cfg.model.plm),
                                            max_length, values_loader=data.values)
             report = self.text.report
