@@ -153,6 +153,36 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         barrier()
     pretrained: dict[str, torch.Tensor] | None = None
     pretrain_seconds = 0.0
+    results: dict[str, dict] = {}
+
+    def write_results() -> dict:
+        """``results.{json,md}`` of the models finished so far (written before pretraining, then
+        after each model: a run killed on a lent machine still leaves its table); ``complete``
+        once all are in."""
+        report = {
+            "dataset": data.name, "profile": profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
+            "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
+            "flip": dataclasses.asdict(cfg.flip), "prompts": prompts,
+            # the stages' own times, those an earlier call ran included (a resumed run reads them back);
+            # a FLIP_ID that is the scratch run (no pretraining, "note") is not counted twice
+            "wall_seconds": round(pretrain_seconds + sum(r["wall_seconds"] for r in results.values()
+                                                         if "note" not in r), 1),
+            "complete": set(results) == set(variants), "variants": list(variants),
+            "refit": {"id": cfg.train.refit, "text": cfg.text_finetune.refit},
+            "max_seconds": {"pretrain": cfg.pretrain.max_seconds, "train": cfg.train.max_seconds,
+                            "text_finetune": cfg.text_finetune.max_seconds},
+            "results": results,
+            "method": method, "title": recipe.title,
+            "names": {v: recipe.reported[v][0] for v in results if v in recipe.reported},
+            "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else recipe.reported.get(v, (v, v))[1])
+                      for v in results},
+        }
+        if is_main():
+            write_json(run_dir / "results.json", report)
+            write_text(run_dir / "results.md", render_results(report))
+        return report
+
+    write_results()  # the run's settings and budgets, before anything is trained
     wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
     if wants_pretrain and set(variants) & {"flip_id", "flip_plm", "flip"}:
         model, split, pretrainer = pretraining_setup(cfg, text_rd, encoding, device, run_dir / "pretrain")
@@ -215,35 +245,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         "flip_plm": (dataclasses.replace(cfg, model=plm_cfg, train=text_train), plm_model, rows),
         "flip": (dataclasses.replace(cfg, model=flip_cfg, train=text_train), flip_model, {**rows, **joint}),
     }
-    results: dict[str, dict] = {}
 
-    def write_results() -> dict:
-        """``results.{json,md}`` of the models finished so far (rewritten after each: a run
-        killed on a lent machine still leaves its table); ``complete`` once all are in."""
-        report = {
-            "dataset": data.name, "profile": profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
-            "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
-            "flip": dataclasses.asdict(cfg.flip), "prompts": prompts,
-            # the stages' own times, those an earlier call ran included (a resumed run reads them back);
-            # a FLIP_ID that is the scratch run (no pretraining, "note") is not counted twice
-            "wall_seconds": round(pretrain_seconds + sum(r["wall_seconds"] for r in results.values()
-                                                         if "note" not in r), 1),
-            "complete": set(results) == set(variants), "variants": list(variants),
-            "refit": {"id": cfg.train.refit, "text": cfg.text_finetune.refit},
-            "max_seconds": {"pretrain": cfg.pretrain.max_seconds, "train": cfg.train.max_seconds,
-                            "text_finetune": cfg.text_finetune.max_seconds},
-            "results": results,
-            "method": method, "title": recipe.title,
-            "names": {v: recipe.reported[v][0] for v in results if v in recipe.reported},
-            "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else recipe.reported.get(v, (v, v))[1])
-                      for v in results},
-        }
-        if is_main():
-            write_json(run_dir / "results.json", report)
-            write_text(run_dir / "results.md", render_results(report))
-        return report
-
-    write_results()
     for variant in variants:
         done = run_dir / variant / "metrics.json"
         if resume and done.exists():  # finished by an earlier call
