@@ -58,6 +58,8 @@ def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 
 def _rank_world() -> tuple[int, int]:
+    """(rank, world size) of the process group, (0, 1) outside one (a model reads no training
+    module: this is the one place the heads ask)."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         return torch.distributed.get_rank(), torch.distributed.get_world_size()
     return 0, 1
@@ -67,11 +69,12 @@ def gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every rank's rows under DDP, in rank order, the gradient flowing back to their owners
     (``torch.distributed.nn``), and the offset of this rank's rows; ``(z, 0)`` outside DDP.
     Each rank must hold the same number of rows (the pretraining shards are padded to it)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+    rank, world = _rank_world()
+    if world == 1:
         return z, 0
     from torch.distributed.nn.functional import all_gather
 
-    return torch.cat(all_gather(z.contiguous()), dim=0), torch.distributed.get_rank() * len(z)
+    return torch.cat(all_gather(z.contiguous()), dim=0), rank * len(z)
 
 
 class MLMHead(nn.Module):
