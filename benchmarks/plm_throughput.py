@@ -22,7 +22,8 @@ from flipctr.config import DataConfig
 from flipctr.data.batching import DeviceRows
 from flipctr.data.cache import prepare
 from flipctr.data.text import load_or_build_text
-from flipctr.models.language import LanguageModel, load_tokenizer
+from flipctr.data.lm_files import load_tokenizer
+from flipctr.models.language import LanguageModel
 from flipctr.training.engine import bf16_supported
 from flipctr.utils import environment_info, write_json, write_text
 

@@ -55,7 +55,7 @@ def test_minilm_value_spans_decode_to_values_on_real_prompts():
     from flipctr.data.errors import SourceError
     from flipctr.data.prompts import PromptBuilder
     from flipctr.data.text import tokenize_prompts
-    from flipctr.models.language import load_tokenizer
+    from flipctr.data.lm_files import load_tokenizer
 
     _need("ml-1m")
     try:

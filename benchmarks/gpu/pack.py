@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from flipctr.data.sources import raw_dir
-from flipctr.models.language import resolve_language_model
+from flipctr.data.lm_files import resolve_language_model
 from flipctr.utils import atomic_dir
 
 PLM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt",

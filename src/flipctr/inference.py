@@ -33,7 +33,8 @@ from .data.prompts import PromptBuilder
 from .data.readers import LabelRule, field_values
 from .data.text import tokenize_prompts
 from .models import TEXT_SIDES, build_ctr_model
-from .models.language import LanguageModel, hidden_size, load_tokenizer
+from .data.lm_files import hidden_size, load_tokenizer
+from .models.language import LanguageModel
 from .models.text_sides import SideText
 from .training.engine import Runtime
 from .training.text_vectors import side_tables

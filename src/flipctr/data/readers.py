@@ -41,6 +41,20 @@ SIDES = {"ml-1m": {"user": ("user ID", ["gender", "age", "occupation", "zip code
          "goodreads": {"user": ("user ID", []),
                        "item": ("book ID", ["book title", "book genres", "author name", "publisher",
                                             "publication year"])}}
+
+
+def side_fields(dataset: str, sides: dict[str, bool], who: str = "this model") -> dict[str, tuple[str, list[str]]]:
+    """Per side asked for (``{"user": with_key, ...}``): its key field (the user, the item) and
+    the fields its text is made of (the key among them when ``with_key``)."""
+    out = {}
+    for side, with_key in sides.items():
+        if dataset not in SIDES:
+            raise ValueError(f"{dataset}: no user and item fields known for {who} (known: {sorted(SIDES)})")
+        key, fields = SIDES[dataset][side]
+        out[side] = (key, [key, *fields] if with_key else list(fields))
+    return out
+
+
 GOODREADS_FIELDS = ["user ID", "book ID", "book title", "book genres", "average rating",
                     "number of reviews", "author ID", "author name", "number of pages",
                     "ebook flag", "format", "publisher", "publication year", "work ID",

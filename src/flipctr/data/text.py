@@ -10,14 +10,23 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 
+from ..config import DataConfig
 from ..utils import atomic_dir
-from .prompts import PromptBuilder, Prompts
+from .lm_files import load_tokenizer
+from .prompts import PromptBuilder, Prompts, prompt_length
+
+if TYPE_CHECKING:
+    from .cache import PreparedData
+
+log = logging.getLogger("flipctr")
 
 TEXT_CACHE_VERSION = 1
 
@@ -126,3 +135,16 @@ def load_or_build_text(data_folder: Path, values: pd.DataFrame | None, fields: l
                             np.load(folder / "lengths.npy", mmap_mode="r"),
                             np.load(folder / "value_spans.npy", mmap_mode="r"),
                             json.loads((folder / "report.json").read_text()), folder)
+
+
+def prompts_for(data: "PreparedData", cfg: DataConfig, plm: str) -> TokenizedPrompts:
+    """A prepared dataset's tokenized prompts for the language model ``plm`` (its tokenizer), cut
+    at :func:`~.prompts.prompt_length`; cached beside the encoded table, the truncation logged."""
+    max_length = prompt_length(cfg, data.name)
+    text = load_or_build_text(data.folder, None, data.fields, load_tokenizer(plm), max_length,
+                              values_loader=data.values)
+    report = text.report
+    log.info("prompts: %.1f tokens on average (p95 %.0f, max %d); %d samples lost %d fields to "
+             "truncation at %d tokens", report["tokens_mean"], report["tokens_p95"], report["tokens_max"],
+             report["samples_truncated"], report["fields_lost"], max_length)
+    return text

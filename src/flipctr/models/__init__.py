@@ -19,7 +19,8 @@ def text_encoder(config: ModelConfig, state: dict[str, torch.Tensor] | None = No
     trainable; or ``(None, hidden size)`` when it is frozen (``plm_trainable_layers=0``): a
     frozen encoder is left out of the CTR models, which read its ``text_cls`` vectors, computed
     once per row range and cached."""
-    from .language import LanguageModel, hidden_size
+    from ..data.lm_files import hidden_size
+    from .language import LanguageModel
 
     if config.plm_trainable_layers == 0:
         return None, hidden_size(config.plm)

@@ -3,14 +3,16 @@
 epoch's plan (order -> shard -> batch widths), the step loop, and checkpoints with every
 random state.
 
-Finetuning (:class:`~.trainer.Trainer`) and pretraining (:class:`~.pretrain.Pretrainer`) run
-on it and supply what differs: a step's loss, what happens after a step (evaluation, early
-stopping, a time budget's schedule) and what an epoch records.
+Finetuning (:class:`~.trainer.Trainer`) and pretraining (:class:`~.pretrain.Pretrainer`) are
+:class:`Stage` s that :meth:`Engine.fit` runs: they supply what differs, a step's loss, what
+happens after a step (evaluation, early stopping, a time budget's schedule) and what an epoch
+records.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
@@ -24,7 +26,10 @@ from tqdm.auto import tqdm
 
 from ..data.batching import DeviceRows
 from ..utils import atomic_path
+from .budget import Budget
 from .distributed import rank_world, resolve_device
+
+log = logging.getLogger("flipctr")
 
 
 def bf16_supported(device: torch.device) -> bool:
@@ -102,21 +107,10 @@ class StepLoop:
     """The hot loop of every training stage, one epoch at a time: each batch gathered on the
     device, its loss computed by the stage (under :meth:`Runtime.autocast`), one optimizer step
     (and scheduler step). Nothing here waits on the host. A stage's ``after_step`` may evaluate
-    inside :meth:`paused` (not counted as training time) and ask to stop; ``stop_before`` ends
-    the epoch before a step (a time budget's schedule)."""
+    and ask to stop; ``stop_before`` ends the epoch before a step (a time budget's schedule)."""
 
     def __init__(self, optimizer, scheduler=None, progress: bool = True, desc: str = "epoch"):
         self.optimizer, self.scheduler, self.progress, self.desc = optimizer, scheduler, progress, desc
-        self._paused = 0.0
-
-    @contextlib.contextmanager
-    def paused(self):
-        """Time spent in this block (an evaluation) is not training time."""
-        tick = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._paused += time.perf_counter() - tick
 
     def run_epoch(self, epoch: int, split: DeviceRows, perm: torch.Tensor, widths: list[int] | None,
                   names: tuple[str, ...], batch_size: int, steps: int,
@@ -124,9 +118,8 @@ class StepLoop:
                   after_step: Callable[[int, torch.Tensor], bool] | None = None,
                   stop_before: Callable[[], bool] | None = None) -> tuple[int, float]:
         """Up to ``steps`` steps over the rows ``perm`` (on the device) in batches of
-        ``batch_size``; ``loss_of(step, batch, rows)`` -> the loss. Returns (steps run, seconds
-        of training)."""
-        self._paused, done, tick = 0.0, 0, time.perf_counter()
+        ``batch_size``; ``loss_of(step, batch, rows)`` -> the loss. Returns (steps run, seconds)."""
+        done, tick = 0, time.perf_counter()
         for step in tqdm(range(steps), desc=f"{self.desc} {epoch}", disable=not self.progress, leave=False,
                          mininterval=2.0, unit="batch"):
             if stop_before is not None and stop_before():
@@ -141,7 +134,7 @@ class StepLoop:
             done += 1
             if after_step is not None and after_step(step, loss):
                 break
-        return done, time.perf_counter() - tick - self._paused
+        return done, time.perf_counter() - tick
 
 
 def shard_size(rows: int) -> int:
@@ -156,15 +149,6 @@ def global_order(split: DeviceRows, generator: torch.Generator, batch_size: int,
     world = rank_world()[1]
     perm = split.order(generator, batch_size * world, buckets)
     return torch.cat([perm, perm[:shard_size(len(split)) * world - len(split)]])
-
-
-def plan_epoch(split: DeviceRows, generator: torch.Generator, batch_size: int, buckets: int
-               ) -> tuple[torch.Tensor, list[int] | None]:
-    """This rank's rows of one epoch, in order (host): every world-th row of :func:`global_order`
-    from its rank; and each batch's text width (None without text)."""
-    rank, world = rank_world()
-    perm = global_order(split, generator, batch_size, buckets)[rank::world]
-    return perm, split.batch_widths(perm, batch_size)
 
 
 def random_states(generators: dict[str, torch.Generator]) -> dict:
@@ -197,3 +181,103 @@ def save_checkpoint(path: Path, state: dict) -> None:
 
 def load_checkpoint(path: Path, device: torch.device | None = None) -> dict:
     return torch.load(path, map_location=device, weights_only=True)
+
+
+class Stage:
+    """One training stage as :meth:`Engine.fit` runs it: the hooks are what differs between
+    finetuning and pretraining. Set by the stage: ``model`` (the unwrapped module, on the
+    device: its weights are checkpointed), ``wrapped`` (``model`` under :meth:`Runtime.wrap`),
+    ``optimizer``, ``scheduler`` (stepped after each step, or None), ``generators`` (named
+    generators checkpointed with the run; ``shuffle`` orders each epoch), ``names`` (the batch
+    inputs), ``batch_size``, ``length_buckets``, ``epochs`` (the last epoch), ``max_seconds`` (the
+    stage's time budget, or None), ``desc`` and ``progress``."""
+
+    model: nn.Module
+    wrapped: nn.Module
+    optimizer: object
+    scheduler: object | None = None
+    generators: dict[str, torch.Generator]
+    names: tuple[str, ...]
+    batch_size: int
+    length_buckets: int
+    epochs: int
+    max_seconds: float | None = None
+    name: str = "train"  # in the log
+    desc: str = "epoch"  # in the progress bar
+    progress: bool = True
+
+    def begin(self, budget: Budget) -> None:
+        """Before the first epoch of this call (after a resume restored the stage's state)."""
+
+    def begin_epoch(self, epoch: int, order: torch.Tensor) -> int:
+        """Called with the epoch's global row order (every rank's rows, host); returns the
+        number of steps to run in this epoch."""
+        raise NotImplementedError
+
+    def loss(self, step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def after_step(self, step: int, loss: torch.Tensor) -> bool:
+        """After each optimizer step; True ends the stage."""
+        return False
+
+    def stop_before(self) -> bool:
+        """Before each step; True ends the epoch."""
+        return False
+
+    def end_epoch(self, epoch: int, steps: int, seconds: float) -> bool:
+        """After an epoch of ``steps`` steps and ``seconds`` of training; True: the stage is done."""
+        raise NotImplementedError
+
+    def state(self) -> dict:
+        """What a resume needs beyond weights, optimizer, scheduler and random states."""
+        return {}
+
+    def load_state(self, state: dict) -> None:
+        pass
+
+
+class Engine:
+    """Runs a :class:`Stage` epoch by epoch on a :class:`Runtime`: each epoch's plan (one seeded
+    order of the global batch, this rank's shard, each batch's text width), the step loop, and a
+    checkpoint after every epoch (rank 0, atomically: the weights, the optimizer and scheduler,
+    every random state, the seconds used and the stage's own state), from which ``resume`` goes on
+    as an uninterrupted fit would."""
+
+    def __init__(self, runtime: Runtime):
+        self.runtime = runtime
+
+    def fit(self, stage: Stage, data: DeviceRows, checkpoint: Path | None = None, resume: bool = False) -> None:
+        rank, world = rank_world()
+        start, done, used = 1, False, 0.0
+        if resume and checkpoint is not None and checkpoint.exists():
+            state = load_checkpoint(checkpoint, self.runtime.device)
+            stage.model.load_state_dict(state["model"])
+            stage.optimizer.load_state_dict(state["optimizer"])
+            if stage.scheduler is not None:
+                stage.scheduler.load_state_dict(state["scheduler"])
+            restore_random_states(state, stage.generators)
+            stage.load_state(state["stage"])
+            start, done, used = state["epoch"] + 1, state["done"], state["seconds"]
+            log.info("resumed %s after epoch %d%s", stage.name, state["epoch"], " (it had ended)" if done else "")
+        budget = Budget(stage.max_seconds, used)
+        stage.begin(budget)
+        loop = StepLoop(stage.optimizer, stage.scheduler, stage.progress, stage.desc)
+        for epoch in range(start, stage.epochs + 1 if not done else start):
+            stage.wrapped.train()
+            order = global_order(data, stage.generators["shuffle"], stage.batch_size, stage.length_buckets)
+            perm = order[rank::world]
+            steps = stage.begin_epoch(epoch, order)
+            ran, seconds = loop.run_epoch(epoch, data, perm.to(self.runtime.device),
+                                          data.batch_widths(perm, stage.batch_size), stage.names, stage.batch_size,
+                                          steps, stage.loss, stage.after_step, stage.stop_before)
+            done = stage.end_epoch(epoch, ran, seconds) or epoch == stage.epochs
+            if checkpoint is not None and rank == 0:
+                state = {"epoch": epoch, "done": done, "seconds": budget.elapsed(), "model": stage.model.state_dict(),
+                         "optimizer": stage.optimizer.state_dict(), "stage": stage.state(),
+                         **random_states(stage.generators)}
+                if stage.scheduler is not None:
+                    state["scheduler"] = stage.scheduler.state_dict()
+                save_checkpoint(checkpoint, state)
+            if done:
+                break

@@ -25,7 +25,8 @@ from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
 from ..models import build_ctr_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
-from ..models.language import LanguageModel, load_tokenizer
+from ..data.lm_files import load_tokenizer
+from ..models.language import LanguageModel
 from ..models.plm import PLMCTRModel
 from ..paper import table2
 from ..report import render_results

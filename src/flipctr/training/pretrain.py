@@ -10,15 +10,12 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors.torch import load_file
-
 from ..config import PretrainConfig
 from ..data.batching import DeviceRows
 from ..utils import atomic_path, write_json
 from .budget import Budget, agree_any, agree_min
 from .distributed import rank_world
-from .engine import (Runtime, StepLoop, global_order, load_checkpoint, random_states,
-                     restore_random_states, save_checkpoint, save_weights, shard_size)
+from .engine import Engine, Runtime, Stage, save_weights, shard_size
 from .tracking import Tracker
 
 log = logging.getLogger("flipctr")
@@ -91,8 +88,6 @@ class ScheduleSizer:
 class Pretrainer:
     """Runs :class:`~flipctr.models.flip.FlipPretrainModel` over a split of paired inputs."""
 
-    names = ("ids", "input_ids", "attention_mask", "value_spans")
-
     def __init__(self, cfg: PretrainConfig, runtime: Runtime | torch.device, folder: Path):
         """``runtime``: where and in which precision to compute (a bare device: in ``cfg.amp``'s)."""
         self.cfg, self.folder = cfg, Path(folder)
@@ -109,124 +104,16 @@ class Pretrainer:
 
     def fit(self, model: torch.nn.Module, data: DeviceRows, resume: bool = False,
             on_step: Callable[[int, int, float], None] | None = None) -> list[dict]:
-        """Pretrain for ``cfg.epochs``; with ``resume`` continue from the last saved epoch."""
-        cfg = self.cfg
-        rank, world = rank_world()
+        """Pretrain for ``cfg.epochs``; with ``resume`` continue from the last saved epoch. After
+        each epoch (rank 0): the engine's checkpoint, the weights as ``pretrained.safetensors``
+        and the history as ``pretrain_history.json``."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        model.to(self.device)
-        # module: the unwrapped model (its config, weights, checkpoints); under DDP the backbone's
-        # logit layer (and heads switched off) get no gradient in pretraining
-        module, model = model, self.runtime.wrap(model, find_unused=True)
-        params = [p for p in model.parameters() if p.requires_grad]
-        # fused: one pass over every tensor (a trained encoder + MLM head are ~36M parameters)
-        optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
-        steps_per_epoch = math.ceil(shard_size(len(data)) / cfg.batch_size)
-        planned = steps_per_epoch * cfg.epochs
-        schedule = CosineSchedule(cfg.warmup_steps, planned)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-        shuffle = torch.Generator().manual_seed(cfg.seed)
-        # masks and NCE noise are drawn alike on every rank for every rank's rows, each rank keeping
-        # its own: a row's draws do not depend on the rank that holds it (DDP equals one process)
-        masking = torch.Generator(device=self.device).manual_seed(cfg.seed + 1)
-        choice = torch.Generator().manual_seed(cfg.seed + 3)  # the masked fields, drawn per epoch
-        torch.manual_seed(cfg.seed + 2 + rank)  # dropout: per rank
-        history: list[dict] = []
-        start_epoch, used, done = 1, 0.0, False
-        tracker = Tracker(self.folder / "tensorboard")
-        generators = {"shuffle": shuffle, "masking": masking, "choice": choice}
-        if resume and self.state_path.exists():
-            state = load_checkpoint(self.state_path)
-            module.load_state_dict(load_file(str(self.weights_path), device=str(self.device)))
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            restore_random_states(state, generators)
-            history, start_epoch = state["history"], state["epoch"] + 1
-            used, done = state.get("seconds", 0.0), state.get("done", False)
-            log.info("resumed pretraining after epoch %d%s", state["epoch"],
-                     " (it had used its time budget)" if done else "")
-        budget = Budget(cfg.max_seconds, used)
-        sizer = ScheduleSizer(budget, schedule, self.runtime) if budget.limited else None
-        step_count = scheduler.last_epoch  # optimizer steps taken, an earlier call's included
-        if cfg.compile:  # the encoder's shapes: a few bucket widths (multiples of 8) times the batch size
-            module.language_model.encoder.compile()  # in place: the weights' names stay
-        spans, lengths = data.host("value_spans"), data.host("lengths")
-        cuda = self.device.type == "cuda"
-        loop = StepLoop(optimizer, scheduler, cfg.progress, desc="pretrain")
-        for epoch in range(start_epoch, cfg.epochs + 1 if not done else start_epoch):
-            model.train()
-            if cuda:  # each epoch's peak memory, for sizing the batch and the profile on a GPU
-                torch.cuda.reset_peak_memory_stats(self.device)
-            order = global_order(data, shuffle, cfg.batch_size, cfg.length_buckets)
-            perm = order[rank::world]
-            widths = data.batch_widths(perm, cfg.batch_size)
-            # the masked fields drawn on the host for the whole epoch: each batch's MLM size is known there
-            masks = module.masker.plan_epoch(order, spans, lengths, cfg.batch_size, choice, module.config.mlm,
-                                             self.device, rank, world)
-            # losses add up on the device and are read once per epoch: no step waits on the host
-            sums = {k: torch.zeros((), device=self.device) for k in (*OBJECTIVES, "loss")}
-            lost = torch.zeros((), dtype=torch.long, device=self.device)
-
-            def loss_of(step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-                nonlocal lost
-                batch.update(masks.batch(step, cfg.batch_size))
-                with self.runtime.autocast():
-                    out = model(**batch, generator=masking)
-                sums["loss"] += out.loss.detach()
-                for name in OBJECTIVES:
-                    value = getattr(out, name)
-                    if value is not None:
-                        sums[name] += value.detach()
-                lost += out.text_fields_lost
-                return out.loss
-
-            def after_step(step: int, loss: torch.Tensor) -> bool:
-                nonlocal step_count
-                step_count += 1
-                if on_step is not None:  # a callback reads the loss, and so waits for it
-                    on_step(epoch, step, loss.item())
-                if sizer is not None:
-                    sizer.after_step(step_count)
-                return False
-
-            steps, seconds = loop.run_epoch(epoch, data, perm.to(self.device), widths, self.names, cfg.batch_size,
-                                            steps_per_epoch, loss_of, after_step,
-                                            stop_before=lambda: step_count >= schedule.total)
-            done = step_count >= schedule.total  # every planned step, or as many as the budget sized
-            rows = min(len(data), steps * cfg.batch_size * world)
-            record = {"epoch": epoch, "lr": scheduler.get_last_lr()[0], "seconds": round(seconds, 1),
-                      "samples_per_second": round(rows / max(seconds, 1e-9), 1), "text_fields_lost": int(lost),
-                      "steps": steps, "rows": rows,
-                      **{k: float(v) / max(steps, 1) for k, v in sums.items()
-                         if k == "loss" or getattr(module.config, k, False)}}
-            if schedule.total < planned and done:
-                record["stopped_by_budget"] = True
-                log.info("pretraining stopped by its %.0f s time budget after %d of %d planned steps "
-                         "(epoch %d: %d of %d steps)", cfg.max_seconds, step_count, planned, epoch, steps,
-                         steps_per_epoch)
-            if cuda:
-                record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(self.device) / 2**20, 1)
-            history.append(record)
-            log.info("pretrain epoch %d  %s  %.0f samples/s%s", epoch,
-                     "  ".join(f"{k} {record[k]:.4f}" for k in ("loss", *OBJECTIVES) if k in record),
-                     record["samples_per_second"],
-                     f"  peak {record['peak_gpu_memory_mib']:.0f} MiB" if cuda else "")
-            tracker.scalars(epoch * steps_per_epoch, {f"pretrain/{k}": record[k] for k in
-                                                      ("loss", *OBJECTIVES, "lr", "samples_per_second") if k in record})
-            if rank == 0:
-                self._checkpoint(module, optimizer, scheduler, generators, history, epoch, budget.elapsed(), done)
-            if done:
-                break
-        tracker.close()
-        if rank == 0:
-            self._plot(history)
-        return history
-
-    def _checkpoint(self, model, optimizer, scheduler, generators, history, epoch, seconds, done) -> None:
-        save_weights(model, self.weights_path)
-        save_checkpoint(self.state_path, {"epoch": epoch, "optimizer": optimizer.state_dict(),
-                                          "scheduler": scheduler.state_dict(), **random_states(generators),
-                                          "history": history, "seconds": seconds, "done": done})
-        write_json(self.folder / "pretrain_history.json", history)
+        stage = Pretraining(self, model, data, on_step)
+        Engine(self.runtime).fit(stage, data, self.state_path, resume)
+        stage.tracker.close()
+        if rank_world()[0] == 0:
+            self._plot(stage.history)
+        return stage.history
 
     def _plot(self, history: list[dict]) -> None:
         try:
@@ -250,3 +137,119 @@ class Pretrainer:
         with atomic_path(self.folder / "pretrain_losses.png") as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
+
+
+class Pretraining(Stage):
+    """Pretraining as an engine :class:`~.engine.Stage`: the FLIP objectives' summed loss, AdamW
+    with warm-up and cosine decay stepped per step, the masked fields planned per epoch on the
+    global batch, and a time budget that sizes the schedule (:class:`ScheduleSizer`)."""
+
+    names = ("ids", "input_ids", "attention_mask", "value_spans")
+    name, desc = "pretraining", "pretrain"
+
+    def __init__(self, owner: Pretrainer, model: torch.nn.Module, data: DeviceRows,
+                 on_step: Callable[[int, int, float], None] | None):
+        cfg, rank = owner.cfg, rank_world()[0]
+        self.owner, self.cfg, self.runtime, self.data, self.on_step = owner, cfg, owner.runtime, data, on_step
+        self.model = model.to(self.runtime.device)
+        # under DDP the backbone's logit layer (and heads switched off) get no gradient in pretraining
+        self.wrapped = self.runtime.wrap(model, find_unused=True)
+        params = [p for p in self.wrapped.parameters() if p.requires_grad]
+        # fused: one pass over every tensor (a trained encoder + MLM head are ~36M parameters)
+        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.steps_per_epoch = math.ceil(shard_size(len(data)) / cfg.batch_size)
+        self.planned = self.steps_per_epoch * cfg.epochs
+        self.schedule = CosineSchedule(cfg.warmup_steps, self.planned)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        # masks and NCE noise are drawn alike on every rank for every rank's rows, each rank keeping
+        # its own: a row's draws do not depend on the rank that holds it (DDP equals one process)
+        self.generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),
+                           "masking": torch.Generator(device=self.runtime.device).manual_seed(cfg.seed + 1),
+                           "choice": torch.Generator().manual_seed(cfg.seed + 3)}  # masked fields, per epoch
+        torch.manual_seed(cfg.seed + 2 + rank)  # dropout: per rank
+        self.batch_size, self.length_buckets, self.epochs = cfg.batch_size, cfg.length_buckets, cfg.epochs
+        self.max_seconds, self.progress = cfg.max_seconds, cfg.progress
+        self.history: list[dict] = []
+        self.tracker = Tracker(owner.folder / "tensorboard")
+        self.spans, self.lengths = data.host("value_spans"), data.host("lengths")
+        self.cuda = self.runtime.device.type == "cuda"
+
+    def state(self) -> dict:
+        return {"history": self.history}
+
+    def load_state(self, state: dict) -> None:
+        self.history = state["history"]
+
+    def begin(self, budget: Budget) -> None:
+        self.budget = budget
+        self.sizer = ScheduleSizer(budget, self.schedule, self.runtime) if budget.limited else None
+        self.step_count = self.scheduler.last_epoch  # optimizer steps taken, an earlier call's included
+        if self.cfg.compile:  # the encoder's shapes: a few bucket widths (multiples of 8) times the batch size
+            self.model.language_model.encoder.compile()  # in place: the weights' names stay
+
+    def begin_epoch(self, epoch: int, order: torch.Tensor) -> int:
+        rank, world = rank_world()
+        device = self.runtime.device
+        if self.cuda:  # each epoch's peak memory, for sizing the batch and the profile on a GPU
+            torch.cuda.reset_peak_memory_stats(device)
+        # the masked fields drawn on the host for the whole epoch: each batch's MLM size is known there
+        self.masks = self.model.masker.plan_epoch(order, self.spans, self.lengths, self.batch_size,
+                                                  self.generators["choice"], self.model.config.mlm, device,
+                                                  rank, world)
+        # losses add up on the device and are read once per epoch: no step waits on the host
+        self.sums = {k: torch.zeros((), device=device) for k in (*OBJECTIVES, "loss")}
+        self.lost = torch.zeros((), dtype=torch.long, device=device)
+        self.epoch = epoch
+        return self.steps_per_epoch
+
+    def loss(self, step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        batch.update(self.masks.batch(step, self.batch_size))
+        with self.runtime.autocast():
+            out = self.wrapped(**batch, generator=self.generators["masking"])
+        self.sums["loss"] += out.loss.detach()
+        for name in OBJECTIVES:
+            value = getattr(out, name)
+            if value is not None:
+                self.sums[name] += value.detach()
+        self.lost += out.text_fields_lost
+        return out.loss
+
+    def after_step(self, step: int, loss: torch.Tensor) -> bool:
+        self.step_count += 1
+        if self.on_step is not None:  # a callback reads the loss, and so waits for it
+            self.on_step(self.epoch, step, loss.item())
+        if self.sizer is not None:
+            self.sizer.after_step(self.step_count)
+        return False
+
+    def stop_before(self) -> bool:
+        return self.step_count >= self.schedule.total
+
+    def end_epoch(self, epoch: int, steps: int, seconds: float) -> bool:
+        cfg, world = self.cfg, rank_world()[1]
+        done = self.step_count >= self.schedule.total  # every planned step, or as many as the budget sized
+        rows = min(len(self.data), steps * cfg.batch_size * world)
+        record = {"epoch": epoch, "lr": self.scheduler.get_last_lr()[0], "seconds": round(seconds, 1),
+                  "samples_per_second": round(rows / max(seconds, 1e-9), 1), "text_fields_lost": int(self.lost),
+                  "steps": steps, "rows": rows,
+                  **{k: float(v) / max(steps, 1) for k, v in self.sums.items()
+                     if k == "loss" or getattr(self.model.config, k, False)}}
+        if self.schedule.total < self.planned and done:
+            record["stopped_by_budget"] = True
+            log.info("pretraining stopped by its %.0f s time budget after %d of %d planned steps "
+                     "(epoch %d: %d of %d steps)", cfg.max_seconds, self.step_count, self.planned, epoch, steps,
+                     self.steps_per_epoch)
+        if self.cuda:
+            record["peak_gpu_memory_mib"] = round(torch.cuda.max_memory_allocated(self.runtime.device) / 2**20, 1)
+        self.history.append(record)
+        log.info("pretrain epoch %d  %s  %.0f samples/s%s", epoch,
+                 "  ".join(f"{k} {record[k]:.4f}" for k in ("loss", *OBJECTIVES) if k in record),
+                 record["samples_per_second"],
+                 f"  peak {record['peak_gpu_memory_mib']:.0f} MiB" if self.cuda else "")
+        self.tracker.scalars(epoch * self.steps_per_epoch, {f"pretrain/{k}": record[k] for k in
+                                                           ("loss", *OBJECTIVES, "lr", "samples_per_second")
+                                                           if k in record})
+        if rank_world()[0] == 0:
+            save_weights(self.model, self.owner.weights_path)
+            write_json(self.owner.folder / "pretrain_history.json", self.history)
+        return done

@@ -32,7 +32,7 @@ from ..data.batching import DeviceRows
 from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
 from ..data.prompts import prompt_length
-from ..data.readers import SIDES
+from ..data.readers import side_fields
 from ..models import TEXT_SIDES, LrScales, build_ctr_model
 from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world
@@ -64,7 +64,7 @@ def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding:
     write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
                                          "encoding": encoding, "amp": runtime.amp_name, "fields": data.fields, "columns": columns,
                                          "label": label.to_dict(), "max_length": prompt_length(cfg.data, data.name),
-                                         "sides": side_fields(cfg.model.name, data.name)})
+                                         "sides": model_sides(cfg.model.name, data.name)})
     for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
         with atomic_path(run_dir / name) as tmp:
             shutil.copyfile(data.encoding_folder(encoding) / name, tmp)
@@ -74,10 +74,11 @@ def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
                ) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, np.ndarray]]:
     """:func:`~.text_vectors.side_tables` of ``cfg.model`` on the prepared data (a frozen
     ``cfg.model.plm``'s vectors cached beside it); both empty for models without text sides."""
-    from ..models.language import LanguageModel, load_tokenizer
+    from ..data.lm_files import load_tokenizer
+    from ..models.language import LanguageModel
     from .text_vectors import side_tables
 
-    wanted = side_fields(cfg.model.name, data.name)
+    wanted = model_sides(cfg.model.name, data.name)
     if not wanted:
         return {}, {}
     frozen = None
@@ -89,16 +90,10 @@ def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
                        data.folder, cfg.train.eval_batch_size or 256)
 
 
-def side_fields(model: str, dataset: str) -> dict[str, tuple[str, list[str]]]:
-    """Per side of a text-side model (:data:`TEXT_SIDES`): its key field (the user, the item)
-    and the fields its text is made of; empty for other models."""
-    sides = {}
-    for side, with_key in TEXT_SIDES.get(model, {}).items():
-        if dataset not in SIDES:
-            raise ValueError(f"{dataset}: no user and item fields known for {model} (known: {sorted(SIDES)})")
-        key, fields = SIDES[dataset][side]
-        sides[side] = (key, [key, *fields] if with_key else list(fields))
-    return sides
+def model_sides(model: str, dataset: str) -> dict[str, tuple[str, list[str]]]:
+    """:func:`~flipctr.data.readers.side_fields` of a text-side model (:data:`TEXT_SIDES`); empty
+    for other models."""
+    return side_fields(dataset, TEXT_SIDES.get(model, {}), model)
 
 
 def lr_scales(cfg: Config) -> LrScales:
@@ -119,16 +114,9 @@ class RunData:
         self.text_vectors: Callable[[int, int], np.ndarray] | None = None
         self.side_index: dict[str, np.ndarray] = {}  # MoRec, CTR-BERT: each row's user / item
         if text:
-            from ..data.text import load_or_build_text
-            from ..models.language import load_tokenizer
+            from ..data.text import prompts_for
 
-            max_length = prompt_length(cfg.data, data.name)
-            self.text = load_or_build_text(data.folder, None, data.fields, load_tokenizer(cfg.model.plm),
-                                           max_length, values_loader=data.values)
-            report = self.text.report
-            log.info("prompts: %.1f tokens on average (p95 %.0f, max %d); %d samples lost %d fields to "
-                     "truncation at %d tokens", report["tokens_mean"], report["tokens_p95"],
-                     report["tokens_max"], report["samples_truncated"], report["fields_lost"], max_length)
+            self.text = prompts_for(data, cfg.data, cfg.model.plm)
 
     @classmethod
     def for_model(cls, data: PreparedData, cfg: Config, runtime: Runtime, model: torch.nn.Module) -> "RunData":

@@ -9,6 +9,7 @@ import copy
 import dataclasses
 import logging
 import math
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,8 +23,7 @@ from ..data.batching import DeviceRows
 from ..models.language import LanguageModel
 from .budget import Budget, agree_any
 from .distributed import gather_rows, rank_rows, rank_world
-from .engine import (Runtime, StepLoop, load_checkpoint, plan_epoch, random_states,
-                     restore_random_states, save_checkpoint, shard_size)
+from .engine import Engine, Runtime, Stage, shard_size
 from .metrics import ctr_metrics
 from .tracking import Tracker
 
@@ -210,152 +210,161 @@ class Trainer:
         best weights before returning. ``lr_schedule`` replays per-epoch learning rates (the
         refit repeats the selection run's). ``tracker``: TensorBoard scalars under ``stage``
         (``<stage>/loss``, ``<stage>/lr``, ``valid/auc``, ``valid/logloss``, the model's summary).
-        ``checkpoint``: a file written (by rank 0, atomically) after every epoch with all the fit
-        needs to go on: weights, optimizer, early-stopping state and best weights, the shuffling,
-        torch and CUDA random states; with ``resume`` a fit continues after its last epoch and
-        ends as an uninterrupted one would.
+        ``checkpoint``: the :class:`~.engine.Engine`'s file after every epoch (with the
+        early-stopping state and best weights); with ``resume`` a fit continues after its last
+        epoch and ends as an uninterrupted one would.
         """
-        cfg = resolve_train_config(self.cfg, model)
+        run = Finetuning(self, model, train, eval_split, epochs, lr_schedule, on_epoch_end, tracker, stage)
+        Engine(self.runtime).fit(run, train, checkpoint, resume)
+        return run.finish()
+
+
+class Finetuning(Stage):
+    """Finetuning as an engine :class:`~.engine.Stage`: BCE on the logits (+ each auxiliary head,
+    FLIP Eq. 15), evaluations inside epochs, early stopping on validation AUC, a time budget
+    checked at each evaluation, the lr replayed per epoch or lowered on a plateau."""
+
+    def __init__(self, trainer: Trainer, model: nn.Module, train: DeviceRows, eval_split: DeviceRows | None,
+                 epochs: float | None, lr_schedule: list[float] | None,
+                 on_epoch_end: Callable[[EpochRecord], None] | None, tracker: Tracker | None, stage: str):
+        cfg = resolve_train_config(trainer.cfg, model)
         epochs = cfg.epochs if epochs is None else epochs
-        rank, world = rank_world()
-        if world > 1 and cfg.sparse_embeddings != "off":
+        if rank_world()[1] > 1 and cfg.sparse_embeddings != "off":
             log.info("data-parallel: embedding tables get dense gradients (train.sparse_embeddings=off)")
             cfg = dataclasses.replace(cfg, sparse_embeddings="off")
-        model.to(self.device)
-        optimizer = make_optimizer(model, cfg)
-        module, model = model, self.runtime.wrap(model)  # module: the unwrapped model (evaluation, weights, L2)
-        reduce_lr = cfg.reduce_lr_on_plateau and eval_split is not None and lr_schedule is None
-        last_epoch_auc = -math.inf
-        generator = torch.Generator(device="cpu").manual_seed(cfg.seed)
-        result, best_state, bad_evals, stop = FitResult(), None, 0, False
-        start_epoch, used = 1, 0.0
-        if resume and checkpoint is not None and checkpoint.exists():
-            state = load_checkpoint(checkpoint, self.device)
-            module.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            restore_random_states(state, {"shuffle": generator})
-            best_state, bad_evals, last_epoch_auc = state["best_state"], state["bad_evals"], state["last_epoch_auc"]
-            result = FitResult([EpochRecord(**r) for r in state["history"]], state["best_epoch"], state["best_eval"],
-                               state.get("stopped"))
-            start_epoch, stop, used = state["epoch"] + 1, state["done"], state.get("seconds", 0.0)
-            log.info("resumed %s after epoch %d%s", stage, state["epoch"], " (it had ended)" if stop else "")
-        loss_fn = nn.BCEWithLogitsLoss()
-        bs, names = cfg.batch_size, input_names(module)
-        embedding_l2 = cfg.embedding_l2 if hasattr(module, "embed") else 0.0
-        if cfg.embedding_l2 > 0 and not embedding_l2:
-            log.info("train.embedding_l2 ignored: %s has no ID embeddings", type(module).__name__)
-
-        def step_loss(batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
-            """Forward and loss of one batch: BCE on the logits (+ each auxiliary head, FLIP Eq. 15)."""
-            with self.runtime.autocast():
-                out = model(**batch)
-            loss = loss_fn(out.logits.float(), labels)
-            for aux in out.aux_logits:
-                loss = loss + loss_fn(aux.float(), labels)
-            if embedding_l2 > 0:
-                loss = loss + embedding_l2 * module.embed(batch["ids"]).pow(2).sum() / len(labels)
-            return loss
-
-        if cfg.compile:  # fuses the many small ops of an ID model's step; compiling costs ~15-40 s
-            step_loss = torch.compile(step_loss)
-        steps_per_epoch = math.ceil(shard_size(len(train)) / bs)
-        total_steps = round(epochs * steps_per_epoch)
+        self.trainer, self.cfg, self.runtime = trainer, cfg, trainer.runtime
+        self.train, self.eval_split, self.lr_schedule = train, eval_split, lr_schedule
+        self.on_epoch_end, self.tracker, self.name = on_epoch_end, tracker, stage
+        self.model = model.to(self.runtime.device)
+        self.optimizer = make_optimizer(model, cfg)
+        self.wrapped = self.runtime.wrap(model)
+        self.generators = {"shuffle": torch.Generator(device="cpu").manual_seed(cfg.seed)}
+        self.names, self.batch_size, self.length_buckets = input_names(model), cfg.batch_size, cfg.length_buckets
+        self.max_seconds, self.desc, self.progress = cfg.max_seconds, "epoch", cfg.progress
+        self.reduce_lr = cfg.reduce_lr_on_plateau and eval_split is not None and lr_schedule is None
+        self.last_epoch_auc = -math.inf
+        self.result, self.best_state, self.bad_evals, self.stop = FitResult(), None, 0, False
+        self.steps_per_epoch = math.ceil(shard_size(len(train)) / cfg.batch_size)
+        self.total_steps = round(epochs * self.steps_per_epoch)
         evals = max(1, cfg.evals_per_epoch)
-        eval_steps = {round(steps_per_epoch * k / evals) for k in range(1, evals + 1)}
-        last_epoch = math.ceil(total_steps / steps_per_epoch)
-        budget = Budget(cfg.max_seconds, used)
-        checked = budget.elapsed()  # when the budget was last checked
+        self.eval_steps = {round(self.steps_per_epoch * k / evals) for k in range(1, evals + 1)}
+        self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
+        self.embedding_l2 = cfg.embedding_l2 if hasattr(model, "embed") else 0.0
+        if cfg.embedding_l2 > 0 and not self.embedding_l2:
+            log.info("train.embedding_l2 ignored: %s has no ID embeddings", type(model).__name__)
+        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.step_loss = self._step_loss
+        if cfg.compile:  # fuses the many small ops of an ID model's step; compiling costs ~15-40 s
+            self.step_loss = torch.compile(self._step_loss)
 
-        def out_of_time() -> bool:
-            """Checked at each evaluation (each epoch's end without one): stop when the next
-            interval, as long as the last one, would end past the budget."""
-            nonlocal checked
-            if not budget.limited:
-                return False
-            now = budget.elapsed()
-            late, checked = now + (now - checked) > budget.seconds, now
-            return agree_any(late, self.device)
+    def _step_loss(self, batch: dict[str, torch.Tensor], labels: torch.Tensor) -> torch.Tensor:
+        """Forward and loss of one batch: BCE on the logits (+ each auxiliary head, FLIP Eq. 15)."""
+        with self.runtime.autocast():
+            out = self.wrapped(**batch)
+        loss = self.loss_fn(out.logits.float(), labels)
+        for aux in out.aux_logits:
+            loss = loss + self.loss_fn(aux.float(), labels)
+        if self.embedding_l2 > 0:
+            loss = loss + self.embedding_l2 * self.model.embed(batch["ids"]).pow(2).sum() / len(labels)
+        return loss
 
-        loop = StepLoop(optimizer, progress=cfg.progress)
-        for epoch in range(start_epoch, last_epoch + 1 if not stop else start_epoch):
-            if lr_schedule is not None:
-                optimizer.set_lr(lr_schedule[min(epoch, len(lr_schedule)) - 1])
-            lr = optimizer.lr  # the base lr: what a refit replays and a plateau lowers
-            model.train()
-            perm, widths = plan_epoch(train, generator, bs, cfg.length_buckets)
-            steps = min(steps_per_epoch, total_steps - (epoch - 1) * steps_per_epoch)
-            total, seen = torch.zeros((), device=self.device), 0
-            record = EpochRecord(epoch, lr, 0.0, 0.0, 0.0)
+    def state(self) -> dict:
+        r = self.result
+        return {"best_state": self.best_state, "bad_evals": self.bad_evals, "last_epoch_auc": self.last_epoch_auc,
+                "history": [vars(h) for h in r.history], "best_epoch": r.best_epoch, "best_eval": r.best_eval,
+                "stopped": r.stopped}
 
-            def loss_of(step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-                nonlocal total, seen
-                labels = train.labels[rows]
-                loss = step_loss(batch, labels)
-                total += loss.detach() * len(labels)
-                seen += len(labels)
-                return loss
+    def load_state(self, state: dict) -> None:
+        self.best_state, self.bad_evals, self.last_epoch_auc = (state["best_state"], state["bad_evals"],
+                                                                state["last_epoch_auc"])
+        self.result = FitResult([EpochRecord(**r) for r in state["history"]], state["best_epoch"],
+                                state["best_eval"], state["stopped"])
 
-            def after_step(step: int, loss: torch.Tensor) -> bool:
-                """At each evaluation point: evaluate, keep the best weights, stop on patience or time."""
-                nonlocal best_state, bad_evals, stop
-                if eval_split is None or step + 1 not in eval_steps:
-                    return False
-                with loop.paused():
-                    at = round(epoch - 1 + (step + 1) / steps_per_epoch, 4)
-                    metrics = self.evaluate(module, eval_split)
-                    record.evals.append({"epoch": at, **metrics})
-                    log.info("  epoch %.2f  eval auc %.5f  logloss %.5f", at, metrics["auc"], metrics["logloss"])
-                    if tracker is not None:
-                        tracker.scalars((epoch - 1) * steps_per_epoch + step + 1,
-                                        {"valid/auc": metrics["auc"], "valid/logloss": metrics["logloss"],
-                                         **{f"model/{k}": v for k, v in getattr(module, "summary", dict)().items()}})
-                    if result.best_eval is None or metrics["auc"] > result.best_eval["auc"]:
-                        result.best_epoch, result.best_eval, bad_evals = at, metrics, 0
-                        best_state = copy.deepcopy(module.state_dict())
-                    else:
-                        bad_evals += 1
-                    model.train()
-                if bad_evals >= cfg.patience:
-                    stop, result.stopped = True, "patience"
-                elif out_of_time():
-                    stop, result.stopped = True, "budget"
-                return stop
+    def begin(self, budget: Budget) -> None:
+        self.budget, self.checked = budget, budget.elapsed()  # checked: when the budget was last checked
 
-            _, train_seconds = loop.run_epoch(epoch, train, perm.to(self.device), widths, names, bs, steps,
-                                              loss_of, after_step)
-            record.train_loss, record.seconds = float(total) / max(seen, 1), train_seconds
-            record.samples, record.samples_per_second = seen, seen / max(train_seconds, 1e-9)
-            if reduce_lr and record.evals:  # end-of-epoch AUC did not improve: lower the lr
-                if record.evals[-1]["auc"] <= last_epoch_auc:
-                    optimizer.set_lr(lr * cfg.reduce_lr_factor)
-                last_epoch_auc = max(last_epoch_auc, record.evals[-1]["auc"])
-            if eval_split is None and not stop and epoch < last_epoch and out_of_time():
-                stop, result.stopped = True, "budget"
-            result.history.append(record)
-            log.info("epoch %d  lr %.2e  train loss %.5f  %.0f samples/s", epoch, lr, record.train_loss,
-                     record.samples_per_second)
-            if tracker is not None:
-                tracker.scalars((epoch - 1) * steps_per_epoch + steps,
-                                {f"{stage}/loss": record.train_loss, f"{stage}/lr": lr,
-                                 f"{stage}/samples_per_second": record.samples_per_second})
-            if checkpoint is not None and rank == 0:
-                save_checkpoint(checkpoint, {
-                    "epoch": epoch, "done": stop or epoch == last_epoch, "model": module.state_dict(),
-                    "optimizer": optimizer.state_dict(), **random_states({"shuffle": generator}),
-                    "best_state": best_state, "bad_evals": bad_evals, "last_epoch_auc": last_epoch_auc,
-                    "history": [vars(r) for r in result.history], "best_epoch": result.best_epoch,
-                    "best_eval": result.best_eval, "stopped": result.stopped, "seconds": budget.elapsed()})
-            if on_epoch_end is not None:
-                on_epoch_end(record)
-            if stop:
-                if result.stopped == "budget":
-                    log.info("stopped by the %.0f s time budget after %.0f s; best at epoch %g", budget.seconds,
-                             budget.elapsed(), result.best_epoch)
-                else:
-                    log.info("early stop: no eval AUC gain in %d evaluations; best at epoch %g", bad_evals,
-                             result.best_epoch)
-                break
-        if best_state is not None:
-            module.load_state_dict(best_state)
-        result.seconds = budget.elapsed()
-        return result
+    def out_of_time(self) -> bool:
+        """Checked at each evaluation (each epoch's end without one): stop when the next
+        interval, as long as the last one, would end past the budget."""
+        if not self.budget.limited:
+            return False
+        now = self.budget.elapsed()
+        late, self.checked = now + (now - self.checked) > self.budget.seconds, now
+        return agree_any(late, self.runtime.device)
+
+    def begin_epoch(self, epoch: int, order: torch.Tensor) -> int:
+        if self.lr_schedule is not None:
+            self.optimizer.set_lr(self.lr_schedule[min(epoch, len(self.lr_schedule)) - 1])
+        self.total, self.seen = torch.zeros((), device=self.runtime.device), 0
+        self.record = EpochRecord(epoch, self.optimizer.lr, 0.0, 0.0, 0.0)  # the base lr (refit replays it)
+        self.eval_seconds = 0.0
+        return min(self.steps_per_epoch, self.total_steps - (epoch - 1) * self.steps_per_epoch)
+
+    def loss(self, step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        labels = self.train.labels[rows]
+        loss = self.step_loss(batch, labels)
+        self.total += loss.detach() * len(labels)
+        self.seen += len(labels)
+        return loss
+
+    def after_step(self, step: int, loss: torch.Tensor) -> bool:
+        """At each evaluation point: evaluate, keep the best weights, stop on patience or time."""
+        if self.eval_split is None or step + 1 not in self.eval_steps:
+            return False
+        tick, result, epoch = time.perf_counter(), self.result, self.record.epoch
+        at = round(epoch - 1 + (step + 1) / self.steps_per_epoch, 4)
+        metrics = self.trainer.evaluate(self.model, self.eval_split)
+        self.record.evals.append({"epoch": at, **metrics})
+        log.info("  epoch %.2f  eval auc %.5f  logloss %.5f", at, metrics["auc"], metrics["logloss"])
+        if self.tracker is not None:
+            self.tracker.scalars((epoch - 1) * self.steps_per_epoch + step + 1,
+                                 {"valid/auc": metrics["auc"], "valid/logloss": metrics["logloss"],
+                                  **{f"model/{k}": v for k, v in getattr(self.model, "summary", dict)().items()}})
+        if result.best_eval is None or metrics["auc"] > result.best_eval["auc"]:
+            result.best_epoch, result.best_eval, self.bad_evals = at, metrics, 0
+            self.best_state = copy.deepcopy(self.model.state_dict())
+        else:
+            self.bad_evals += 1
+        self.wrapped.train()
+        self.eval_seconds += time.perf_counter() - tick
+        if self.bad_evals >= self.cfg.patience:
+            self.stop, result.stopped = True, "patience"
+        elif self.out_of_time():
+            self.stop, result.stopped = True, "budget"
+        return self.stop
+
+    def end_epoch(self, epoch: int, steps: int, seconds: float) -> bool:
+        record, result, cfg = self.record, self.result, self.cfg
+        seconds -= self.eval_seconds  # training time only
+        record.train_loss, record.seconds = float(self.total) / max(self.seen, 1), seconds
+        record.samples, record.samples_per_second = self.seen, self.seen / max(seconds, 1e-9)
+        if self.reduce_lr and record.evals:  # end-of-epoch AUC did not improve: lower the lr
+            if record.evals[-1]["auc"] <= self.last_epoch_auc:
+                self.optimizer.set_lr(record.lr * cfg.reduce_lr_factor)
+            self.last_epoch_auc = max(self.last_epoch_auc, record.evals[-1]["auc"])
+        if self.eval_split is None and not self.stop and epoch < self.epochs and self.out_of_time():
+            self.stop, result.stopped = True, "budget"
+        result.history.append(record)
+        log.info("epoch %d  lr %.2e  train loss %.5f  %.0f samples/s", epoch, record.lr, record.train_loss,
+                 record.samples_per_second)
+        if self.tracker is not None:
+            self.tracker.scalars((epoch - 1) * self.steps_per_epoch + steps,
+                                 {f"{self.name}/loss": record.train_loss, f"{self.name}/lr": record.lr,
+                                  f"{self.name}/samples_per_second": record.samples_per_second})
+        if self.on_epoch_end is not None:
+            self.on_epoch_end(record)
+        if self.stop:
+            if result.stopped == "budget":
+                log.info("stopped by the %.0f s time budget after %.0f s; best at epoch %g", self.budget.seconds,
+                         self.budget.elapsed(), result.best_epoch)
+            else:
+                log.info("early stop: no eval AUC gain in %d evaluations; best at epoch %g", self.bad_evals,
+                         result.best_epoch)
+        return self.stop
+
+    def finish(self) -> FitResult:
+        """The best weights restored; the fit's result."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        self.result.seconds = self.budget.elapsed()
+        return self.result
