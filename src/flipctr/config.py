@@ -21,7 +21,8 @@ class DataConfig:
     # None: the dataset's own (ML-1M, GoodReads: time; BookCrossing: shuffle). See data/splits.py.
     order: str | None = None
     shuffle_seed: int = 42  # the permutation of order="shuffle"
-    max_length: int | None = None  # prompt tokens; None: per dataset (GoodReads 180, others 100)
+    max_length: int | None = None  # prompt tokens; None: the paper's (GoodReads 180, ML-1M and BookCrossing 100), for
+    # other data the 99th percentile of its prompts' lengths (capped at the encoder's maximum)
 
 
 @dataclass

@@ -59,9 +59,10 @@ class DeviceRows:
 
     @classmethod
     def from_arrays(cls, labels: np.ndarray, device: torch.device, **arrays: np.ndarray) -> "DeviceRows":
-        # np.array copies: cached arrays are read-only memory maps
+        # np.array copies: cached arrays are read-only memory maps; token ids cached as uint16 become int32
         return cls(torch.from_numpy(np.asarray(labels, dtype=np.float32)).to(device),
-                   {k: torch.from_numpy(np.array(v)).to(device) for k, v in arrays.items()})
+                   {k: torch.from_numpy(np.array(v, dtype=np.int32 if v.dtype == np.uint16 else None)).to(device)
+                    for k, v in arrays.items()})
 
     def __len__(self) -> int:
         return len(self.labels)

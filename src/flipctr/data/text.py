@@ -4,6 +4,10 @@ Spans come from the tokenizer's character offsets and the value character spans 
 :class:`~flipctr.data.prompts.PromptBuilder`, never from re-parsing text. A field whose value
 is cut (fully or partly) by truncation gets the empty span ``(0, 0)``: it gives no target and
 is counted in the truncation report.
+
+The cache of a whole dataset (:func:`build_text_cache`) is assembled from each distinct value's
+tokens (:mod:`.pieces`) and written to disk in chunks: its cost grows with the distinct values,
+not with rows times tokens, and no step holds every row's prompt.
 """
 
 from __future__ import annotations
@@ -11,16 +15,20 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable, Iterable
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..config import DataConfig
 from ..utils import atomic_dir
 from .lm_files import load_tokenizer
+from .pieces import PieceTokenizer
 from .prompts import PromptBuilder, Prompts, prompt_length
 
 if TYPE_CHECKING:
@@ -28,12 +36,15 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("flipctr")
 
-TEXT_CACHE_VERSION = 1
+TEXT_CACHE_VERSION = 2
+CHUNK_ROWS = 65_536  # rows per chunk of the cache's build
+CHECK_ROWS = 2_000  # whole prompts the assembled ones are checked against (+ the longest rows)
+LOST_WARNING = 0.01  # share of rows losing a field to truncation above which the log warns
 
 
 @dataclass
 class TokenizedPrompts:
-    input_ids: np.ndarray  # (N, L) int32, right-padded with the tokenizer's pad id
+    input_ids: np.ndarray  # (N, L) right-padded with the tokenizer's pad id (uint16 in a cache where the vocabulary fits)
     lengths: np.ndarray  # (N,) int32 number of real tokens ([CLS] and [SEP] included)
     value_spans: np.ndarray  # (N, F, 2) int32 [start, end) token span of each value; (0, 0) if cut
     report: dict  # truncation and length statistics
@@ -107,30 +118,153 @@ def tokenize_prompts(prompts: Prompts, tokenizer, max_length: int, batch_size: i
     return TokenizedPrompts(input_ids, lengths, spans, report)
 
 
-def text_cache_dir(data_folder: Path, tokenizer, max_length: int, builder: PromptBuilder) -> Path:
+def text_cache_dir(data_folder: Path, tokenizer, max_length: int | None, builder: PromptBuilder) -> Path:
     spec = {"version": TEXT_CACHE_VERSION, "tokenizer": tokenizer_fingerprint(tokenizer),
-            "max_length": max_length, "template": [builder.prefix, builder.suffix, builder.separator],
+            "max_length": max_length or f"auto, at most {encoder_max_length(tokenizer)}", "template": [builder.prefix, builder.suffix, builder.separator],
             "fields": builder.fields}
     key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
     return data_folder / f"text-{key}"
 
 
-def load_or_build_text(data_folder: Path, values: pd.DataFrame | None, fields: list[str], tokenizer,
-                       max_length: int, values_loader=None) -> TokenizedPrompts:
-    """Tokenized prompts of all rows of a prepared dataset, from its cache or built once.
+def encoder_max_length(tokenizer) -> int:
+    """The longest input the tokenizer's model takes (512 when it does not say)."""
+    limit = getattr(tokenizer, "model_max_length", None)
+    return int(limit) if limit and limit < 100_000 else 512
 
-    ``values`` (or ``values_loader()``, called only when building) gives the text table.
-    """
+
+def _batches(values: pd.DataFrame | Path, fields: list[str]) -> Callable[[], Iterable[dict[str, pa.Array]]]:
+    """The text table in chunks of arrow columns: from a DataFrame, or read from a Parquet file
+    a record batch at a time."""
+    if isinstance(values, pd.DataFrame):
+        def frames():
+            for start in range(0, len(values), CHUNK_ROWS):
+                part = values.iloc[start:start + CHUNK_ROWS]
+                yield {name: pa.array(part[name].astype(str).to_numpy(dtype=object), pa.string()) for name in fields}
+        return frames
+
+    def parquet():
+        for batch in pq.ParquetFile(values).iter_batches(batch_size=CHUNK_ROWS, columns=fields):
+            yield {name: batch.column(name) for name in fields}
+    return parquet
+
+
+def _whole_prompts(builder: PromptBuilder, pieces: PieceTokenizer, codes: np.ndarray, tokenizer,
+                   max_length: int) -> TokenizedPrompts:
+    """Rows of ``codes`` tokenized as whole prompts (the reference the pieces are checked against)."""
+    table = pd.DataFrame({name: pieces.value_array(j)[codes[:, j]] for j, name in enumerate(builder.fields)})
+    return tokenize_prompts(builder.build(table), tokenizer, max_length)
+
+
+def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptBuilder, tokenizer,
+                     max_length: int | None, seed: int = 0) -> dict:
+    """Write ``input_ids.npy``, ``lengths.npy``, ``value_spans.npy`` and return the report, for
+    every row of ``values`` (a DataFrame, or the prepared table's ``values.parquet``).
+
+    The rows are assembled from each distinct value's tokens (:class:`~.pieces.PieceTokenizer`),
+    after checking on a seeded sample of rows (and the longest ones) that this gives the
+    tokenizer's own ids, lengths and spans; otherwise every prompt is tokenized whole (said in
+    the log and the report). ``max_length`` None: the 99th percentile of the prompts' token
+    lengths, capped at the encoder's maximum."""
+    tick = time.perf_counter()
+    fields, pad = builder.fields, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    pieces = PieceTokenizer(tokenizer, builder)
+    rows = len(values) if isinstance(values, pd.DataFrame) else pq.ParquetFile(values).metadata.num_rows
+    codes_path = folder / "codes.npy"  # each row's value codes, removed when done
+    codes = np.lib.format.open_memmap(codes_path, "w+", np.int32, (rows, len(fields)))
+    row = 0
+    for columns in _batches(values, fields)():
+        part = pieces.codes(columns)
+        codes[row:row + len(part)] = part
+        row += len(part)
+    specials = len(pieces.pre) + len(pieces.post)
+    content = np.concatenate([pieces.content_lengths(codes[i:i + CHUNK_ROWS]) for i in range(0, rows, CHUNK_ROWS)]
+                             or [np.zeros(0, np.int64)])
+    chosen = "data.max_length"
+    if max_length is None:
+        p99 = int(np.ceil(np.percentile(content + specials, 99))) if rows else specials
+        max_length, chosen = min(encoder_max_length(tokenizer), p99), "99th percentile of the data"
+    rng = np.random.default_rng(seed)
+    check = np.unique(np.concatenate([rng.choice(rows, min(CHECK_ROWS, rows), replace=False),
+                                      np.argsort(content)[-20:]])) if rows else np.zeros(0, np.int64)
+    whole = _whole_prompts(builder, pieces, codes[check], tokenizer, max_length)
+    ids, lengths, spans = pieces.assemble(codes[check], max_length, max_length, pad)
+    width = whole.input_ids.shape[1]
+    method = "pieces"
+    if not (pieces.right and np.array_equal(ids[:, :width], whole.input_ids) and (ids[:, width:] == pad).all()
+            and np.array_equal(lengths, whole.lengths) and np.array_equal(spans, whole.value_spans)):
+        method = "whole prompts"
+        log.info("text cache: assembling prompts from their values' tokens does not reproduce this tokenizer "
+                 "(checked on %d rows); every prompt is tokenized whole", len(check))
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
+    if method == "pieces":
+        lengths = np.minimum(content, max_length - specials).astype(np.int32) + specials
+        width = int(lengths.max()) if rows else specials
+    else:
+        lengths, width = np.zeros(rows, np.int32), max_length
+    input_ids = np.lib.format.open_memmap(folder / "input_ids.npy", "w+", dtype, (rows, width))
+    value_spans = np.lib.format.open_memmap(folder / "value_spans.npy", "w+", np.int32, (rows, len(fields), 2))
+    for start in range(0, rows, CHUNK_ROWS):
+        stop = min(start + CHUNK_ROWS, rows)
+        if method == "pieces":
+            ids, _, spans = pieces.assemble(codes[start:stop], max_length, width, pad)
+        else:
+            tok = _whole_prompts(builder, pieces, codes[start:stop], tokenizer, max_length)
+            ids = np.full((stop - start, width), pad, np.int64)
+            ids[:, :tok.input_ids.shape[1]] = tok.input_ids
+            spans, lengths[start:stop] = tok.value_spans, tok.lengths
+        input_ids[start:stop], value_spans[start:stop] = ids, spans
+    if method != "pieces" and rows and int(lengths.max()) < width:  # cut to the longest row, a chunk at a time
+        cut = np.lib.format.open_memmap(folder / "input_ids.cut.npy", "w+", dtype, (rows, int(lengths.max())))
+        for start in range(0, rows, CHUNK_ROWS):
+            cut[start:start + CHUNK_ROWS] = input_ids[start:start + CHUNK_ROWS, :cut.shape[1]]
+        cut.flush()
+        del input_ids
+        (folder / "input_ids.cut.npy").replace(folder / "input_ids.npy")
+    else:
+        input_ids.flush()
+    value_spans.flush()
+    np.save(folder / "lengths.npy", lengths)
+    del codes
+    codes_path.unlink()
+    report = truncation_report(lengths, value_spans, fields, max_length)
+    report.update(method=method, max_length_from=chosen, checked_rows=int(len(check)),
+                  distinct_values=dict(zip(fields, (len(ix) for ix in pieces.index), strict=True)),
+                  tokens_p99_untruncated=float(np.percentile(content + specials, 99)) if rows else 0.0,
+                  seconds=round(time.perf_counter() - tick, 1))
+    return report
+
+
+def truncation_report(lengths: np.ndarray, spans: np.ndarray, fields: list[str], max_length: int) -> dict:
+    """Length statistics and what truncation cost: rows and fields whose value was cut."""
+    lost_by_field, by_count = np.zeros(len(fields), np.int64), np.zeros(len(fields) + 1, np.int64)
+    for start in range(0, len(lengths), CHUNK_ROWS):
+        cut = np.asarray(spans[start:start + CHUNK_ROWS, :, 1]) == 0
+        lost_by_field += cut.sum(0)
+        by_count += np.bincount(cut.sum(1), minlength=len(fields) + 1)
+    n = len(lengths)
+    return {
+        "samples": n, "max_length": max_length,
+        "tokens_mean": float(lengths.mean()) if n else 0.0,
+        "tokens_p95": float(np.percentile(lengths, 95)) if n else 0.0,
+        "tokens_max": int(lengths.max()) if n else 0,
+        "samples_truncated": int(n - by_count[0]),
+        "fields_lost": int(lost_by_field.sum()),
+        "samples_by_fields_lost": {k: int(v) for k, v in enumerate(by_count) if v},
+        "fields_lost_by_field": dict(zip(fields, map(int, lost_by_field), strict=True)),
+    }
+
+
+def load_or_build_text(data_folder: Path, values: pd.DataFrame | Path, fields: list[str], tokenizer,
+                       max_length: int | None) -> TokenizedPrompts:
+    """Tokenized prompts of all rows of a prepared dataset, from its cache or built once
+    (:func:`build_text_cache`) from ``values``: the text table, or the path of its Parquet file.
+    ``max_length`` None: chosen from the data (see :func:`build_text_cache`)."""
     builder = PromptBuilder(fields)
     folder = text_cache_dir(data_folder, tokenizer, max_length, builder)
     if not (folder / "report.json").exists():
-        table = values if values is not None else values_loader()
-        tok = tokenize_prompts(builder.build(table), tokenizer, max_length)
         with atomic_dir(folder) as tmp:
-            np.save(tmp / "input_ids.npy", tok.input_ids)
-            np.save(tmp / "lengths.npy", tok.lengths)
-            np.save(tmp / "value_spans.npy", tok.value_spans)
-            (tmp / "report.json").write_text(json.dumps(tok.report, indent=2) + "\n")
+            report = build_text_cache(tmp, values, builder, tokenizer, max_length)
+            (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
     return TokenizedPrompts(np.load(folder / "input_ids.npy", mmap_mode="r"),
                             np.load(folder / "lengths.npy", mmap_mode="r"),
                             np.load(folder / "value_spans.npy", mmap_mode="r"),
@@ -139,12 +273,17 @@ def load_or_build_text(data_folder: Path, values: pd.DataFrame | None, fields: l
 
 def prompts_for(data: "PreparedData", cfg: DataConfig, plm: str) -> TokenizedPrompts:
     """A prepared dataset's tokenized prompts for the language model ``plm`` (its tokenizer), cut
-    at :func:`~.prompts.prompt_length`; cached beside the encoded table, the truncation logged."""
-    max_length = prompt_length(cfg, data.name)
-    text = load_or_build_text(data.folder, None, data.fields, load_tokenizer(plm), max_length,
-                              values_loader=data.values)
+    at :func:`~.prompts.prompt_length` (None: from the data); cached beside the encoded table,
+    the truncation logged (a warning when more than 1 % of the rows lose a field)."""
+    text = load_or_build_text(data.folder, data.folder / "values.parquet", data.fields, load_tokenizer(plm),
+                              prompt_length(cfg, data.name))
     report = text.report
     log.info("prompts: %.1f tokens on average (p95 %.0f, max %d); %d samples lost %d fields to "
-             "truncation at %d tokens", report["tokens_mean"], report["tokens_p95"], report["tokens_max"],
-             report["samples_truncated"], report["fields_lost"], max_length)
+             "truncation at %d tokens (%s)", report["tokens_mean"], report["tokens_p95"], report["tokens_max"],
+             report["samples_truncated"], report["fields_lost"], report["max_length"],
+             report.get("max_length_from", "data.max_length"))
+    if report["samples"] and report["samples_truncated"] > LOST_WARNING * report["samples"]:
+        log.warning("%.1f %% of the prompts lose a field to truncation at %d tokens: raise data.max_length "
+                    "(the encoder takes up to %d)", 100 * report["samples_truncated"] / report["samples"],
+                    report["max_length"], encoder_max_length(load_tokenizer(plm)))
     return text

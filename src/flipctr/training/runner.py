@@ -55,15 +55,16 @@ def setup_logging(run_dir: Path) -> None:
     log.propagate = False
 
 
-def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding: str, runtime: Runtime) -> None:
+def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding: str, runtime: Runtime,
+                       max_length: int | None) -> None:
     """What ``flipctr.load`` needs beside the weights: ``config.json`` (model and data settings,
     the input column of every field and of the label, a text-side model's sides, the precision
-    it was evaluated in, which scoring replays) and the encoding the model was trained with
+    it was evaluated in, which scoring replays, the prompts' ``max_length``) and the encoding the model was trained with
     (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
     columns, label = data.input_columns()
     write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
                                          "encoding": encoding, "amp": runtime.amp_name, "fields": data.fields, "columns": columns,
-                                         "label": label.to_dict(), "max_length": prompt_length(cfg.data, data.name),
+                                         "label": label.to_dict(), "max_length": max_length,
                                          "sides": model_sides(cfg.model.name, data.name)})
     for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
         with atomic_path(run_dir / name) as tmp:
@@ -113,10 +114,13 @@ class RunData:
         self.data, self.device, self.text = data, device, None
         self.text_vectors: Callable[[int, int], np.ndarray] | None = None
         self.side_index: dict[str, np.ndarray] = {}  # MoRec, CTR-BERT: each row's user / item
+        # the prompts' length as the model sees it (None: chosen from the data when its prompts are built)
+        self.max_length = prompt_length(cfg.data, data.name)
         if text:
             from ..data.text import prompts_for
 
             self.text = prompts_for(data, cfg.data, cfg.model.plm)
+            self.max_length = self.text.report["max_length"]
 
     @classmethod
     def for_model(cls, data: PreparedData, cfg: Config, runtime: Runtime, model: torch.nn.Module) -> "RunData":
@@ -270,7 +274,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     )
     tracker.close()
     if main:
-        save_for_inference(run_dir, cfg, data, metrics["encoding"], runtime)
+        save_for_inference(run_dir, cfg, data, metrics["encoding"], runtime, rd.max_length)
         save_weights(model, run_dir / "model.safetensors")
         write_json(run_dir / "metrics.json", metrics)
         for stage in ("train", "refit"):  # the run is complete: its checkpoints are not needed

@@ -44,7 +44,7 @@ def sharded_sentence_vectors(language_model: LanguageModel, input_ids: np.ndarra
     encodes its :func:`~.distributed.rank_rows` and the vectors are gathered, so the ranks
     split one pass instead of each making all of it."""
     rows = rank_rows(len(lengths)).numpy()
-    vectors = language_model.sentence_vectors(torch.from_numpy(np.array(input_ids[rows])),
+    vectors = language_model.sentence_vectors(torch.from_numpy(np.array(input_ids[rows], dtype=np.int32)),
                                               torch.from_numpy(np.array(lengths[rows])), batch_size)
     device = next(language_model.parameters()).device  # NCCL gathers GPU tensors
     return gather_rows(vectors.to(device), len(lengths)).cpu().numpy()
