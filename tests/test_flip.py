@@ -307,13 +307,13 @@ def test_one_builder_gives_every_caller_the_joint_models_lr_groups(tiny_plm):
     """`flipctr train --model flip` and `flipctr run` build the joint model the same way: the ID
     side at text_finetune.id_lr, α at text_finetune.alpha_lr, the rest at the base lr."""
     from flipctr.models import build_ctr_model
-    from flipctr.training.runner import lr_scales
+    from flipctr.models import LrScales
     from flipctr.training.trainer import make_optimizer
 
     cfg = tiny_config(lr=5e-5)
     cfg.model.name, cfg.model.plm = "flip", str(tiny_plm)
     fmap = FeatureMap([FieldInfo(f"f{i}", 1 + 10 * i, 10) for i in range(3)], 31, 1, 100)
-    model = build_ctr_model(cfg.model, fmap, scales=lr_scales(cfg))
+    model = build_ctr_model(cfg.model, fmap, scales=LrScales.from_config(cfg))
     lr_of = {id(p): g["lr"] for g in make_optimizer(model, cfg.train).param_groups for p in g["params"]}
     assert lr_of[id(model.alpha_logit)] == pytest.approx(cfg.text_finetune.alpha_lr)
     assert lr_of[id(model.backbone.embedding.weight)] == pytest.approx(cfg.text_finetune.id_lr)

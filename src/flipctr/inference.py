@@ -15,7 +15,9 @@ distinct item (user) of the rows scored.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +27,8 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from .config import ModelConfig
+from .config import Config, ModelConfig
+from .data.cache import PreparedData
 from .data.encoder import FeatureEncoder
 from .data.errors import DataError
 from .data.batching import DeviceRows
@@ -39,7 +42,7 @@ from .models.text_sides import SideText
 from .training.engine import Runtime
 from .training.text_vectors import side_tables
 from .training.trainer import input_names, predict
-from .utils import atomic_path
+from .utils import atomic_path, write_json
 
 class Scorer(nn.Module):
     """A CTR model as a function of the id matrix alone: ids (B, F) int -> probabilities (B,)."""
@@ -50,6 +53,22 @@ class Scorer(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(self.model(ids=ids).logits)
+
+
+def write_inference_files(run_dir: Path, cfg: Config, data: PreparedData, encoding: str, runtime: Runtime,
+                          max_length: int | None, sides: dict[str, tuple[str, list[str]]]) -> None:
+    """What :func:`load` reads beside the weights: ``config.json`` (model and data settings, the
+    input column of every field and of the label, a text-side model's ``sides``, the precision it
+    was evaluated in, which scoring replays, the prompts' ``max_length``) and the encoding the
+    model was trained with (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
+    columns, label = data.input_columns()
+    write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+                                         "encoding": encoding, "amp": runtime.amp_name, "fields": data.fields,
+                                         "columns": columns, "label": label.to_dict(), "max_length": max_length,
+                                         "sides": sides})
+    for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
+        with atomic_path(run_dir / name) as tmp:
+            shutil.copyfile(data.encoding_folder(encoding) / name, tmp)
 
 
 @dataclass

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import ModelConfig
+from ..config import Config, ModelConfig
 from ..data.encoder import FeatureMap
 from .backbones import MODELS, build_model
 
@@ -44,6 +44,15 @@ class LrScales:
     id: float = 1.0
     alpha: float = 1.0
     text: float = 1.0
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> "LrScales":
+        """The run's ratios: the joint FLIP model trains at ``text_finetune.lr`` with its ID side
+        at ``text_finetune.id_lr`` and α at ``alpha_lr``; a language model inside an ID-side
+        model (MoRec, CTR-BERT) at ``text_finetune.lr``, the rest at ``train.lr`` (default 1e-3,
+        these models' own)."""
+        tf = cfg.text_finetune
+        return cls(id=tf.id_lr / tf.lr, alpha=tf.alpha_lr / tf.lr, text=tf.lr / (cfg.train.lr or 1e-3))
 
 
 def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, sides: dict[str, dict[str, torch.Tensor]] | None = None,

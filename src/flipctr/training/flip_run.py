@@ -23,7 +23,7 @@ from ..config import Config
 from ..data.batching import DeviceRows
 from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
-from ..models import build_ctr_model
+from ..models import LrScales, build_ctr_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
 from ..data.lm_files import load_tokenizer
 from ..models.language import LanguageModel
@@ -33,7 +33,8 @@ from ..report import render_results
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world, resolve_device
 from .pretrain import Pretrainer
-from .runner import RunData, lr_scales, setup_logging, train_run
+from .runner import RunData, train_run
+from .tracking import setup_logging
 
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
@@ -220,7 +221,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     def flip_model(fm: FeatureMap, stage: str | None = None) -> FlipCTRModel:
         """From the pretrained backbone and language model; ``stage`` "selected"/"final": from
         that stage of the finetuned FLIP_ID and FLIP_PLM instead."""
-        model = build_ctr_model(flip_cfg, fm, scales=lr_scales(cfg), text_state=text_state(load=stage is None))
+        model = build_ctr_model(flip_cfg, fm, scales=LrScales.from_config(cfg), text_state=text_state(load=stage is None))
         if stage is None and pretrained is not None:
             model.backbone.load_state_dict(_prefixed(pretrained, "backbone."))
         if stage is not None:

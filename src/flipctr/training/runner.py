@@ -16,8 +16,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import shutil
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -33,42 +31,16 @@ from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.encoder import FeatureMap
 from ..data.prompts import prompt_length
 from ..data.readers import side_fields
+from ..inference import write_inference_files
 from ..models import TEXT_SIDES, LrScales, build_ctr_model
-from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
+from ..utils import environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world
 from .engine import Runtime, save_weights
-from .tracking import Tracker
+from .tracking import Tracker, setup_logging
 from .trainer import Trainer, input_names, resolve_train_config
 
 log = logging.getLogger("flipctr")
 PROTOCOLS = ("clean", "paper")
-
-
-def setup_logging(run_dir: Path) -> None:
-    log.setLevel(logging.INFO)
-    for handler in list(log.handlers):
-        log.removeHandler(handler)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
-        handler.setFormatter(fmt)
-        log.addHandler(handler)
-    log.propagate = False
-
-
-def save_for_inference(run_dir: Path, cfg: Config, data: PreparedData, encoding: str, runtime: Runtime,
-                       max_length: int | None) -> None:
-    """What ``flipctr.load`` needs beside the weights: ``config.json`` (model and data settings,
-    the input column of every field and of the label, a text-side model's sides, the precision
-    it was evaluated in, which scoring replays, the prompts' ``max_length``) and the encoding the model was trained with
-    (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
-    columns, label = data.input_columns()
-    write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
-                                         "encoding": encoding, "amp": runtime.amp_name, "fields": data.fields, "columns": columns,
-                                         "label": label.to_dict(), "max_length": max_length,
-                                         "sides": model_sides(cfg.model.name, data.name)})
-    for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
-        with atomic_path(run_dir / name) as tmp:
-            shutil.copyfile(data.encoding_folder(encoding) / name, tmp)
 
 
 def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
@@ -95,15 +67,6 @@ def model_sides(model: str, dataset: str) -> dict[str, tuple[str, list[str]]]:
     """:func:`~flipctr.data.readers.side_fields` of a text-side model (:data:`TEXT_SIDES`); empty
     for other models."""
     return side_fields(dataset, TEXT_SIDES.get(model, {}), model)
-
-
-def lr_scales(cfg: Config) -> LrScales:
-    """The lr ratios of a model's parameter groups: the joint FLIP model trains at
-    ``text_finetune.lr`` with its ID side at ``text_finetune.id_lr`` and α at ``alpha_lr``; a
-    language model inside an ID-side model (MoRec, CTR-BERT) at ``text_finetune.lr``, the rest
-    at ``train.lr`` (default 1e-3, these models' own)."""
-    tf = cfg.text_finetune
-    return LrScales(id=tf.id_lr / tf.lr, alpha=tf.alpha_lr / tf.lr, text=tf.lr / (cfg.train.lr or 1e-3))
 
 
 class RunData:
@@ -207,7 +170,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     select_fit = encoding or ("train+valid" if cfg.train.protocol == "paper" else "train")
     refit_fit = encoding or "train+valid"
     sides, side_index = side_texts(data, cfg, runtime)
-    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm, sides=sides, scales=lr_scales(cfg)))
+    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm, sides=sides, scales=LrScales.from_config(cfg)))
 
     def new_model(fm: FeatureMap, refit: bool = False) -> torch.nn.Module:
         seed_everything(cfg.train.seed)
@@ -274,7 +237,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     )
     tracker.close()
     if main:
-        save_for_inference(run_dir, cfg, data, metrics["encoding"], runtime, rd.max_length)
+        write_inference_files(run_dir, cfg, data, metrics["encoding"], runtime, rd.max_length,
+                              model_sides(cfg.model.name, data.name))
         save_weights(model, run_dir / "model.safetensors")
         write_json(run_dir / "metrics.json", metrics)
         for stage in ("train", "refit"):  # the run is complete: its checkpoints are not needed

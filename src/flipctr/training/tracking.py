@@ -1,4 +1,5 @@
-"""TensorBoard event files beside a run's ``train.log`` (``tensorboard --logdir RUN_DIR``).
+"""What a run records: its ``train.log`` (:func:`setup_logging`) and TensorBoard event files beside
+it (``tensorboard --logdir RUN_DIR``).
 
 Written by rank 0 only. Without the ``tensorboard`` package (``pip install flipctr[tensorboard]``)
 (or with one that fails to load) the run says so once in its log and writes no event files.
@@ -7,11 +8,23 @@ Written by rank 0 only. Without the ``tensorboard`` package (``pip install flipc
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 from .distributed import is_main
 
 log = logging.getLogger("flipctr")
+
+
+def setup_logging(run_dir: Path) -> None:
+    log.setLevel(logging.INFO)
+    for handler in list(log.handlers):
+        log.removeHandler(handler)
+    fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
+    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+        handler.setFormatter(fmt)
+        log.addHandler(handler)
+    log.propagate = False
 
 
 class Tracker:
