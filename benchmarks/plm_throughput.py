@@ -64,8 +64,8 @@ def main() -> None:
 
     torch.manual_seed(0)
     data = prepare(DataConfig("ml-1m"))
-    text = load_or_build_text(data.folder, None, data.fields, load_tokenizer(args.plm), args.max_length,
-                              values_loader=data.values)
+    text = load_or_build_text(data.folder, data.folder / "values.parquet", data.fields, load_tokenizer(args.plm),
+                              args.max_length)
     start, stop = data.sizes.bounds("train")
     rng = np.random.default_rng(0)
     rows = np.sort(rng.choice(stop - start, args.batch_size * (args.batches + 1), replace=False))
