@@ -182,3 +182,28 @@ def test_custom_order_column_native_parquet_datetimes_and_a_bad_value(tmp_path):
         {"file": "log.csv", "fields": {"user ID": "uid"}, "label": "click", "order": "when"}))
     with pytest.raises(DataError, match="order column 'when', row 2: 'yesterday'"):
         read_custom(tmp_path / "s.yaml")
+
+
+def test_custom_parquet_values_are_categorical_text_as_str_would_give(tmp_path):
+    """A Parquet log's fields are read as categoricals from the file's dictionaries (no string
+    per row), each distinct value turned into text once: the same text as ``str`` of each value
+    (missing -> "unknown"), and the same ids as encoding the plain text."""
+    from flipctr.data.encoder import FeatureEncoder
+
+    frame = pd.DataFrame({"uid": ["a", "b", None, "a", "c", "b"], "n": [1, 2, 2, 3, 1, 1],
+                          "x": [0.5, None, 2.0, 0.5, 1.0, 2.0], "click": [1, 0, 1, 1, 0, 0]})
+    frame.to_parquet(tmp_path / "log.parquet", index=False)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"file": "log.parquet", "label": "click",
+                                                     "fields": {"user ID": "uid", "count": "n", "score": "x"}},
+                                                    sort_keys=False))
+    table = read_custom(tmp_path / "s.yaml")
+    assert all(isinstance(table.values[f].dtype, pd.CategoricalDtype) for f in table.fields)
+    plain = pd.DataFrame({name: frame[col].astype(str).where(frame[col].notna(), "unknown")
+                          for name, col in {"user ID": "uid", "count": "n", "score": "x"}.items()})
+    pd.testing.assert_frame_equal(table.values.astype(object), plain.astype(object))
+    for min_count in (1, 2):
+        fitted = FeatureEncoder(table.fields, min_count).fit(table.values.iloc[:4])
+        reference = FeatureEncoder(table.fields, min_count).fit(plain.iloc[:4])
+        assert fitted.feature_map == reference.feature_map
+        np.testing.assert_array_equal(fitted.counts, reference.counts)
+        np.testing.assert_array_equal(fitted.transform(table.values), reference.transform(plain))

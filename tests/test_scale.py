@@ -23,7 +23,8 @@ def test_both_layouts_hold_the_same_seeded_log(tmp_path):
     assert custom.fields == ucsd.fields == GOODREADS_FIELDS and len(custom.values) == 3000
     pd.testing.assert_frame_equal(custom.values, again.values)
     assert not custom.values.equals(other.values)
-    pd.testing.assert_frame_equal(custom.values.reset_index(drop=True), ucsd.values.reset_index(drop=True))
+    pd.testing.assert_frame_equal(custom.values.reset_index(drop=True).astype(object),
+                                  ucsd.values.reset_index(drop=True).astype(object))
     np.testing.assert_array_equal(custom.labels, ucsd.labels)
     assert 0.5 < custom.labels.mean() < 0.8  # ratings > 3, as GoodReads' ~2/3
 

@@ -82,6 +82,7 @@ class FeatureEncoder:
             if name not in values.columns:
                 raise DataError(f"column {name!r} missing from the table being encoded")
             freq = values[name].value_counts(sort=False)
+            freq.index = pd.Index(freq.index, dtype=object)  # a categorical's: its categories as values
             kept = freq[freq >= self.min_count]
             # most frequent first; ties by value so the vocabulary is deterministic
             kept = kept.sort_index(kind="stable").sort_values(ascending=False, kind="stable")
@@ -101,7 +102,13 @@ class FeatureEncoder:
         dtype = np.int32 if self.feature_map.num_features < 2**31 else np.int64
         out = np.empty((len(values), len(self.fields)), dtype=dtype)
         for j, info in enumerate(self.feature_map.fields):
-            local = self.vocab[info.name].get_indexer(values[info.name]) + 1  # -1 (unseen) -> 0 (OOV)
+            column = values[info.name]
+            if isinstance(column.dtype, pd.CategoricalDtype):  # each category looked up once
+                per_category = self.vocab[info.name].get_indexer(pd.Index(column.cat.categories, dtype=object))
+                codes = column.cat.codes.to_numpy()
+                local = np.where(codes >= 0, per_category[codes], -1) + 1
+            else:
+                local = self.vocab[info.name].get_indexer(column) + 1  # -1 (unseen) -> 0 (OOV)
             out[:, j] = local + info.offset
         return out
 

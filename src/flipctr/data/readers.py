@@ -306,9 +306,34 @@ def read_goodreads(folder: str | Path) -> Table:
 
 def field_values(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     """Each field's values as text (``{field: column}``), missing ones "unknown": how custom data
-    (and rows scored by ``flipctr predict``) become a table's values."""
-    return pd.DataFrame({name: frame[col].astype(str).where(frame[col].notna(), "unknown")
-                         for name, col in columns.items()})
+    (and rows scored by ``flipctr predict``) become a table's values. Categorical columns: each
+    DISTINCT value is turned into text once, and a row holds a code (millions of rows, few
+    distinct values, no string per row)."""
+    return pd.DataFrame({name: _as_text(frame[col]) for name, col in columns.items()})
+
+
+def _as_text(column: pd.Series) -> pd.Series:
+    """A column as categorical text: each category as ``str`` gives it (values that print alike,
+    1 and "1", become one), missing values "unknown"."""
+    column = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
+    text = column.cat.categories.astype(str).to_numpy(dtype=object)
+    # "unknown" appended last: a missing value's code -1 picks it from the inverse
+    names, inverse = np.unique(np.append(text, "unknown").astype(object), return_inverse=True)
+    codes = inverse[column.cat.codes.to_numpy()]
+    return pd.Series(pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype=object)), index=column.index)
+
+
+def _read_parquet_columns(path: Path, columns: list[str], categorical: list[str]) -> pd.DataFrame:
+    """The named columns of a Parquet file; the ``categorical`` ones that hold text read as
+    categoricals straight from the file's dictionaries (no Python string per row)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pq.read_schema(path)
+    present = [c for c in dict.fromkeys(columns) if c in schema.names]
+    text = [c for c in present if c in categorical and (pa.types.is_string(schema.field(c).type)
+                                                        or pa.types.is_large_string(schema.field(c).type))]
+    return pq.read_table(path, columns=present, read_dictionary=text).to_pandas()
 
 
 def order_key(column: pd.Series, source: str) -> np.ndarray:
@@ -397,14 +422,16 @@ def read_custom(schema_path: str | Path) -> Table:
     path = (schema_path.parent / schema["file"]).resolve()
     if not path.exists():
         raise DataError(f"{schema_path}: data file {path} not found")
-    if path.suffix == ".parquet":
-        frame = pd.read_parquet(path)
-    else:
-        frame = pd.read_csv(path, sep=schema.get("sep", ","), dtype=str, keep_default_na=False,
-                            na_values=[""])
     fields: dict[str, str] = dict(schema["fields"])
     rule = LabelRule.from_schema(schema["label"])
     order_col = schema.get("order")
+    if path.suffix == ".parquet":
+        others = [rule.column, *([order_col] if order_col else [])]
+        frame = _read_parquet_columns(path, [*fields.values(), *others],
+                                      categorical=[c for c in fields.values() if c not in others])
+    else:
+        frame = pd.read_csv(path, sep=schema.get("sep", ","), dtype=str, keep_default_na=False,
+                            na_values=[""])
     for col in [*fields.values(), rule.column, *([order_col] if order_col else [])]:
         if col not in frame.columns:
             raise DataError(f"{path}: column {col!r} named in {schema_path} is missing "

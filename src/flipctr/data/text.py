@@ -105,16 +105,7 @@ def tokenize_prompts(prompts: Prompts, tokenizer, max_length: int, batch_size: i
         input_ids[row:row + len(c), :c.shape[1]] = c
         row += len(c)
     spans = np.concatenate(chunk_spans)
-    lost = (spans[..., 1] == 0).sum(1)
-    report = {
-        "samples": n, "max_length": max_length,
-        "tokens_mean": float(lengths.mean()), "tokens_p95": float(np.percentile(lengths, 95)),
-        "tokens_max": int(lengths.max()),
-        "samples_truncated": int((lost > 0).sum()),
-        "fields_lost": int(lost.sum()),
-        "samples_by_fields_lost": {int(k): int(v) for k, v in zip(*np.unique(lost, return_counts=True))},
-        "fields_lost_by_field": dict(zip(prompts.fields, map(int, (spans[..., 1] == 0).sum(0)), strict=True)),
-    }
+    report = truncation_report(lengths, [spans], prompts.fields, max_length)
     return TokenizedPrompts(input_ids, lengths, spans, report)
 
 
@@ -169,25 +160,25 @@ def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptB
     fields, pad = builder.fields, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     pieces = PieceTokenizer(tokenizer, builder)
     rows = len(values) if isinstance(values, pd.DataFrame) else pq.ParquetFile(values).metadata.num_rows
-    codes_path = folder / "codes.npy"  # each row's value codes, removed when done
-    codes = np.lib.format.open_memmap(codes_path, "w+", np.int32, (rows, len(fields)))
+    chunks = [(start, min(start + CHUNK_ROWS, rows)) for start in range(0, rows, CHUNK_ROWS)]
+    codes = RowFile.create(folder / "codes.npy", np.int32, (rows, len(fields)))  # removed when done
     row = 0
     for columns in _batches(values, fields)():
         part = pieces.codes(columns)
-        codes[row:row + len(part)] = part
+        codes.write(row, part)
         row += len(part)
     specials = len(pieces.pre) + len(pieces.post)
-    content = np.concatenate([pieces.content_lengths(codes[i:i + CHUNK_ROWS]) for i in range(0, rows, CHUNK_ROWS)]
-                             or [np.zeros(0, np.int64)])
+    content = np.concatenate([pieces.content_lengths(codes.read(a, b)) for a, b in chunks] or [np.zeros(0, np.int64)])
     chosen = "data.max_length"
     if max_length is None:
         p99 = int(np.ceil(np.percentile(content + specials, 99))) if rows else specials
         max_length, chosen = min(encoder_max_length(tokenizer), p99), "99th percentile of the data"
     rng = np.random.default_rng(seed)
-    check = np.unique(np.concatenate([rng.choice(rows, min(CHECK_ROWS, rows), replace=False),
-                                      np.argsort(content)[-20:]])) if rows else np.zeros(0, np.int64)
-    whole = _whole_prompts(builder, pieces, codes[check], tokenizer, max_length)
-    ids, lengths, spans = pieces.assemble(codes[check], max_length, max_length, pad)
+    longest = np.argpartition(content, -20)[-20:] if rows > 20 else np.arange(rows)
+    check = np.unique(np.concatenate([rng.choice(rows, min(CHECK_ROWS, rows), replace=False), longest]))
+    sample = codes.take(check)
+    whole = _whole_prompts(builder, pieces, sample, tokenizer, max_length)
+    ids, lengths, spans = pieces.assemble(sample, max_length, max_length, pad)
     width = whole.input_ids.shape[1]
     method = "pieces"
     if not (pieces.right and np.array_equal(ids[:, :width], whole.input_ids) and (ids[:, width:] == pad).all()
@@ -201,32 +192,26 @@ def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptB
         width = int(lengths.max()) if rows else specials
     else:
         lengths, width = np.zeros(rows, np.int32), max_length
-    input_ids = np.lib.format.open_memmap(folder / "input_ids.npy", "w+", dtype, (rows, width))
-    value_spans = np.lib.format.open_memmap(folder / "value_spans.npy", "w+", np.int32, (rows, len(fields), 2))
-    for start in range(0, rows, CHUNK_ROWS):
-        stop = min(start + CHUNK_ROWS, rows)
+    input_ids = RowFile.create(folder / "input_ids.npy", dtype, (rows, width))
+    value_spans = RowFile.create(folder / "value_spans.npy", np.int32, (rows, len(fields), 2))
+    for start, stop in chunks:
         if method == "pieces":
-            ids, _, spans = pieces.assemble(codes[start:stop], max_length, width, pad)
+            ids, _, spans = pieces.assemble(codes.read(start, stop), max_length, width, pad)
         else:
-            tok = _whole_prompts(builder, pieces, codes[start:stop], tokenizer, max_length)
+            tok = _whole_prompts(builder, pieces, codes.read(start, stop), tokenizer, max_length)
             ids = np.full((stop - start, width), pad, np.int64)
             ids[:, :tok.input_ids.shape[1]] = tok.input_ids
             spans, lengths[start:stop] = tok.value_spans, tok.lengths
-        input_ids[start:stop], value_spans[start:stop] = ids, spans
+        input_ids.write(start, ids)
+        value_spans.write(start, spans)
     if method != "pieces" and rows and int(lengths.max()) < width:  # cut to the longest row, a chunk at a time
-        cut = np.lib.format.open_memmap(folder / "input_ids.cut.npy", "w+", dtype, (rows, int(lengths.max())))
-        for start in range(0, rows, CHUNK_ROWS):
-            cut[start:start + CHUNK_ROWS] = input_ids[start:start + CHUNK_ROWS, :cut.shape[1]]
-        cut.flush()
-        del input_ids
-        (folder / "input_ids.cut.npy").replace(folder / "input_ids.npy")
-    else:
-        input_ids.flush()
-    value_spans.flush()
+        cut = RowFile.create(folder / "input_ids.cut.npy", dtype, (rows, int(lengths.max())))
+        for start, stop in chunks:
+            cut.write(start, input_ids.read(start, stop)[:, :int(lengths.max())])
+        cut.path.replace(input_ids.path)
     np.save(folder / "lengths.npy", lengths)
-    del codes
-    codes_path.unlink()
-    report = truncation_report(lengths, value_spans, fields, max_length)
+    codes.path.unlink()
+    report = truncation_report(lengths, (value_spans.read(a, b) for a, b in chunks), fields, max_length)
     report.update(method=method, max_length_from=chosen, checked_rows=int(len(check)),
                   distinct_values=dict(zip(fields, (len(ix) for ix in pieces.index), strict=True)),
                   tokens_p99_untruncated=float(np.percentile(content + specials, 99)) if rows else 0.0,
@@ -234,11 +219,41 @@ def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptB
     return report
 
 
-def truncation_report(lengths: np.ndarray, spans: np.ndarray, fields: list[str], max_length: int) -> dict:
-    """Length statistics and what truncation cost: rows and fields whose value was cut."""
+class RowFile:
+    """A ``.npy`` array on disk, written and read a chunk of rows at a time through a memory map
+    opened for that chunk alone: pages of other chunks do not stay in the process, so its memory
+    is a chunk's, whatever the rows."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def create(cls, path: Path, dtype, shape: tuple[int, ...]) -> "RowFile":
+        np.lib.format.open_memmap(path, "w+", dtype, shape).flush()  # sized, not written
+        return cls(path)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        out = np.lib.format.open_memmap(self.path, "r+")
+        out[start:start + len(rows)] = rows
+        out.flush()
+        del out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.take(slice(start, stop))
+
+    def take(self, index: slice | np.ndarray) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r")
+        out = np.array(mapped[index])
+        del mapped
+        return out
+
+
+def truncation_report(lengths: np.ndarray, spans: Iterable[np.ndarray], fields: list[str], max_length: int) -> dict:
+    """Length statistics and what truncation cost: rows and fields whose value was cut (``spans``:
+    the rows' value spans (n, F, 2), in consecutive chunks)."""
     lost_by_field, by_count = np.zeros(len(fields), np.int64), np.zeros(len(fields) + 1, np.int64)
-    for start in range(0, len(lengths), CHUNK_ROWS):
-        cut = np.asarray(spans[start:start + CHUNK_ROWS, :, 1]) == 0
+    for part in spans:
+        cut = part[:, :, 1] == 0
         lost_by_field += cut.sum(0)
         by_count += np.bincount(cut.sum(1), minlength=len(fields) + 1)
     n = len(lengths)
