@@ -209,14 +209,15 @@ def test_run_data_splits_last_rows_and_seeded_samples(ml1m_root):
     start, stop = data.sizes.bounds("train+valid")
     ids = data.encoding("train+valid").ids
     last = rd.split("train+valid", "train+valid", last=50)
-    np.testing.assert_array_equal(last.inputs["ids"].numpy(), ids[stop - 50:stop])
+    np.testing.assert_array_equal(last.host("ids").numpy(), ids[stop - 50:stop])
+    assert isinstance(last.inputs["ids"].array, np.memmap)  # on the CPU a split stays in the cache file
     a = rd.split("train+valid", "train+valid", sample=50, seed=3)
     b = rd.split("train+valid", "train+valid", sample=50, seed=3)
     c = rd.split("train+valid", "train+valid", sample=50, seed=4)
-    assert len(a) == 50 and torch.equal(a.inputs["ids"], b.inputs["ids"])
-    assert not torch.equal(a.inputs["ids"], c.inputs["ids"])
+    assert len(a) == 50 and torch.equal(a.host("ids"), b.host("ids"))
+    assert not torch.equal(a.host("ids"), c.host("ids"))
     rows = np.sort(np.random.default_rng(3).choice(np.arange(start, stop), 50, replace=False))
-    np.testing.assert_array_equal(a.inputs["ids"].numpy(), ids[rows])
+    np.testing.assert_array_equal(a.host("ids").numpy(), ids[rows])
     np.testing.assert_array_equal(a.labels.numpy(), data.labels[rows])
 
 
@@ -339,3 +340,30 @@ def test_a_broken_tensorboard_does_not_stop_training(tmp_path, monkeypatch, capl
     tracker.scalars(1, {"train/loss": 0.5})  # a no-op, not an error
     tracker.close()
     assert tracker.writer is None and "tensorboard unusable (TypeError" in caplog.text
+
+
+def test_training_from_the_mapped_cache_equals_training_from_device_tensors(tmp_path):
+    """A split left in its cache file (gathered per batch) trains to the same weights and
+    metrics as the same split copied into tensors: same seed, same batches, same numbers."""
+    from flipctr.data.batching import MappedArray
+
+    cfg = tiny_config(epochs=2, evals_per_epoch=2)
+    fmap, train, valid = _toy_splits()
+    results = []
+    for mapped in (False, True):
+        splits = []
+        for name, split in (("train", train), ("valid", valid)):
+            ids = split.host("ids").numpy()
+            np.save(tmp_path / f"{name}.npy", ids)  # a cache file, read back as a memory map
+            splits.append(DeviceRows.from_arrays(split.labels.numpy(), torch.device("cpu"), mapped=mapped,
+                                                 ids=np.load(tmp_path / f"{name}.npy", mmap_mode="r")))
+        assert isinstance(splits[0].inputs["ids"], MappedArray) == mapped
+        torch.manual_seed(0)
+        model = build_model(cfg.model, fmap)
+        fit = Trainer(cfg.train, torch.device("cpu")).fit(model, splits[0], eval_split=splits[1])
+        results.append((fit, model.state_dict()))
+    (tensors, weights), (mapped, mapped_weights) = results
+    assert mapped.best_eval == tensors.best_eval and [r.train_loss for r in mapped.history] == [
+        r.train_loss for r in tensors.history]
+    for name, value in weights.items():
+        assert torch.equal(mapped_weights[name], value), name

@@ -1,7 +1,9 @@
 """Rows on the training device and their batching, shared by every training loop.
 
 A :class:`DeviceRows` holds rows (a split, a sample of one, new rows to score) as tensors on
-the device. An epoch is planned on the host once (:func:`epoch_order`,
+the device, or leaves its large arrays on disk (:class:`MappedArray`: each batch gathered from
+the memory-mapped cache) where a whole split would not fit or on the CPU, where a copy gains
+nothing. An epoch is planned on the host once (:func:`epoch_order`,
 :meth:`DeviceRows.batch_widths`), so that no step of the loop waits for the device: the order of the rows, optionally length-bucketed (rows of similar prompt
 length batched together, so that little of the encoder's work is padding), and each batch's
 text width, rounded up to a few fixed sizes.
@@ -47,6 +49,37 @@ def padding_fraction(lengths: torch.Tensor, order: torch.Tensor, widths: list[in
     return 1.0 - float(lengths[order].sum()) / max(total, 1)
 
 
+class MappedArray:
+    """Rows of an on-disk array (a memory map of a cache file) that stay there: indexing with a
+    tensor of row positions gathers those rows and moves them to ``device`` (token ids stored as
+    uint16 come back as int32), so a split costs memory per batch, not per row."""
+
+    def __init__(self, array: np.ndarray, device: torch.device):
+        self.array, self.device = array, device
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.array.shape
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
+        rows = np.asarray(self.array[index.cpu().numpy()])
+        return torch.from_numpy(rows.astype(np.int32) if rows.dtype == np.uint16 else rows).to(self.device)
+
+    def cpu(self) -> torch.Tensor:
+        return self.to(torch.device("cpu"))[torch.arange(len(self))]
+
+    def to(self, device: torch.device) -> "MappedArray":
+        return MappedArray(self.array, device)
+
+
+def _tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    # np.array copies: cached arrays are read-only memory maps; token ids cached as uint16 become int32
+    return torch.from_numpy(np.array(array, dtype=np.int32 if array.dtype == np.uint16 else None)).to(device)
+
+
 @dataclass
 class DeviceRows:
     """Rows as tensors on the device (a split, part of one, rows to score), row-aligned:
@@ -58,10 +91,13 @@ class DeviceRows:
     _host: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @classmethod
-    def from_arrays(cls, labels: np.ndarray, device: torch.device, **arrays: np.ndarray) -> "DeviceRows":
-        # np.array copies: cached arrays are read-only memory maps; token ids cached as uint16 become int32
+    def from_arrays(cls, labels: np.ndarray, device: torch.device, mapped: bool = False,
+                    **arrays: np.ndarray) -> "DeviceRows":
+        """Rows of ``arrays`` (row-aligned with ``labels``) on ``device``; ``mapped``: arrays of
+        more than one column stay where they are (memory maps of the cache) as :class:`MappedArray`,
+        gathered per batch; the labels and ``lengths`` (one value per row) are copied either way."""
         return cls(torch.from_numpy(np.asarray(labels, dtype=np.float32)).to(device),
-                   {k: torch.from_numpy(np.array(v, dtype=np.int32 if v.dtype == np.uint16 else None)).to(device)
+                   {k: MappedArray(v, device) if mapped and v.ndim > 1 else _tensor(v, device)
                     for k, v in arrays.items()})
 
     def __len__(self) -> int:

@@ -102,7 +102,10 @@ class RunData:
     def split(self, name: str, fit: str, last: int | None = None, spans: bool = False,
               sample: int | None = None, seed: int = 0) -> DeviceRows:
         """Split ``name`` under the encoding fitted on ``fit``; ``last``: only its most recent rows;
-        ``sample``: a seeded uniform sample of that many of its rows (kept in time order)."""
+        ``sample``: a seeded uniform sample of that many of its rows (kept in time order). On the
+        CPU, or where the split's arrays would take more than half of the device's free memory,
+        they stay in the memory-mapped cache and each batch is gathered from it
+        (:class:`~flipctr.data.batching.MappedArray`): the same batches, no copy of the split."""
         start, stop = self.data.sizes.bounds(name)
         if last is not None:
             start = max(start, stop - last)
@@ -121,7 +124,16 @@ class RunData:
             arrays["text_cls"] = self.text_vectors(start, stop)
         for side, index in self.side_index.items():
             arrays[f"{side}_index"] = index[rows]
-        return DeviceRows.from_arrays(labels, self.device, **arrays)
+        return DeviceRows.from_arrays(labels, self.device, mapped=self.mapped(arrays), **arrays)
+
+    def mapped(self, arrays: dict[str, np.ndarray]) -> bool:
+        """Whether a split's arrays stay on disk (see :meth:`split`)."""
+        if self.device.type == "cpu":
+            return True
+        if self.device.type != "cuda":
+            return False
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return sum(a.nbytes * (2 if a.dtype == np.uint16 else 1) for a in arrays.values()) > free / 2
 
 
 def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
