@@ -127,7 +127,8 @@ def test_cli_train_and_evaluate(ml1m_root, tmp_path, monkeypatch, capsys):
     assert main(["evaluate", "--run-dir", str(tmp_path / "r")]) == 0
     assert json.loads(capsys.readouterr().out)["test"]["auc"] > 0
     assert main(["data", "stats", "ml-1m"]) == 0
-    assert json.loads(capsys.readouterr().out)["fields"] == 8
+    stats = json.loads(capsys.readouterr().out)
+    assert stats["fields"] == 8 and stats["prompt_max_length"] == 100 and stats["text_caches"] == {}
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):

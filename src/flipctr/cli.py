@@ -64,8 +64,20 @@ def cmd_lm_get(args: argparse.Namespace) -> None:
 def cmd_data_stats(args: argparse.Namespace) -> None:
     from .data.cache import prepare
 
+    from .data.prompts import prompt_length
+
     cfg = _resolve(args, **{"data.dataset": args.name})
-    print(json.dumps(prepare(cfg.data).stats(), indent=2))
+    data = prepare(cfg.data)
+    stats = data.stats()
+    # the prompts' token length: the setting, or chosen from the data when they are tokenized;
+    # and what each text cache built so far chose and lost to truncation
+    stats["prompt_max_length"] = prompt_length(cfg.data, data.name) or "99th percentile of the prompts' token lengths"
+    stats["text_caches"] = {}
+    for report in sorted(data.folder.glob("text-*/report.json")):
+        r = json.loads(report.read_text())
+        stats["text_caches"][report.parent.name] = {k: r.get(k) for k in (
+            "max_length", "max_length_from", "tokens_mean", "tokens_p95", "samples_truncated", "fields_lost", "method")}
+    print(json.dumps(stats, indent=2))
 
 
 def cmd_data_prepare(args: argparse.Namespace) -> None:
