@@ -1,6 +1,6 @@
 """The training floor, decided in one place: the device and precision a process computes in
 (training, evaluation, cached text vectors, ``predict`` alike), data-parallel wrapping, each
-epoch's plan (order -> shard -> batch widths), the step loop, and checkpoints with every
+epoch's plan (order -> shard -> batch widths), the hot step loop, and checkpoints with every
 random state.
 
 Finetuning (:class:`~.trainer.Trainer`) and pretraining (:class:`~.pretrain.Pretrainer`) are
@@ -17,7 +17,6 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors.torch import save_file
@@ -101,40 +100,6 @@ class Runtime:
         """Let the device finish its queued work (so that the host's clock measures it)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-
-
-class StepLoop:
-    """The hot loop of every training stage, one epoch at a time: each batch gathered on the
-    device, its loss computed by the stage (under :meth:`Runtime.autocast`), one optimizer step
-    (and scheduler step). Nothing here waits on the host. A stage's ``after_step`` may evaluate
-    and ask to stop; ``stop_before`` ends the epoch before a step (a time budget's schedule)."""
-
-    def __init__(self, optimizer, scheduler=None, progress: bool = True, desc: str = "epoch"):
-        self.optimizer, self.scheduler, self.progress, self.desc = optimizer, scheduler, progress, desc
-
-    def run_epoch(self, epoch: int, split: DeviceRows, perm: torch.Tensor, widths: list[int] | None,
-                  names: tuple[str, ...], batch_size: int, steps: int,
-                  loss_of: Callable[[int, dict[str, torch.Tensor], torch.Tensor], torch.Tensor],
-                  after_step: Callable[[int, torch.Tensor], bool] | None = None,
-                  stop_before: Callable[[], bool] | None = None) -> tuple[int, float]:
-        """Up to ``steps`` steps over the rows ``perm`` (on the device) in batches of
-        ``batch_size``; ``loss_of(step, batch, rows)`` -> the loss. Returns (steps run, seconds)."""
-        done, tick = 0, time.perf_counter()
-        for step in tqdm(range(steps), desc=f"{self.desc} {epoch}", disable=not self.progress, leave=False,
-                         mininterval=2.0, unit="batch"):
-            if stop_before is not None and stop_before():
-                break
-            rows = perm[step * batch_size:(step + 1) * batch_size]
-            loss = loss_of(step, split.batch(rows, names, widths[step] if widths else None), rows)
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            if self.scheduler is not None:
-                self.scheduler.step()
-            done += 1
-            if after_step is not None and after_step(step, loss):
-                break
-        return done, time.perf_counter() - tick
 
 
 def shard_size(rows: int) -> int:
@@ -262,22 +227,49 @@ class Engine:
             log.info("resumed %s after epoch %d%s", stage.name, state["epoch"], " (it had ended)" if done else "")
         budget = Budget(stage.max_seconds, used)
         stage.begin(budget)
-        loop = StepLoop(stage.optimizer, stage.scheduler, stage.progress, stage.desc)
-        for epoch in range(start, stage.epochs + 1 if not done else start):
-            stage.wrapped.train()
-            order = global_order(data, stage.generators["shuffle"], stage.batch_size, stage.length_buckets)
-            perm = order[rank::world]
-            steps = stage.begin_epoch(epoch, order)
-            ran, seconds = loop.run_epoch(epoch, data, perm.to(self.runtime.device),
-                                          data.batch_widths(perm, stage.batch_size), stage.names, stage.batch_size,
-                                          steps, stage.loss, stage.after_step, stage.stop_before)
-            done = stage.end_epoch(epoch, ran, seconds) or epoch == stage.epochs
-            if checkpoint is not None and rank == 0:
-                state = {"epoch": epoch, "done": done, "seconds": budget.elapsed(), "model": stage.model.state_dict(),
-                         "optimizer": stage.optimizer.state_dict(), "stage": stage.state(),
-                         **random_states(stage.generators)}
-                if stage.scheduler is not None:
-                    state["scheduler"] = stage.scheduler.state_dict()
-                save_checkpoint(checkpoint, state)
-            if done:
+        try:
+            for epoch in range(start, stage.epochs + 1 if not done else start):
+                stage.wrapped.train()
+                order = global_order(data, stage.generators["shuffle"], stage.batch_size, stage.length_buckets)
+                perm = order[rank::world]
+                steps = stage.begin_epoch(epoch, order)
+                ran, seconds = self._run_epoch(stage, data, epoch, perm, steps)
+                done = stage.end_epoch(epoch, ran, seconds) or epoch == stage.epochs
+                if checkpoint is not None and rank == 0:
+                    state = {"epoch": epoch, "done": done, "seconds": budget.elapsed(),
+                             "model": stage.model.state_dict(), "optimizer": stage.optimizer.state_dict(),
+                             "stage": stage.state(), **random_states(stage.generators)}
+                    if stage.scheduler is not None:
+                        state["scheduler"] = stage.scheduler.state_dict()
+                    save_checkpoint(checkpoint, state)
+                if done:
+                    break
+        finally:
+            # released here, not left to the garbage collector: a DDP wrapper destroyed after its
+            # process group aborts the process
+            stage.wrapped = None
+
+    def _run_epoch(self, stage: Stage, data: DeviceRows, epoch: int, perm: torch.Tensor, steps: int
+                   ) -> tuple[int, float]:
+        """The hot loop: up to ``steps`` steps over this rank's rows ``perm`` (host) in the stage's
+        batches, each gathered on the device, its loss from the stage, one optimizer (and
+        scheduler) step. Nothing here waits on the host; the stage's ``after_step`` may evaluate
+        and end the stage, its ``stop_before`` end the epoch. Returns (steps run, seconds)."""
+        bs, widths = stage.batch_size, data.batch_widths(perm, stage.batch_size)
+        perm = perm.to(self.runtime.device)
+        ran, tick = 0, time.perf_counter()
+        for step in tqdm(range(steps), desc=f"{stage.desc} {epoch}", disable=not stage.progress, leave=False,
+                         mininterval=2.0, unit="batch"):
+            if stage.stop_before():
                 break
+            rows = perm[step * bs:(step + 1) * bs]
+            loss = stage.loss(step, data.batch(rows, stage.names, widths[step] if widths else None), rows)
+            stage.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            stage.optimizer.step()
+            if stage.scheduler is not None:
+                stage.scheduler.step()
+            ran += 1
+            if stage.after_step(step, loss):
+                break
+        return ran, time.perf_counter() - tick

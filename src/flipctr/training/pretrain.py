@@ -110,7 +110,6 @@ class Pretrainer:
         self.folder.mkdir(parents=True, exist_ok=True)
         stage = Pretraining(self, model, data, on_step)
         Engine(self.runtime).fit(stage, data, self.state_path, resume)
-        stage.wrapped = None  # released now: a DDP wrapper outliving its process group aborts the process
         stage.tracker.close()
         if rank_world()[0] == 0:
             self._plot(stage.history)

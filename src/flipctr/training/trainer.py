@@ -253,7 +253,7 @@ class Finetuning(Stage):
         if cfg.embedding_l2 > 0 and not self.embedding_l2:
             log.info("train.embedding_l2 ignored: %s has no ID embeddings", type(model).__name__)
         self.loss_fn = nn.BCEWithLogitsLoss()
-        self.step_loss = None  # the compiled step (a bound method kept on self: released by finish)
+        self.step_loss = self._step_loss
         if cfg.compile:  # fuses the many small ops of an ID model's step; compiling costs ~15-40 s
             self.step_loss = torch.compile(self._step_loss)
 
@@ -302,7 +302,7 @@ class Finetuning(Stage):
 
     def loss(self, step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         labels = self.train.labels[rows]
-        loss = (self.step_loss or self._step_loss)(batch, labels)
+        loss = self.step_loss(batch, labels)
         self.total += loss.detach() * len(labels)
         self.seen += len(labels)
         return loss
@@ -363,9 +363,7 @@ class Finetuning(Stage):
         return self.stop
 
     def finish(self) -> FitResult:
-        """The best weights restored; the fit's result. The DDP wrapper is released here, not
-        left to the garbage collector: destroyed after its process group, it aborts the process."""
-        self.wrapped, self.step_loss = None, None
+        """The best weights restored; the fit's result."""
         if self.best_state is not None:
             self.model.load_state_dict(self.best_state)
         self.result.seconds = self.budget.elapsed()
