@@ -65,11 +65,10 @@ class MappedArray:
         return len(self.array)
 
     def __getitem__(self, index: torch.Tensor) -> torch.Tensor:
-        rows = np.asarray(self.array[index.cpu().numpy()])
-        return torch.from_numpy(rows.astype(np.int32) if rows.dtype == np.uint16 else rows).to(self.device)
+        return _tensor(self.array[index.cpu().numpy()], self.device)
 
     def cpu(self) -> torch.Tensor:
-        return self.to(torch.device("cpu"))[torch.arange(len(self))]
+        return _tensor(self.array, torch.device("cpu"))
 
     def to(self, device: torch.device) -> "MappedArray":
         return MappedArray(self.array, device)

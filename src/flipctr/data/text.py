@@ -18,7 +18,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable
+from typing import TYPE_CHECKING, Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -123,20 +123,16 @@ def encoder_max_length(tokenizer) -> int:
     return int(limit) if limit and limit < 100_000 else 512
 
 
-def _batches(values: pd.DataFrame | Path, fields: list[str]) -> Callable[[], Iterable[dict[str, pa.Array]]]:
+def _batches(values: pd.DataFrame | Path, fields: list[str]) -> Iterator[dict[str, pa.Array]]:
     """The text table in chunks of arrow columns: from a DataFrame, or read from a Parquet file
     a record batch at a time."""
     if isinstance(values, pd.DataFrame):
-        def frames():
-            for start in range(0, len(values), CHUNK_ROWS):
-                part = values.iloc[start:start + CHUNK_ROWS]
-                yield {name: pa.array(part[name].astype(str).to_numpy(dtype=object), pa.string()) for name in fields}
-        return frames
-
-    def parquet():
+        for start in range(0, len(values), CHUNK_ROWS):
+            part = values.iloc[start:start + CHUNK_ROWS]
+            yield {name: pa.array(part[name].astype(str).to_numpy(dtype=object), pa.string()) for name in fields}
+    else:
         for batch in pq.ParquetFile(values).iter_batches(batch_size=CHUNK_ROWS, columns=fields):
             yield {name: batch.column(name) for name in fields}
-    return parquet
 
 
 def _whole_prompts(builder: PromptBuilder, pieces: PieceTokenizer, codes: np.ndarray, tokenizer,
@@ -163,7 +159,7 @@ def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptB
     chunks = [(start, min(start + CHUNK_ROWS, rows)) for start in range(0, rows, CHUNK_ROWS)]
     codes = RowFile.create(folder / "codes.npy", np.int32, (rows, len(fields)))  # removed when done
     row = 0
-    for columns in _batches(values, fields)():
+    for columns in _batches(values, fields):
         part = pieces.codes(columns)
         codes.write(row, part)
         row += len(part)
@@ -290,7 +286,8 @@ def prompts_for(data: "PreparedData", cfg: DataConfig, plm: str) -> TokenizedPro
     """A prepared dataset's tokenized prompts for the language model ``plm`` (its tokenizer), cut
     at :func:`~.prompts.prompt_length` (None: from the data); cached beside the encoded table,
     the truncation logged (a warning when more than 1 % of the rows lose a field)."""
-    text = load_or_build_text(data.folder, data.folder / "values.parquet", data.fields, load_tokenizer(plm),
+    tokenizer = load_tokenizer(plm)
+    text = load_or_build_text(data.folder, data.folder / "values.parquet", data.fields, tokenizer,
                               prompt_length(cfg, data.name))
     report = text.report
     log.info("prompts: %.1f tokens on average (p95 %.0f, max %d); %d samples lost %d fields to "
@@ -300,5 +297,5 @@ def prompts_for(data: "PreparedData", cfg: DataConfig, plm: str) -> TokenizedPro
     if report["samples"] and report["samples_truncated"] > LOST_WARNING * report["samples"]:
         log.warning("%.1f %% of the prompts lose a field to truncation at %d tokens: raise data.max_length "
                     "(the encoder takes up to %d)", 100 * report["samples_truncated"] / report["samples"],
-                    report["max_length"], encoder_max_length(load_tokenizer(plm)))
+                    report["max_length"], encoder_max_length(tokenizer))
     return text
