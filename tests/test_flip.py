@@ -675,3 +675,31 @@ def test_fields_chosen_ahead_give_the_exact_mlm_size_and_the_same_masking():
               tab_fields=tab, text_fields=text)
     b = model(ids, input_ids, attention, spans, torch.Generator().manual_seed(1), tab_fields=tab, text_fields=text)
     torch.testing.assert_close(a.loss, b.loss)
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_masks_drawn_per_batch_are_the_epochs_draws_and_leave_the_generator_where_they_end(world):
+    """Drawn a batch at a time on each rank, the masks are those of one draw over the epoch's
+    whole order (rank ``r`` keeping every ``world``-th row from ``r``), each batch's MLM size is
+    its exact count rounded up to 64, and the generator ends where that one draw leaves it."""
+    n, fields, batch = 37, 5, 4  # 37 rows padded to equal shards as global_order does
+    masker = FieldMasker(fields, MASK_ID, 4, text_ratio=0.4, tab_ratio=0.2)
+    spans = torch.randint(0, 30, (n, fields, 2), generator=torch.Generator().manual_seed(0)).sort(-1).values
+    order = torch.randperm(n, generator=torch.Generator().manual_seed(1))
+    order = torch.cat([order, order[:-n % world]])
+    reference = torch.Generator().manual_seed(7)
+    tab, text = masker.choose(len(order), reference)
+    for rank in range(world):
+        generator = torch.Generator().manual_seed(7)
+        plan = masker.plan_epoch(order, lambda name, rows: spans[rows], batch, generator, True,
+                                 torch.device("cpu"), rank, world)
+        mine = order[rank::world]
+        drawn = [plan.batch(step) for step in range(-(-len(mine) // batch))]
+        assert torch.equal(torch.cat([d["tab_fields"] for d in drawn]), tab[rank::world])
+        assert torch.equal(torch.cat([d["text_fields"] for d in drawn]), text[rank::world])
+        for step, d in enumerate(drawn):
+            exact = int(masker.text_targets(spans[mine[step * batch:(step + 1) * batch]], d["text_fields"]).sum())
+            assert d["text_targets"] == -(-exact // 64) * 64
+        assert torch.equal(generator.get_state(), reference.get_state())
+        with pytest.raises(RuntimeError, match="batch order"):
+            plan.batch(0)

@@ -113,6 +113,14 @@ class DeviceRows:
             self._host[name] = self.inputs[name].cpu()
         return self._host[name]
 
+    def host_rows(self, name: str, index: torch.Tensor) -> torch.Tensor:
+        """Rows ``index`` (CPU) of input ``name`` on the host: read from the cache file when the
+        input stays there, else from the host copy (:meth:`host`)."""
+        values = self.inputs[name]
+        if isinstance(values, MappedArray):
+            return _tensor(values.array[index.numpy()], torch.device("cpu"))
+        return self.host(name)[index]
+
     def order(self, generator: torch.Generator, batch_size: int, bucket_batches: int = 0) -> torch.Tensor:
         """This epoch's row order (CPU): length-bucketed when the split has text and
         ``bucket_batches`` > 0 (see :func:`epoch_order`)."""

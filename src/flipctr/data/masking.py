@@ -1,4 +1,4 @@
-"""Field-level masking for both modalities (FLIP 3.3.1), applied per batch.
+"""Field-level masking for both modalities (FLIP 3.3.1), drawn and applied per batch.
 
 Each sample chooses ``max(1, round(ratio * F))`` fields uniformly at random, independently for
 the text and the tabular side. Tabular: the chosen fields' ids become the one shared
@@ -10,6 +10,7 @@ field whose value was cut by truncation has no tokens: it gives no target, and i
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -66,25 +67,55 @@ class MaskedBatch:
     # 0-dim tensor on the batch's device, so that counting it never waits on the host
 
 
-@dataclass
-class EpochMasks:
-    """The masking of one epoch planned on the host (:meth:`FieldMasker.plan_epoch`): the fields
-    each row masks, on the device, and each batch's number of MLM targets, rounded up to a
-    multiple of 64 (few distinct shapes), so that no step waits on the device for it."""
+class BatchMasks:
+    """The masking of one epoch, drawn on the host batch by batch (:meth:`FieldMasker.plan_epoch`).
 
-    tab_fields: torch.Tensor | None  # (N, k) or None: drawn in the forward
-    text_fields: torch.Tensor | None  # (N, k') or None
-    text_targets: list[int] | None  # per batch; None: counted on the device
+    The draws are those of one draw for every row of the epoch's global order (the tabular
+    fields of all rows, then the text fields of all rows, from one generator), made a batch at a
+    time from two generators started where each part begins, so memory holds one batch's draws,
+    never the epoch's. Every rank draws the whole global batch and keeps its own rows', so a
+    row's masks do not depend on the rank that holds it. From the drawn fields the batch's number
+    of MLM targets is counted on the host (its rows' value spans), rounded up to a multiple of 64
+    (few distinct shapes), so that no step waits on the device for it. Batches are taken in
+    order."""
 
-    def batch(self, step: int, batch_size: int) -> dict:
+    def __init__(self, masker: "FieldMasker", rows: torch.Tensor | None,
+                 generators: tuple[torch.Generator, torch.Generator] | None,
+                 host_rows: Callable[[str, torch.Tensor], torch.Tensor] | None, batch_size: int, mlm: bool,
+                 device: torch.device, rank: int = 0, world: int = 1):
+        self.masker, self.rows, self.generators, self.host_rows = masker, rows, generators, host_rows
+        self.batch_size, self.mlm, self.device, self.rank, self.world = batch_size, mlm, device, rank, world
+        self.next_step = 0
+
+    def batch(self, step: int) -> dict:
         """The keyword arguments of batch ``step`` for the pretraining model's forward."""
+        if self.rows is None:  # no value spans: drawn and counted in the forward
+            return {}
+        if step != self.next_step:
+            raise RuntimeError(f"masks are drawn in batch order: batch {self.next_step} is next, not {step}")
+        self.next_step += 1
+        masker = self.masker
+        rows = self.rows[step * self.batch_size:(step + 1) * self.batch_size]
+        spans = self.host_rows("value_spans", rows)
         out: dict = {}
-        if self.text_targets is not None:
-            out["text_targets"] = self.text_targets[step]
-        if self.tab_fields is not None:
-            rows = slice(step * batch_size, (step + 1) * batch_size)
-            out["tab_fields"], out["text_fields"] = self.tab_fields[rows], self.text_fields[rows]
+        if masker.token_level:  # drawn in the forward: a bound on the targets
+            per_row = masker.max_text_targets(spans, self.host_rows("lengths", rows))
+        else:
+            tab, text = (choose_fields(len(rows) * self.world, masker.num_fields, ratio, generator)[self.rank::self.world]
+                         for ratio, generator in zip((masker.tab_ratio, masker.text_ratio), self.generators))
+            per_row = masker.text_targets(spans, text)
+            out["tab_fields"] = tab.to(self.device, non_blocking=True)
+            out["text_fields"] = text.to(self.device, non_blocking=True)
+        if self.mlm:
+            out["text_targets"] = -(-int(per_row.sum()) // 64) * 64
         return out
+
+
+def _skip(generator: torch.Generator, rows: int, columns: int, chunk: int = 1 << 16) -> None:
+    """Advance ``generator`` past ``rows`` x ``columns`` uniform draws (CPU draws are sequential:
+    drawing in chunks leaves it where one draw of the whole would)."""
+    for start in range(0, rows, chunk):
+        torch.rand(min(chunk, rows - start), columns, generator=generator)
 
 
 class FieldMasker:
@@ -98,7 +129,7 @@ class FieldMasker:
         self.special_ids = [i for i in (cls_id, sep_id) if i is not None]
 
     def choose(self, rows: int, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The fields to mask, drawn ahead (e.g. on the host for a whole epoch): ``(tabular (N, k),
+        """The fields to mask, drawn ahead (on the host, a batch at a time): ``(tabular (N, k),
         text (N, k') or None for token-level masking)``; passed back to :meth:`__call__`."""
         tab = choose_fields(rows, self.num_fields, self.tab_ratio, generator)
         return tab, None if self.token_level else choose_fields(rows, self.num_fields, self.text_ratio, generator)
@@ -132,29 +163,26 @@ class FieldMasker:
         return MaskedBatch(mask_tabular(ids, field_mask(tab, self.num_fields), self.tab_mask_id), tab,
                            input_ids.masked_fill(positions, self.text_mask_id), positions, lost)
 
-    def plan_epoch(self, order: torch.Tensor, value_spans: torch.Tensor | None, lengths: torch.Tensor | None,
+    def plan_epoch(self, order: torch.Tensor, host_rows: Callable[[str, torch.Tensor], torch.Tensor] | None,
                    batch_size: int, generator: torch.Generator, mlm: bool, device: torch.device,
-                   rank: int = 0, world: int = 1) -> EpochMasks:
-        """One epoch's masking, planned on the host from the split's value spans (N, F, 2) and
-        lengths (N,). ``order``: the epoch's rows of every rank (the same on all of them); this
-        rank's are every ``world``-th from ``rank``. Field-level masking draws the fields of every
-        row of ``order`` here (``generator``, seeded alike on every rank), so a row's masks do not
-        depend on the rank that holds it, and each batch's number of masked tokens is exact;
-        token-level masking draws in the forward, each batch sized by :meth:`max_text_targets`.
-        Without value spans everything is drawn and counted in the forward."""
-        if value_spans is None:
-            return EpochMasks(None, None, None)
-        mine = order[rank::world]
-        tab = text = None
-        if self.token_level:
-            per_row = self.max_text_targets(value_spans, lengths)[mine]
-        else:
-            tab, text = (fields[rank::world] for fields in self.choose(len(order), generator))
-            per_row = self.text_targets(value_spans[mine], text)
-            tab, text = tab.to(device), text.to(device)
-        targets = ([-(-int(per_row[i:i + batch_size].sum()) // 64) * 64 for i in range(0, len(mine), batch_size)]
-                   if mlm else None)
-        return EpochMasks(tab, text, targets)
+                   rank: int = 0, world: int = 1) -> BatchMasks:
+        """One epoch's masking (:class:`BatchMasks`), each batch drawn on the host when it runs.
+        ``order``: the epoch's rows of every rank (the same on all of them); this rank's are every
+        ``world``-th from ``rank``. ``host_rows(name, rows)``: host copies of rows' value spans
+        (n, F, 2) and lengths (n,); None (no value spans): everything is drawn and counted in the
+        forward. Field-level masking draws from ``generator`` (CPU, seeded alike on every rank),
+        which is left where the epoch's draws end; token-level masking draws in the forward, each
+        batch sized by :meth:`max_text_targets`."""
+        if host_rows is None:
+            return BatchMasks(self, None, None, None, batch_size, mlm, device)
+        generators = None
+        if not self.token_level:
+            tab = torch.Generator().set_state(generator.get_state())
+            _skip(generator, len(order), self.num_fields)
+            text = torch.Generator().set_state(generator.get_state())
+            _skip(generator, len(order), self.num_fields)
+            generators = (tab, text)
+        return BatchMasks(self, order[rank::world], generators, host_rows, batch_size, mlm, device, rank, world)
 
     def max_text_targets(self, value_spans: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         """(N,) an upper bound on each row's masked text tokens when the fields are drawn on the

@@ -141,7 +141,7 @@ class Pretrainer:
 
 class Pretraining(Stage):
     """Pretraining as an engine :class:`~.engine.Stage`: the FLIP objectives' summed loss, AdamW
-    with warm-up and cosine decay stepped per step, the masked fields planned per epoch on the
+    with warm-up and cosine decay stepped per step, the masked fields drawn per batch on the
     global batch, and a time budget that sizes the schedule (:class:`ScheduleSizer`)."""
 
     names = ("ids", "input_ids", "attention_mask", "value_spans")
@@ -165,13 +165,13 @@ class Pretraining(Stage):
         # its own: a row's draws do not depend on the rank that holds it (DDP equals one process)
         self.generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),
                            "masking": torch.Generator(device=self.runtime.device).manual_seed(cfg.seed + 1),
-                           "choice": torch.Generator().manual_seed(cfg.seed + 3)}  # masked fields, per epoch
+                           "choice": torch.Generator().manual_seed(cfg.seed + 3)}  # masked fields
         torch.manual_seed(cfg.seed + 2 + rank)  # dropout: per rank
         self.batch_size, self.length_buckets, self.epochs = cfg.batch_size, cfg.length_buckets, cfg.epochs
         self.max_seconds, self.progress = cfg.max_seconds, cfg.progress
         self.history: list[dict] = []
         self.tracker = Tracker(owner.folder / "tensorboard")
-        self.spans, self.lengths = data.host("value_spans"), data.host("lengths")
+        self.host_rows = data.host_rows if "value_spans" in data.inputs else None
         self.cuda = self.runtime.device.type == "cuda"
 
     def state(self) -> dict:
@@ -192,8 +192,8 @@ class Pretraining(Stage):
         device = self.runtime.device
         if self.cuda:  # each epoch's peak memory, for sizing the batch and the profile on a GPU
             torch.cuda.reset_peak_memory_stats(device)
-        # the masked fields drawn on the host for the whole epoch: each batch's MLM size is known there
-        self.masks = self.model.masker.plan_epoch(order, self.spans, self.lengths, self.batch_size,
+        # the masked fields drawn on the host, batch by batch: each batch's MLM size is known there
+        self.masks = self.model.masker.plan_epoch(order, self.host_rows, self.batch_size,
                                                   self.generators["choice"], self.model.config.mlm, device,
                                                   rank, world)
         # losses add up on the device and are read once per epoch: no step waits on the host
@@ -203,7 +203,7 @@ class Pretraining(Stage):
         return self.steps_per_epoch
 
     def loss(self, step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        batch.update(self.masks.batch(step, self.batch_size))
+        batch.update(self.masks.batch(step))
         with self.runtime.autocast():
             out = self.wrapped(**batch, generator=self.generators["masking"])
         self.sums["loss"] += out.loss.detach()
