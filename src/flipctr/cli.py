@@ -1,4 +1,4 @@
-"""Command line: ``flipctr data get|stats|prepare``, ``flipctr lm get``, ``flipctr train``, ``flipctr run``,
+"""Command line: ``flipctr data get|stats|prepare``, ``flipctr lm get``, ``flipctr train``, ``flipctr tune``, ``flipctr run``,
 ``flipctr evaluate``, ``flipctr predict``, ``flipctr export``, ``flipctr report``."""
 
 from __future__ import annotations
@@ -111,6 +111,24 @@ def cmd_train(args: argparse.Namespace) -> None:
     if main:
         print(format_metrics(metrics))
         print(f"run folder: {args.run_dir}")
+
+
+def cmd_tune(args: argparse.Namespace) -> None:
+    from .tune import Search, run_search
+
+    fixed = {"data.dataset": args.dataset, "model.name": args.model, "data.limit": args.limit}
+    search = Search(run_dir=str(args.run_dir), space_file=str(args.space),
+                    config_file=str(args.config) if args.config else None,
+                    overrides=[*args.overrides, *(f"{k}={v}" for k, v in fixed.items() if v is not None)],
+                    sampler=args.sampler, pruner=args.pruner, trials=args.trials, seed=args.seed,
+                    storage=args.storage)
+    summary = run_search(search, workers=args.workers, resume=args.resume)
+    trials = summary["trials"]
+    print(f"{trials['complete']} trials complete, {trials['pruned']} pruned, {trials['failed']} failed")
+    print(f"best trial {summary['best_trial']}: {summary['best_params']}")
+    print(f"valid AUC {summary['best_valid_auc']:.4f}; refit on train+valid, test AUC {summary['test']['auc']:.4f} "
+          f"Logloss {summary['test']['logloss']:.4f}")
+    print(f"run folder of the refitted model: {summary['best_run']}")
 
 
 ABLATIONS = {  # paper Table 5, as switches of the same run
@@ -267,6 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue a killed run from its last finished epoch")
     _config_args(train)
     train.set_defaults(func=cmd_train)
+
+    tune = verbs.add_parser("tune", help="search settings on validation with Optuna (resumable, parallel), then "
+                                         "refit the best on train+valid and test it once")
+    tune.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    tune.add_argument("--model", help="the model to tune (as flipctr train --model)")
+    tune.add_argument("--space", type=Path, required=True,
+                      help="YAML: setting -> list of values, or {low, high[, log][, step][, int]}")
+    tune.add_argument("--trials", type=int, default=20, help="completed + pruned trials to reach (grid: at most "
+                                                             "the grid's size)")
+    tune.add_argument("--run-dir", type=Path, required=True)
+    tune.add_argument("--sampler", choices=["tpe", "grid"], default="tpe")
+    tune.add_argument("--pruner", choices=["median", "halving", "none"], default="median")
+    tune.add_argument("--workers", type=int, default=1, help="processes working on the study at once")
+    tune.add_argument("--storage", help="a database URL shared by several machines (default: RUN_DIR/study.db)")
+    tune.add_argument("--seed", type=int, default=0, help="the sampler's seed")
+    tune.add_argument("--resume", action="store_true",
+                      help="go on with the study in RUN_DIR (or --storage), never start a new one; the same "
+                           "command without it also goes on where a study exists")
+    _config_args(tune)
+    tune.set_defaults(func=cmd_tune)
 
     run = verbs.add_parser("run", help="FLIP end to end: pretrain, then finetune the backbone from scratch, "
                                          "FLIP_ID, FLIP_PLM and FLIP; writes results.{json,md}")

@@ -37,7 +37,7 @@ from ..utils import environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world
 from .engine import Runtime, save_weights
 from .tracking import Tracker, setup_logging
-from .trainer import Trainer, input_names, resolve_train_config
+from .trainer import EpochRecord, Trainer, input_names, resolve_train_config
 
 log = logging.getLogger("flipctr")
 PROTOCOLS = ("clean", "paper")
@@ -140,7 +140,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
               model_factory: Callable[[FeatureMap], torch.nn.Module] | None = None,
               encoding: str | None = None, train_rows: int | None = None,
               valid_rows: int | None = None,
-              refit_factory: Callable[[FeatureMap], torch.nn.Module] | None = None, resume: bool = False) -> dict:
+              refit_factory: Callable[[FeatureMap], torch.nn.Module] | None = None, resume: bool = False,
+              on_epoch_end: Callable[[EpochRecord], None] | None = None, select_only: bool = False) -> dict:
     """Train one model under ``cfg.train.protocol`` and write the run folder.
 
     ``metrics.json``: ``{"protocol", "selected_on", "valid": {auc, logloss}, "test": {auc, logloss},
@@ -155,7 +156,12 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     stage checkpoints after every epoch (``checkpoint-train.pt``, ``checkpoint-refit.pt``, removed
     when the run is complete); with ``resume`` a killed run goes on from its last epoch and ends
     with the metrics of an uninterrupted one, and a finished run is read back.
+    ``on_epoch_end`` sees each selection epoch's record (its validation evaluations; a search
+    prunes a trial by raising from it); ``select_only`` (clean protocol) ends after the selection
+    stage: validation metrics only, no test evaluation, no refit, no weights kept.
     """
+    if select_only and cfg.train.protocol != "clean":
+        raise ValueError("select_only is the clean protocol's selection stage: train.protocol=clean")
     if cfg.train.protocol not in PROTOCOLS:
         raise ValueError(f"train.protocol must be one of {PROTOCOLS}, not {cfg.train.protocol!r}")
     # under torchrun every rank trains its shard of each batch (Trainer); rank 0 alone writes
@@ -217,11 +223,13 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     else:
         valid = rd.split("valid", select_fit, valid_rows)
         fit = trainer.fit(model, rd.split("train", select_fit, train_rows), eval_split=valid, tracker=tracker,
-                          checkpoint=run_dir / "checkpoint-train.pt", resume=resume)
-        test_select = trainer.evaluate(model, rd.split("test", select_fit))
+                          checkpoint=run_dir / "checkpoint-train.pt", resume=resume, on_epoch_end=on_epoch_end)
+        test_select = None if select_only else trainer.evaluate(model, rd.split("test", select_fit))
         metrics.update(selected_on="valid", valid=fit.best_eval, test_before_refit=test_select)
         final_fit = fit
-        if cfg.train.refit:
+        if select_only:
+            metrics["test"] = None
+        elif cfg.train.refit:
             if main:
                 save_weights(model, run_dir / "model-selected.safetensors")
             log.info("refit on train+valid for %g epochs", fit.best_epoch)
@@ -237,7 +245,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
             metrics["test"] = test_select
     metrics.update(getattr(model, "summary", dict)())
     metrics.update(
-        encoding=refit_fit if (cfg.train.protocol == "paper" or cfg.train.refit) else select_fit,
+        encoding=refit_fit if (cfg.train.protocol == "paper" or (cfg.train.refit and not select_only)) else select_fit,
         train_samples_per_second=round(fit.samples_per_second, 1),
         epochs=len(fit.history), best_epoch=fit.best_epoch,
         refit_epochs=fit.best_epoch if final_fit is not fit else 0,
@@ -249,15 +257,20 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     )
     tracker.close()
     if main:
-        write_inference_files(run_dir, cfg, data, metrics["encoding"], runtime, rd.max_length,
-                              model_sides(cfg.model.name, data.name))
-        save_weights(model, run_dir / "model.safetensors")
+        if not select_only:
+            write_inference_files(run_dir, cfg, data, metrics["encoding"], runtime, rd.max_length,
+                                  model_sides(cfg.model.name, data.name))
+            save_weights(model, run_dir / "model.safetensors")
         write_json(run_dir / "metrics.json", metrics)
         for stage in ("train", "refit"):  # the run is complete: its checkpoints are not needed
             (run_dir / f"checkpoint-{stage}.pt").unlink(missing_ok=True)
     barrier()  # the run folder is complete before any rank goes on (a next stage may read it)
-    log.info("test AUC %.4f  Logloss %.4f  (%s protocol, selected on %s)", metrics["test"]["auc"],
-             metrics["test"]["logloss"], metrics["protocol"], metrics["selected_on"])
+    if select_only:
+        log.info("valid AUC %.4f  Logloss %.4f  (selection only: no test)", metrics["valid"]["auc"],
+                 metrics["valid"]["logloss"])
+    else:
+        log.info("test AUC %.4f  Logloss %.4f  (%s protocol, selected on %s)", metrics["test"]["auc"],
+                 metrics["test"]["logloss"], metrics["protocol"], metrics["selected_on"])
     return metrics
 
 
