@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -150,6 +152,29 @@ def test_goodreads_bad_interactions_file_is_a_clear_error(tmp_path):
     with gzip.open(folder / "goodreads_interactions.json.gz", "wt") as fh:
         fh.write('{"user_id": "u1", "book_id": "1"}\n')
     with pytest.raises(DataError, match="goodreads_interactions.json.gz: records lack keys"):
+        read_goodreads(folder)
+
+
+def test_goodreads_book_missing_from_the_books_file_and_unreadable_dates(tmp_path):
+    """An interaction whose book the books file lacks keeps its book id, every other book field
+    "unknown"; an unreadable date_added is an error naming its record (shelf entries counted)."""
+    import gzip
+
+    folder = write_goodreads(tmp_path)
+    records = [{"user_id": "u1", "book_id": "1", "rating": 0, "date_added": "Fri Aug 25 13:55:02 -0700 2017"},
+               {"user_id": "u3", "book_id": "99", "rating": 5, "date_added": "Fri Aug 25 13:55:02 -0700 2017"},
+               {"user_id": "u1", "book_id": "1", "rating": 4, "date_added": "Fri Aug 25 13:56:02 -0700 2017"}]
+    with gzip.open(folder / "goodreads_interactions.json.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in records))
+    table = read_goodreads(folder)
+    missing = table.values.iloc[0]
+    assert missing["user ID"] == "u3" and missing["book ID"] == "99"
+    assert (missing.drop(["user ID", "book ID"]) == "unknown").all()
+    assert table.values.iloc[1]["book title"] == "Harry Potter"
+    records[2]["date_added"] = "yesterday"
+    with gzip.open(folder / "goodreads_interactions.json.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match="record 3 has an unreadable date_added"):
         read_goodreads(folder)
 
 

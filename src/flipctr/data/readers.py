@@ -15,6 +15,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import yaml
+from pandas.api.types import union_categoricals
 
 from .errors import DataError
 from .table import Table
@@ -226,7 +227,10 @@ def read_bookcrossing(folder: str | Path) -> Table:
     return Table("bookcrossing", list(BX_FIELDS), values, frame["label"].to_numpy(np.int8))
 
 
-def _json_lines(path: Path) -> list[dict[str, Any]]:
+def _json_lines(path: Path, keys: list[str] | None = None) -> list[dict[str, Any]]:
+    """The records of a JSON-lines file (gzipped or not); with ``keys`` only those keys of each
+    record are kept (None where missing): the UCSD book records carry large keys (shelves,
+    descriptions, similar books) that no field uses."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     opener: Callable = gzip.open if path.suffix == ".gz" else open
@@ -235,19 +239,24 @@ def _json_lines(path: Path) -> list[dict[str, Any]]:
         for i, line in enumerate(fh):
             if line.strip():
                 try:
-                    out.append(json.loads(line))
+                    record = json.loads(line)
                 except json.JSONDecodeError as err:
                     raise DataError(f"{path}: line {i + 1} is not valid JSON ({err.msg})") from err
+                out.append(record if keys is None else {k: record.get(k) for k in keys})
     return out
 
 
-def _goodreads_interactions(path: Path, chunksize: int = 1_000_000) -> pd.DataFrame:
-    """Rated interactions (rating 1..5) with the four columns we use, read in chunks so that
-    the other keys of the (large) interaction records never sit in memory."""
+GOODREADS_DATE = "%a %b %d %H:%M:%S %z %Y"
+
+
+def _goodreads_interactions(path: Path, chunksize: int = 200_000) -> tuple[pd.DataFrame, np.ndarray]:
+    """Rated interactions (rating 1..5): ``(user_id and book_id as categoricals + rating, date_added
+    as int64 ns)``, read in chunks: the other keys of the (large) interaction records never sit in
+    memory, dates are parsed per chunk, and a row holds codes, not strings."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     need = ["user_id", "book_id", "rating", "date_added"]
-    parts = []
+    parts, stamps, seen = [], [], 0
     try:
         reader = pd.read_json(path, lines=True, chunksize=chunksize, dtype=False)
         for chunk in reader:
@@ -255,52 +264,72 @@ def _goodreads_interactions(path: Path, chunksize: int = 1_000_000) -> pd.DataFr
             if missing:
                 raise DataError(f"{path}: records lack keys {missing}")
             rating = pd.to_numeric(chunk["rating"], errors="coerce")
-            kept = chunk.loc[rating.between(1, 5), need].copy()
-            kept["rating"] = rating[rating.between(1, 5)].astype(np.int8)
-            parts.append(kept)
+            rated = rating.between(1, 5).to_numpy()
+            stamp = pd.to_datetime(chunk["date_added"][rated], format=GOODREADS_DATE, utc=True, errors="coerce")
+            if stamp.isna().any():
+                record = seen + int(np.flatnonzero(rated)[np.argmax(stamp.isna().to_numpy())]) + 1
+                raise DataError(f"{path}: record {record} has an unreadable date_added")
+            parts.append(pd.DataFrame({"user_id": chunk["user_id"][rated].astype(str).astype("category"),
+                                       "book_id": chunk["book_id"][rated].astype(str).astype("category"),
+                                       "rating": rating[rated].astype(np.int8)}))
+            stamps.append(stamp.astype("int64").to_numpy())
+            seen += len(chunk)
     except ValueError as err:
         if isinstance(err, DataError):
             raise
         raise DataError(f"{path}: not JSON lines ({err})") from err
     if not parts:
         raise DataError(f"{path}: no interactions")
-    return pd.concat(parts, ignore_index=True)
+    inter = pd.DataFrame({col: union_categoricals([p[col] for p in parts]) for col in ("user_id", "book_id")})
+    inter["rating"] = np.concatenate([p["rating"].to_numpy() for p in parts])
+    return inter, np.concatenate(stamps)
 
 
 def read_goodreads(folder: str | Path) -> Table:
     """GoodReads (UCSD Book Graph JSON lines): rating 1..5 kept, >3 -> 1 else 0; time key date_added.
 
-    Rating 0 means "shelved, not rated" in the UCSD files and is not a sample.
+    Rating 0 means "shelved, not rated" in the UCSD files and is not a sample. The books' files
+    are read for the keys the fields use; each interaction takes its book's attributes as codes
+    into one table of books (no string per row).
     """
     folder = Path(folder)
-    inter = _goodreads_interactions(folder / "goodreads_interactions.json.gz")
+    inter, stamp = _goodreads_interactions(folder / "goodreads_interactions.json.gz")
     labels = (inter["rating"].to_numpy() > 3).astype(np.int8)
-    stamp = pd.to_datetime(inter["date_added"], format="%a %b %d %H:%M:%S %z %Y", utc=True, errors="coerce")
-    if stamp.isna().any():
-        row = int(np.argmax(stamp.isna().to_numpy()))
-        raise DataError(f"{folder / 'goodreads_interactions.json.gz'}: record {row + 1} has an unreadable date_added")
 
-    books = pd.DataFrame(_json_lines(folder / "goodreads_books.json.gz"))
+    books = pd.DataFrame(_json_lines(folder / "goodreads_books.json.gz", [
+        "book_id", "title", "average_rating", "text_reviews_count", "authors", "num_pages", "is_ebook", "format",
+        "publisher", "publication_year", "work_id"]))
     books["author_id"] = books["authors"].map(lambda a: a[0]["author_id"] if a else "")
-    authors = pd.DataFrame(_json_lines(folder / "goodreads_book_authors.json.gz"))[["author_id", "name"]]
-    genres = pd.DataFrame(_json_lines(folder / "goodreads_book_genres_initial.json.gz"))
+    authors = pd.DataFrame(_json_lines(folder / "goodreads_book_authors.json.gz", ["author_id", "name"]))
+    genres = pd.DataFrame(_json_lines(folder / "goodreads_book_genres_initial.json.gz", ["book_id", "genres"]))
     genres["book genres"] = genres["genres"].map(
         lambda g: ", ".join(k for k, _ in sorted(g.items(), key=lambda kv: -kv[1])) if g else "")
-    works = pd.DataFrame(_json_lines(folder / "goodreads_book_works.json.gz"))[["work_id", "media_type"]]
-    books = (books.merge(authors, on="author_id", how="left")
-             .merge(genres[["book_id", "book genres"]], on="book_id", how="left")
-             .merge(works, on="work_id", how="left"))
-    frame = inter[["user_id", "book_id"]].astype(str).merge(books.astype(str), on="book_id", how="left")
-    values = pd.DataFrame({
-        "user ID": frame["user_id"], "book ID": frame["book_id"], "book title": frame["title"],
-        "book genres": frame["book genres"], "average rating": frame["average_rating"],
-        "number of reviews": frame["text_reviews_count"], "author ID": frame["author_id"],
-        "author name": frame["name"], "number of pages": frame["num_pages"],
-        "ebook flag": frame["is_ebook"], "format": frame["format"], "publisher": frame["publisher"],
-        "publication year": frame["publication_year"], "work ID": frame["work_id"],
-        "media type": frame["media_type"],
-    }).fillna("unknown").replace({"": "unknown", "nan": "unknown"})
-    time = pd.DataFrame({"date_added": stamp.astype("int64").to_numpy()})
+    works = pd.DataFrame(_json_lines(folder / "goodreads_book_works.json.gz", ["work_id", "media_type"]))
+    books = (books.drop(columns="authors").astype({"book_id": str}).drop_duplicates("book_id")
+             .merge(authors.astype(str), on="author_id", how="left")
+             .merge(genres[["book_id", "book genres"]].astype(str), on="book_id", how="left")
+             .merge(works.astype(str), on="work_id", how="left"))
+    books = books.fillna("unknown").astype(str).replace({"": "unknown", "nan": "unknown", "None": "unknown"})
+    # each interaction's row in the books table; a book missing there gets the last row, all "unknown"
+    books = pd.concat([books, pd.DataFrame({c: ["unknown"] for c in books.columns})], ignore_index=True)
+    book_of = pd.Index(books["book_id"][:-1]).get_indexer(inter["book_id"].cat.categories)
+    book_of[book_of < 0] = len(books) - 1
+    row_book = book_of[inter["book_id"].cat.codes.to_numpy()]
+
+    def attribute(column: str) -> pd.Categorical:
+        per_book = pd.Categorical(books[column])
+        return pd.Categorical.from_codes(per_book.codes[row_book], per_book.categories)
+
+    columns = {"book title": "title", "book genres": "book genres",
+               "average rating": "average_rating", "number of reviews": "text_reviews_count",
+               "author ID": "author_id", "author name": "name", "number of pages": "num_pages",
+               "ebook flag": "is_ebook", "format": "format", "publisher": "publisher",
+               "publication year": "publication_year", "work ID": "work_id", "media type": "media_type"}
+    values = pd.DataFrame({"user ID": _as_text(inter["user_id"], ("", "nan")),
+                           # the interaction's own book id, listed in the books file or not
+                           "book ID": _as_text(inter["book_id"], ("", "nan")),
+                           **{name: attribute(col) for name, col in columns.items()}})
+    time = pd.DataFrame({"date_added": stamp})
     return Table("goodreads", list(GOODREADS_FIELDS), values, labels, time)
 
 
@@ -312,11 +341,13 @@ def field_values(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     return pd.DataFrame({name: _as_text(frame[col]) for name, col in columns.items()})
 
 
-def _as_text(column: pd.Series) -> pd.Series:
+def _as_text(column: pd.Series, unknown: tuple[str, ...] = ()) -> pd.Series:
     """A column as categorical text: each category as ``str`` gives it (values that print alike,
-    1 and "1", become one), missing values "unknown"."""
+    1 and "1", become one), missing values and those of ``unknown`` "unknown"."""
     column = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
     text = column.cat.categories.astype(str).to_numpy(dtype=object)
+    if unknown:
+        text[np.isin(text, list(unknown))] = "unknown"
     # "unknown" appended last: a missing value's code -1 picks it from the inverse
     names, inverse = np.unique(np.append(text, "unknown").astype(object), return_inverse=True)
     codes = inverse[column.cat.codes.to_numpy()]
