@@ -166,3 +166,38 @@ def test_workers_share_one_study(ml1m_root, tmp_path, monkeypatch):
     assert 4 <= len(done) <= 5  # a worker may start one more while the other finishes the 4th
     assert all((Path(r["user_attrs_run_dir"]) / "train.log").exists() for r in done)
     assert (run_dir / "best" / "model.safetensors").exists()
+
+
+def test_a_flip_search_pretrains_once_and_tunes_the_joint_models_finetuning(ml1m_root, tiny_plm, tmp_path,
+                                                                             monkeypatch, capsys):
+    import flipctr.training.flip_run as flip_run
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    pretrainings = []
+    real = flip_run._pretrain
+    monkeypatch.setattr(flip_run, "_pretrain", lambda *a, **k: pretrainings.append(a[4]) or real(*a, **k))
+    tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.progress=false",
+            "pretrain.progress=false", "train.amp=off", "pretrain.amp=off", "pretrain.epochs=1",
+            "pretrain.batch_size=32", "pretrain.rows=200", "text_finetune.epochs=2", "text_finetune.batch_size=32",
+            "text_finetune.train_rows=120", "text_finetune.valid_rows=40", "model.plm=" + str(tiny_plm)]
+    space = _space(tmp_path, "train.model_lr: [1]\n")
+    base = ["tune", "--method", "flip", "--dataset", "ml-1m", "--run-dir", str(tmp_path / "run"), "--trials", "2",
+            "--sampler", "grid", *[x for s in tiny for x in ("--set", s)]]
+    assert main([*base, "--space", str(space)]) == 2  # an unknown key, before any pretraining
+    assert not pretrainings
+    space = _space(tmp_path, "pretrain.lr: [1.0e-3, 1.0e-2]\n")
+    assert main([*base, "--space", str(space)]) == 2
+    assert "shares one pretraining" in capsys.readouterr().err
+    space = _space(tmp_path, "text_finetune.lr: [1.0e-3, 1.0e-2]\ntext_finetune.alpha_lr: [1.0e-2]\n")
+    assert main([*base, "--space", str(space)]) == 0
+    out = capsys.readouterr().out
+    assert pretrainings == [tmp_path / "run" / "pretrain"]  # once, before the trials
+    rows = _rows(tmp_path / "run")
+    assert sorted(float(r["params_text_finetune.lr"]) for r in rows) == [1e-3, 1e-2]
+    for r in rows:  # every trial is the joint model's finetuning, validation only
+        folder = Path(r["user_attrs_run_dir"])
+        assert json.loads((folder / "metrics.json").read_text())["test"] is None
+        assert "alpha" in json.loads((folder / "metrics.json").read_text())
+    best = json.loads((tmp_path / "run" / "best" / "metrics.json").read_text())
+    assert best["model"] == "flip" and 0 < best["test"]["auc"] < 1
+    assert "flipctr run --profile cpu" in out and "--set text_finetune.joint_init=pretrained" in out

@@ -116,10 +116,14 @@ def cmd_train(args: argparse.Namespace) -> None:
 def cmd_tune(args: argparse.Namespace) -> None:
     from .tune import Search, run_search
 
+    if args.method == "flip" and args.model:
+        raise ValueError("--method flip tunes the joint FLIP model (its backbone: --set model.backbone=NAME), "
+                         "not --model")
     fixed = {"data.dataset": args.dataset, "model.name": args.model, "data.limit": args.limit}
     search = Search(run_dir=str(args.run_dir), space_file=str(args.space),
                     config_file=str(args.config) if args.config else None,
                     overrides=[*args.overrides, *(f"{k}={v}" for k, v in fixed.items() if v is not None)],
+                    method=args.method, profile=args.profile if args.method == "flip" else None,
                     sampler=args.sampler, pruner=args.pruner, trials=args.trials, seed=args.seed,
                     storage=args.storage)
     summary = run_search(search, workers=args.workers, resume=args.resume)
@@ -129,6 +133,7 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"valid AUC {summary['best_valid_auc']:.4f}; refit on train+valid, test AUC {summary['test']['auc']:.4f} "
           f"Logloss {summary['test']['logloss']:.4f}")
     print(f"run folder of the refitted model: {summary['best_run']}")
+    print(f"the best settings again: {summary['rerun']}")
 
 
 ABLATIONS = {  # paper Table 5, as switches of the same run
@@ -289,7 +294,12 @@ def build_parser() -> argparse.ArgumentParser:
     tune = verbs.add_parser("tune", help="search settings on validation with Optuna (resumable, parallel), then "
                                          "refit the best on train+valid and test it once")
     tune.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
-    tune.add_argument("--model", help="the model to tune (as flipctr train --model)")
+    tune.add_argument("--model", help="the model to tune (as flipctr train --model); not with --method flip")
+    tune.add_argument("--method", choices=["id", "flip"], default="id",
+                      help="id: a model trained alone; flip: the joint FLIP model's finetuning, on one pretraining "
+                           "made first and shared by every trial")
+    tune.add_argument("--profile", choices=["cpu", "gpu", "paper"], default="cpu",
+                      help="with --method flip: the flipctr run profile the settings start from")
     tune.add_argument("--space", type=Path, required=True,
                       help="YAML: setting -> list of values, or {low, high[, log][, step][, int]}")
     tune.add_argument("--trials", type=int, default=20, help="completed + pruned trials to reach (grid: at most "

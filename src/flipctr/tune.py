@@ -17,6 +17,10 @@ The study lives in ``RUN_DIR/study.db`` (SQLite) or a database given by ``--stor
 same command resumes it after a kill (a trial the kill interrupted is failed and run again with
 its settings), ``--workers K`` runs K processes on it, and machines that share one database URL
 share the study.
+
+``method="flip"`` searches the finetuning of the joint FLIP model (``flipctr run``'s ``flip``
+variant, a ``--profile``'s settings) on one pretraining, made once in ``RUN_DIR/pretrain`` and
+shared by every trial: its space holds finetuning settings only (``train.*``, ``text_finetune.*``).
 """
 
 from __future__ import annotations
@@ -41,7 +45,8 @@ from .utils import atomic_path, write_json, write_text
 
 log = logging.getLogger("flipctr")
 STUDY = "flipctr-tune"
-SAMPLERS = ("tpe", "grid")
+METHODS = ("id", "flip")
+FLIP_SECTIONS = ("train", "text_finetune")  # what a search over one shared pretraining may change
 PRUNERS = ("median", "halving", "none")
 
 
@@ -140,6 +145,8 @@ class Search:
     space_file: str
     config_file: str | None
     overrides: list[str]
+    method: str = "id"
+    profile: str | None = None  # a flipctr run profile under the config file and overrides (FLIP)
     sampler: str = "tpe"
     pruner: str = "median"
     trials: int = 20
@@ -151,14 +158,32 @@ class Search:
         return Path(self.run_dir)
 
     def base_config(self) -> Config:
-        return load_config(self.config_file, self.overrides)
+        if self.profile is None:
+            return load_config(self.config_file, self.overrides)
+        from .profiles import profile_config
+
+        return profile_config(self.profile, [*self.fixed(), *self.overrides],
+                              load_config(self.config_file) if self.config_file else None)
+
+    def fixed(self) -> list[str]:
+        """Settings the method fixes under the user's: FLIP's trials finetune the joint model from
+        the shared pretraining (not from finetuned FLIP_ID and FLIP_PLM, as the cpu profile does)."""
+        return ["text_finetune.joint_init=pretrained"] if self.method == "flip" else []
+
+    def rerun(self, params: dict[str, Any], run_dir: str) -> str:
+        """The command that trains ``params`` again from ``best.yaml`` (the whole protocol)."""
+        if self.method == "flip":  # a profile applies over --config: the searched settings go after it
+            sets = [*self.fixed(), *(f"{k}={v}" for k, v in params.items())]
+            return (f"flipctr run --profile {self.profile} --config {self.folder / 'best.yaml'} --run-dir {run_dir} "
+                    + " ".join(f"--set {s}" for s in sets))
+        return f"flipctr train --config {self.folder / 'best.yaml'} --run-dir {run_dir}"
 
     def storage_url(self) -> str:
         return self.storage or f"sqlite:///{(self.folder / 'study.db').resolve()}"
 
     def identity(self, space: list[Param]) -> dict:
         return {"space": {p.key: p.to_dict() for p in space}, "config": self.base_config().to_dict(),
-                "sampler": self.sampler, "pruner": self.pruner, "seed": self.seed}
+                "method": self.method, "sampler": self.sampler, "pruner": self.pruner, "seed": self.seed}
 
 
 def _optuna():
@@ -268,7 +293,7 @@ class Objective:
                 raise optuna.TrialPruned(f"valid AUC {record.evals[-1]['auc']:.4f} after epoch {record.epoch}")
 
         try:
-            metrics = train_run(cfg, folder, self.data_root, on_epoch_end=report, select_only=True)
+            metrics = train(self.search, cfg, folder, self.data_root, on_epoch_end=report, select_only=True)
         except optuna.TrialPruned:
             (folder / "checkpoint-train.pt").unlink(missing_ok=True)  # never resumed: a new trial starts anew
             log.info("trial %d pruned after %d evaluations", trial.number, evaluations)
@@ -277,6 +302,16 @@ class Objective:
         trial.set_user_attr("epochs_run", metrics["epochs"])
         trial.set_user_attr("valid_logloss", metrics["valid"]["logloss"])
         return metrics["valid"]["auc"]
+
+
+def train(search: Search, cfg: Config, folder: Path, data_root: Path | None, **options) -> dict:
+    """A trial's (or the best's) training run: an ID model's, or FLIP's finetuning on the search's
+    pretraining."""
+    if search.method == "flip":
+        from .training.flip_run import finetune_flip
+
+        return finetune_flip(cfg, search.folder / "pretrain", folder, data_root, **options)
+    return train_run(cfg, folder, data_root, **options)
 
 
 def _worker(search: Search, space: list[Param], data_root: Path | None, threads: int | None) -> None:
@@ -337,6 +372,15 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
     space = load_space(search.space_file, base)
     if base.train.protocol != "clean":
         raise TuneError("tune selects on validation: train.protocol must be clean")
+    if search.method not in METHODS:
+        raise TuneError(f"--method must be one of {METHODS}, not {search.method!r}")
+    if search.method == "flip":
+        shared = [p.key for p in space if p.key.split(".")[0] not in FLIP_SECTIONS]
+        if shared:
+            raise TuneError(f"{search.space_file}: a FLIP search shares one pretraining and searches finetuning "
+                            f"settings ({', '.join(s + '.*' for s in FLIP_SECTIONS)}), not {shared}")
+        if base.text_finetune.joint_init != "pretrained":
+            raise TuneError("a FLIP search finetunes from its pretraining: text_finetune.joint_init=pretrained")
     if search.sampler == "grid":
         search = dataclasses.replace(search, trials=min(search.trials, grid_size(space)))
     folder = search.folder
@@ -347,6 +391,10 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
         if search.storage is None:
             recover_interrupted(study, search)
         write_text(folder / "search.yaml", yaml.safe_dump(dataclasses.asdict(search), sort_keys=False))
+        if search.method == "flip":
+            from .training.flip_run import pretrain_once
+
+            pretrain_once(base, folder / "pretrain", data_root)
         log.info("search: %d trials (%s sampler, %s pruner), %d done; space %s", search.trials, search.sampler,
                  search.pruner, finished(study), {p.key: p.to_dict() for p in space})
         bar = tqdm(total=search.trials, initial=min(finished(study), search.trials), desc="trials", unit="trial",
@@ -407,14 +455,14 @@ def finish(study, search: Search, space: list[Param], data_root: Path | None) ->
     _plots(study, folder)
     log.info("best trial %d: valid AUC %.4f with %s; refit on train+valid, tested once", best.number, best.value,
              best.params)
-    metrics = train_run(cfg, folder / "best", data_root, resume=True)
+    metrics = train(search, cfg, folder / "best", data_root, resume=True)
     pruned = study.get_trials(deepcopy=False, states=(TrialState.PRUNED,))
     full = [t.user_attrs.get("epochs_run", 0) for t in complete]
     summary = {
         "trials": {"complete": len(complete), "pruned": len(pruned),
                    "failed": len(study.get_trials(deepcopy=False, states=(TrialState.FAIL,)))},
         "best_trial": best.number, "best_params": best.params, "best_valid_auc": best.value,
-        "best_run": str(folder / "best"),
+        "best_run": str(folder / "best"), "rerun": search.rerun(best.params, "RUN_DIR"),
         # the refit run selects again: on the same machine it should find the trial's validation AUC
         "best_run_valid_auc": metrics["valid"]["auc"], "test": metrics["test"],
         "epochs": {"complete_trials": sum(full), "pruned_trials": sum(t.user_attrs.get("epochs_run", 0) for t in pruned),

@@ -19,7 +19,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from ..config import Config
+from ..config import Config, TrainConfig
 from ..data.batching import DeviceRows
 from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
@@ -110,6 +110,62 @@ def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
     return model, split, pretrainer
 
 
+def _pretrain(cfg: Config, rd: RunData, encoding, device: torch.device, folder: Path, resume: bool) -> list[dict]:
+    """FLIP pretraining into ``folder`` (resumed from its last epoch with ``resume``; a finished one
+    is read back): the weights, and the encoding the backbone's ids follow (figures read it)."""
+    model, split, pretrainer = pretraining_setup(cfg, rd, encoding, device, folder)
+    log.info("pretraining on %d train+valid rows (%s) for %d epochs", len(split),
+             cfg.pretrain.rows_from if cfg.pretrain.rows else "all", cfg.pretrain.epochs)
+    history = pretrainer.fit(model, split, resume=resume)
+    if is_main():
+        encoding.feature_map.save(folder / "feature_map.json")
+    barrier()  # rank 0 has written the weights
+    return history
+
+
+def pretrain_once(cfg: Config, folder: Path, data_root: Path | None = None) -> None:
+    """FLIP pretraining alone into ``folder``, or read back where it finished there: the one
+    pretraining that a search's finetuning trials share (``flipctr tune --method flip``)."""
+    cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
+    device = resolve_device(cfg.train.device)
+    data = prepare(cfg.data, data_root)
+    _pretrain(cfg, RunData(data, cfg, device, text=True), data.encoding(ENCODING), device, folder, resume=True)
+
+
+def text_finetune_settings(cfg: Config) -> tuple[TrainConfig, dict]:
+    """The training settings of the models with a language model inside (``text_finetune`` where it
+    differs from ``train``) and their row limits (train_run's ``train_rows`` / ``valid_rows``)."""
+    train = dataclasses.replace(cfg.train, lr=cfg.text_finetune.lr, batch_size=cfg.text_finetune.batch_size,
+                                epochs=cfg.text_finetune.epochs, refit=cfg.text_finetune.refit,
+                                max_seconds=cfg.text_finetune.max_seconds,
+                                eval_batch_size=cfg.train.eval_batch_size or 256)
+    return train, {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
+
+
+def joint_model(cfg: Config, fm: FeatureMap, pretrained: dict[str, torch.Tensor] | None) -> FlipCTRModel:
+    """The joint FLIP model (Eq. 13-15), its backbone and language model from the pretraining's
+    weights ``pretrained`` (None: as built)."""
+    model = build_ctr_model(dataclasses.replace(cfg.model, name="flip"), fm, scales=LrScales.from_config(cfg),
+                            text_state=_prefixed(pretrained, "language_model.") if pretrained else None)
+    if pretrained is not None:
+        model.backbone.load_state_dict(_prefixed(pretrained, "backbone."))
+    return model
+
+
+def finetune_flip(cfg: Config, pretrain_dir: Path, run_dir: Path, data_root: Path | None = None,
+                  resume: bool = False, **options) -> dict:
+    """The joint FLIP model finetuned from the pretraining in ``pretrain_dir`` into ``run_dir``, as
+    ``flipctr run`` finetunes its ``flip`` variant (``text_finetune`` settings, the pretraining's
+    encoding); ``options`` go to :func:`~.runner.train_run` (e.g. a search's ``select_only``)."""
+    if cfg.text_finetune.joint_init != "pretrained":
+        raise ValueError("finetuning FLIP alone starts from the pretraining: text_finetune.joint_init=pretrained")
+    pretrained = load_file(str(Path(pretrain_dir) / "pretrained.safetensors"))
+    train, rows = text_finetune_settings(cfg)
+    variant = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="flip"), train=train)
+    return train_run(variant, run_dir, data_root, model_factory=lambda fm: joint_model(cfg, fm, pretrained),
+                     encoding=ENCODING, resume=resume, **rows, **options)
+
+
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
              data_root: Path | None = None, profile: str | None = None, method: str = "flip") -> dict | None:
     """``method``: see :data:`METHODS`; "ctrl" (instance-level contrastive alignment alone, then
@@ -187,17 +243,10 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     write_results()  # the run's settings and budgets, before anything is trained
     wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
     if wants_pretrain and set(variants) & {"flip_id", "flip_plm", "flip"}:
-        model, split, pretrainer = pretraining_setup(cfg, text_rd, encoding, device, run_dir / "pretrain")
-        log.info("pretraining on %d train+valid rows (%s) for %d epochs", len(split),
-                 cfg.pretrain.rows_from if cfg.pretrain.rows else "all", cfg.pretrain.epochs)
-        history = pretrainer.fit(model, split, resume=resume)
-        if is_main():  # the encoding the pretrained backbone's ids follow (figures read it)
-            encoding.feature_map.save(run_dir / "pretrain" / "feature_map.json")
-        barrier()  # rank 0 has written the weights
+        history = _pretrain(cfg, text_rd, encoding, device, run_dir / "pretrain", resume)
         pretrained = load_file(str(run_dir / "pretrain" / "pretrained.safetensors"))
         # its epochs' time, those of an earlier call included (a resumed or finished pretraining)
         pretrain_seconds = sum(record["seconds"] for record in history)
-        del model, split
 
     def backbone(fmap: FeatureMap, load: bool) -> torch.nn.Module:
         model = build_ctr_model(backbone_cfg, fmap)
@@ -205,31 +254,23 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
             model.load_state_dict(_prefixed(pretrained, "backbone."))
         return model
 
-    def text_state(load: bool) -> dict[str, torch.Tensor] | None:
-        return _prefixed(pretrained, "language_model.") if load and pretrained else None
-
-    text_train = dataclasses.replace(cfg.train, lr=cfg.text_finetune.lr, batch_size=cfg.text_finetune.batch_size,
-                                     epochs=cfg.text_finetune.epochs, refit=cfg.text_finetune.refit,
-                                     max_seconds=cfg.text_finetune.max_seconds,
-                                     eval_batch_size=cfg.train.eval_batch_size or 256)
-    rows = {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
+    text_train, rows = text_finetune_settings(cfg)
     plm_cfg, flip_cfg = (dataclasses.replace(cfg.model, name=name) for name in ("plm", "flip"))
 
     def plm_model(fm: FeatureMap) -> PLMCTRModel:
-        return build_ctr_model(plm_cfg, fm, text_state=text_state(load=True))
+        return build_ctr_model(plm_cfg, fm, text_state=_prefixed(pretrained, "language_model.") if pretrained else None)
 
     def flip_model(fm: FeatureMap, stage: str | None = None) -> FlipCTRModel:
         """From the pretrained backbone and language model; ``stage`` "selected"/"final": from
         that stage of the finetuned FLIP_ID and FLIP_PLM instead."""
-        model = build_ctr_model(flip_cfg, fm, scales=LrScales.from_config(cfg), text_state=text_state(load=stage is None))
-        if stage is None and pretrained is not None:
-            model.backbone.load_state_dict(_prefixed(pretrained, "backbone."))
-        if stage is not None:
-            model.backbone.load_state_dict(finetuned_weights(run_dir / "flip_id", stage))
-            plm = finetuned_weights(run_dir / "flip_plm", stage)
-            model.plm_head.load_state_dict(_prefixed(plm, "head."))
-            if model.language_model is not None:
-                model.language_model.load_state_dict(_prefixed(plm, "language_model."))
+        if stage is None:
+            return joint_model(cfg, fm, pretrained)
+        model = joint_model(cfg, fm, None)
+        model.backbone.load_state_dict(finetuned_weights(run_dir / "flip_id", stage))
+        plm = finetuned_weights(run_dir / "flip_plm", stage)
+        model.plm_head.load_state_dict(_prefixed(plm, "head."))
+        if model.language_model is not None:
+            model.language_model.load_state_dict(_prefixed(plm, "language_model."))
         return model
 
     joint = {}
