@@ -329,6 +329,52 @@ def _pretrain_split(n=24):
                                   "lengths": torch.full((n,), input_ids.shape[1]), "value_spans": rep(spans)})
 
 
+def test_pretraining_with_row_sparse_tables_equals_dense_adamw(tmp_path):
+    """The ID embedding and MTM output table with row-sparse gradients (pretrain.sparse_embeddings,
+    chunked AdamW) train to the weights and losses of dense gradients and plain AdamW (up to the
+    order in which a row's repeated gradients are summed)."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    from flipctr.config import PretrainConfig
+    from flipctr.training.pretrain import Pretrainer
+    from flipctr.training.trainer import RowSparseAdamW
+
+    cfg = PretrainConfig(lr=1e-2, batch_size=8, epochs=2, progress=False, amp="off", weight_decay=0.1)
+    runs = {}
+    for mode in ("off", "on"):
+        model, _, _ = _tiny_pair()
+        history = Pretrainer(dataclasses.replace(cfg, sparse_embeddings=mode), torch.device("cpu"),
+                             tmp_path / mode).fit(model, _pretrain_split())
+        runs[mode] = history, load_file(str(tmp_path / mode / "pretrained.safetensors"))
+        tables = [m for m in (model.backbone.embedding, model.mtm_head.output)]
+        assert all(getattr(t, "sparse", False) == (mode == "on") for t in tables)
+    for on, off in zip(runs["on"][0], runs["off"][0]):
+        assert {k: on[k] for k in ("loss", "mlm", "mtm", "icl")} == pytest.approx(
+            {k: off[k] for k in ("loss", "mlm", "mtm", "icl")}, rel=1e-6)
+    assert runs["on"][1].keys() == runs["off"][1].keys()
+    # the tables themselves; not every weight: where the true gradient is 0 (a bias before
+    # BatchNorm, attention key biases) Adam normalizes float noise, which the summation order moves
+    for name in ("backbone.embedding.weight", "mtm_head.output.weight"):
+        torch.testing.assert_close(runs["on"][1][name], runs["off"][1][name], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="pretrain.sparse_embeddings must be"):
+        Pretrainer(dataclasses.replace(cfg, sparse_embeddings="yes"), torch.device("cpu"),
+                   tmp_path / "bad").fit(_tiny_pair()[0], _pretrain_split())
+    # odd chunk boundaries: the same update
+    emb = torch.nn.Embedding(50, 3, sparse=True)
+    dense = torch.nn.Embedding(50, 3)
+    dense.load_state_dict(emb.state_dict())
+    a, b = RowSparseAdamW(emb.parameters(), chunk_rows=7, lr=0.1, weight_decay=0.1), \
+        torch.optim.AdamW(dense.parameters(), lr=0.1, weight_decay=0.1, fused=True)
+    for ids in (torch.tensor([0, 6, 7, 49, 7]), torch.tensor([13, 14, 21])):
+        for table, opt in ((emb, a), (dense, b)):
+            opt.zero_grad()
+            table(ids).pow(2).sum().backward()
+            opt.step()
+    assert torch.equal(emb.weight, dense.weight)
+
+
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="needs CUDA"))])
 def test_pretraining_resume_after_kill_gives_the_same_next_step_loss(tmp_path, device):

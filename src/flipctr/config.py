@@ -120,6 +120,10 @@ class PretrainConfig:
     amp: str = "auto"
     length_buckets: int = 50  # batches of similar prompt length, sorted within chunks of N batches (0: off)
     compile: bool = False  # torch.compile the language model (widths come in multiples of 8: few shapes)
+    # ID tables (backbone embedding, MTM output table) with row-sparse gradients, updated as AdamW
+    # updates dense ones (every row, weight decay included; no table-sized gradient in memory):
+    # "auto" (tables >= 100k rows, one process), "on", "off"
+    sparse_embeddings: str = "auto"
     progress: bool = True
 
 

@@ -17,6 +17,7 @@ from .budget import Budget, agree_any, agree_min
 from .distributed import rank_world
 from .engine import Engine, Runtime, Stage, save_weights, shard_size
 from .tracking import Tracker
+from .trainer import RowSparseAdamW, use_sparse_embeddings
 
 log = logging.getLogger("flipctr")
 OBJECTIVES = ("mlm", "mtm", "icl")
@@ -154,9 +155,11 @@ class Pretraining(Stage):
         self.model = model.to(self.runtime.device)
         # under DDP the backbone's logit layer (and heads switched off) get no gradient in pretraining
         self.wrapped = self.runtime.wrap(model, find_unused=True)
+        # large ID tables take row-sparse gradients (not under DDP, which reduces dense ones); the
+        # update is AdamW's either way, fused: one pass over every tensor
+        use_sparse_embeddings(model, cfg.sparse_embeddings if rank_world()[1] == 1 else "off", "pretrain.sparse_embeddings")
         params = [p for p in self.wrapped.parameters() if p.requires_grad]
-        # fused: one pass over every tensor (a trained encoder + MLM head are ~36M parameters)
-        self.optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)
+        self.optimizer = RowSparseAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(shard_size(len(data)) / cfg.batch_size)
         self.planned = self.steps_per_epoch * cfg.epochs
         self.schedule = CosineSchedule(cfg.warmup_steps, self.planned)

@@ -105,7 +105,63 @@ class Optimizers:
             opt.load_state_dict(state)
 
 
-def use_sparse_embeddings(model: nn.Module, mode: str) -> list[nn.Parameter]:
+class RowSparseAdamW(torch.optim.AdamW):
+    """AdamW (fused) that also takes row-sparse gradients (``nn.Embedding(sparse=True)``) and
+    updates those tables exactly as it updates a dense gradient: every row's moments and weight
+    decay, the rows outside the batch with a zero gradient. The dense gradient exists one chunk
+    of ``chunk_rows`` rows at a time, not as a second copy of the table: at millions of features
+    (GoodReads) the gradients of the ID embedding and the MTM output table are GBs. The update
+    runs the same elementwise kernel on row ranges: given the same gradient the weights equal
+    plain AdamW's bit for bit (a sparse backward sums a row's repeated gradients in another
+    order: the last bits may differ). The state is AdamW's (``step``, ``exp_avg``,
+    ``exp_avg_sq``): checkpoints are alike."""
+
+    def __init__(self, params, chunk_rows: int = 1 << 16, **kwargs):
+        super().__init__(params, fused=True, **kwargs)
+        self.chunk_rows = chunk_rows
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        sparse = [p for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.is_sparse]
+        held = {p: p.grad for p in sparse}
+        for p in sparse:  # the parent steps the dense ones
+            p.grad = None
+        try:
+            loss = super().step(closure)
+        finally:
+            for p, grad in held.items():
+                p.grad = grad
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p in held:
+                    self._sparse_step(p, held[p], group)
+        return loss
+
+    def _sparse_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
+        from torch.optim.adam import adam
+
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        grad = grad.coalesce()  # rows sorted, each once
+        rows, values = grad.indices()[0], grad.values()
+        starts = list(range(0, len(p), self.chunk_rows))
+        cuts = torch.searchsorted(rows, torch.tensor([*starts, len(p)], device=rows.device)).tolist()
+        beta1, beta2 = group["betas"]
+        for i, start in enumerate(starts):
+            stop = min(start + self.chunk_rows, len(p))
+            dense = torch.zeros((stop - start, *p.shape[1:]), dtype=p.dtype, device=p.device)
+            dense.index_copy_(0, rows[cuts[i]:cuts[i + 1]] - start, values[cuts[i]:cuts[i + 1]])
+            # a copy of the step per call: the kernel counts it up before it uses it
+            adam([p[start:stop]], [dense], [state["exp_avg"][start:stop]], [state["exp_avg_sq"][start:stop]], [],
+                 [state["step"].clone()], fused=True, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
+                 beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
+        state["step"] += 1
+
+
+def use_sparse_embeddings(model: nn.Module, mode: str, setting: str = "train.sparse_embeddings") -> list[nn.Parameter]:
     """Switch large ID embedding tables to sparse gradients; returns their weights.
 
     ``mode``: "on", "off", or "auto" (tables of at least 100,000 rows: a dense gradient and
@@ -113,7 +169,7 @@ def use_sparse_embeddings(model: nn.Module, mode: str) -> list[nn.Parameter]:
     embeddings (word, position, type) stay dense: they are finetuned with AdamW like the rest
     of the encoder."""
     if mode not in ("auto", "on", "off"):
-        raise ValueError(f"train.sparse_embeddings must be 'auto', 'on' or 'off', not {mode!r}")
+        raise ValueError(f"{setting} must be 'auto', 'on' or 'off', not {mode!r}")
     in_text = {id(m) for lm in model.modules() if isinstance(lm, LanguageModel) for m in lm.modules()}
     tables = []
     for module in model.modules():
