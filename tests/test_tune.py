@@ -69,7 +69,7 @@ def test_resume_without_a_study_is_an_error(ml1m_root, tmp_path, monkeypatch, ca
 
 
 KILLER = """
-import os, sys
+import os, signal, sys
 import flipctr.tune as tune
 real = tune.train_run
 calls = []
@@ -79,8 +79,10 @@ def train_run(cfg, folder, *args, on_epoch_end=None, **kwargs):
 
     def report(record):
         on_epoch_end(record)
-        if len(calls) == 3:  # the third trial, after its first epoch: killed, nothing cleaned up
-            os._exit(9)
+        if len(calls) == 3:  # the third trial, after its first epoch
+            if os.environ["KILL"] == "hard":
+                os._exit(9)  # nothing cleaned up: the trial stays "running"
+            os.kill(os.getpid(), signal.SIGTERM)
 
     return real(cfg, folder, *args, on_epoch_end=report, **kwargs)
 
@@ -90,26 +92,28 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_a_search_killed_mid_trial_resumes_with_the_same_command(ml1m_root, tmp_path, monkeypatch):
-    """Killed in its third trial, the same command fails that trial, runs its settings again and
-    ends with 4 trials and a refit test AUC; best.yaml re-runs the best trial's settings."""
+@pytest.mark.parametrize("kill", ["hard", "term"])
+def test_a_search_killed_mid_trial_resumes_with_the_same_command(ml1m_root, tmp_path, monkeypatch, kill):
+    """Killed in its third trial (SIGKILL-like, or SIGTERM), the same command fails that trial,
+    runs its settings again and ends with 4 trials and a refit test AUC; best.yaml re-runs the
+    best trial's settings."""
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
     space = _space(tmp_path, """\
         train.lr: [1.0e-3, 3.0e-3, 1.0e-2, 3.0e-2]
         """)
     run_dir = tmp_path / "run"
     args = _args(run_dir, space, "--trials", "4", "--sampler", "grid", "--pruner", "none")
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+    env = {**os.environ, "KILL": kill, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                          os.environ.get("PYTHONPATH", "")])}
     killed = subprocess.run([sys.executable, "-c", KILLER, *args], env=env, capture_output=True, text=True,
                             timeout=300)
-    assert killed.returncode == 9, killed.stderr[-2000:]
+    assert killed.returncode != 0 and (kill == "term" or killed.returncode == 9), killed.stderr[-2000:]
     assert not (run_dir / "tune.json").exists()
     import optuna
 
     before = optuna.load_study(study_name="flipctr-tune", storage=f"sqlite:///{run_dir / 'study.db'}")
     states = [t.state.name for t in before.trials]
-    assert states == ["COMPLETE", "COMPLETE", "RUNNING"]
+    assert states == ["COMPLETE", "COMPLETE", "RUNNING" if kill == "hard" else "FAIL"]
     cut_off = before.trials[2].params
 
     assert main(args) == 0  # the same command

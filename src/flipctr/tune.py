@@ -32,6 +32,7 @@ import logging
 import math
 import os
 import re
+import signal
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -298,6 +299,9 @@ class Objective:
             (folder / "checkpoint-train.pt").unlink(missing_ok=True)  # never resumed: a new trial starts anew
             log.info("trial %d pruned after %d evaluations", trial.number, evaluations)
             raise
+        except KeyboardInterrupt:  # Ctrl-C or a kill (SIGTERM): Optuna fails the trial; a resume runs it again
+            trial.set_user_attr("interrupted", True)
+            raise
         trial.set_user_attr("best_epoch", metrics["best_epoch"])
         trial.set_user_attr("epochs_run", metrics["epochs"])
         trial.set_user_attr("valid_logloss", metrics["valid"]["logloss"])
@@ -346,17 +350,22 @@ class RunDirLock:
 
 
 def recover_interrupted(study, search: Search) -> list[int]:
-    """Fail the trials a kill left running (the study is this folder's own, and no other tune holds
-    it) and queue each again with its settings; returns their numbers."""
+    """Queue again, with their settings, the trials a kill cut off (the study is this folder's own,
+    and no other tune holds it): those it left running (failed here) and those an interrupt
+    (Ctrl-C, SIGTERM) failed, each once; returns their numbers."""
     from optuna.storages import RetryHeartbeatStaleTrialCallback
     from optuna.trial import TrialState
 
-    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
-    for trial in stale:
-        study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
+    trials = study.get_trials(deepcopy=False)
+    retried = {t.system_attrs.get("failed_trial") for t in trials}
+    cut = [t for t in trials if t.number not in retried and (
+        t.state == TrialState.RUNNING or (t.state == TrialState.FAIL and t.user_attrs.get("interrupted")))]
+    for trial in cut:
+        if trial.state == TrialState.RUNNING:
+            study._storage.set_trial_state_values(trial._trial_id, TrialState.FAIL)
         RetryHeartbeatStaleTrialCallback(max_retry=1)(study, study._storage.get_trial(trial._trial_id))
         log.info("trial %d was cut off by a kill: failed, and queued again with its settings", trial.number)
-    return [t.number for t in stale]
+    return [t.number for t in cut]
 
 
 def run_search(search: Search, workers: int = 1, data_root: Path | None = None, progress: bool = True,
@@ -385,6 +394,7 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
         search = dataclasses.replace(search, trials=min(search.trials, grid_size(space)))
     folder = search.folder
     lock = RunDirLock(folder)
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill stops the trial as Ctrl-C does
     try:
         setup_logging(folder)
         study = open_study(search, space, create=not resume)
@@ -415,7 +425,12 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
         setup_logging(folder)  # the trials logged into their own folders
         return finish(study, search, space, data_root)
     finally:
+        signal.signal(signal.SIGTERM, previous)
         lock.release()
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt(f"signal {signum}")
 
 
 def _run_workers(search: Search, space: list[Param], workers: int, data_root: Path | None, bar, study) -> None:
