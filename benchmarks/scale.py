@@ -302,8 +302,9 @@ def markdown(results: dict) -> str:
                   "parent's peak before `exec`: the benchmark's own process, which had generated the data. "
                   "A value at or below that peak is an upper bound, not the stage's own; values above it "
                   "are the stage's. The script now polls each stage's own `VmHWM`.", ""]
-    lines += [
-              "| rows | stage | seconds | peak RSS (GiB) | exit |", "|---|---|---|---|---|"]
+    if results.get("note"):  # what the command line does not say (e.g. another job on the cores)
+        lines += [results["note"], ""]
+    lines += ["| rows | stage | seconds | peak RSS (GiB) | exit |", "|---|---|---|---|---|"]
     for size in results["sizes"]:
         for stage, s in size["stages"].items():
             lines.append(f"| {size['rows']:,} | {stage} | {s['seconds']} | {s['peak_rss_gib']} | {s['exit']} |")
