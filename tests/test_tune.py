@@ -168,6 +168,8 @@ def test_workers_share_one_study(ml1m_root, tmp_path, monkeypatch):
     rows = _rows(run_dir)
     done = [r for r in rows if r["state"] in ("COMPLETE", "PRUNED")]
     assert 4 <= len(done) <= 5  # a worker may start one more while the other finishes the 4th
+    # each worker samples with its own seed: no two trials propose the same settings
+    assert len({(r["params_train.lr"], r["params_model.dropout"]) for r in rows}) == len(rows)
     assert all((Path(r["user_attrs_run_dir"]) / "train.log").exists() for r in done)
     assert (run_dir / "best" / "model.safetensors").exists()
 

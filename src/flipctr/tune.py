@@ -208,15 +208,19 @@ def _storage(search: Search):
                       heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=1))
 
 
-def _sampler(search: Search, space: list[Param]):
+def _sampler(search: Search, space: list[Param], stream: int = 0):
+    """The search's sampler, seeded by ``--seed`` and ``stream``: each process (a resume, a worker)
+    draws its own numbers, or a seeded sampler started again would propose the trials it proposed
+    before."""
     optuna = _optuna()
+    seed = (search.seed + 1_000_003 * stream) % 2**32
     if search.sampler == "grid":
         ranges = [p for p in space if p.choices is None]
         if ranges:
             raise TuneError(f"{search.space_file}: the grid sampler needs lists of values; "
                              f"{[p.key for p in ranges]} are ranges (use --sampler tpe)")
-        return optuna.samplers.GridSampler({p.key: list(p.choices) for p in space}, seed=search.seed)
-    return optuna.samplers.TPESampler(seed=search.seed)
+        return optuna.samplers.GridSampler({p.key: list(p.choices) for p in space}, seed=seed)
+    return optuna.samplers.TPESampler(seed=seed)
 
 
 def _pruner(name: str):
@@ -232,8 +236,9 @@ def grid_size(space: list[Param]) -> int:
     return math.prod(len(p.choices) for p in space if p.choices is not None)
 
 
-def open_study(search: Search, space: list[Param], create: bool = True):
-    """The search's study (made on first use); a study made by another search is refused."""
+def open_study(search: Search, space: list[Param], create: bool = True, worker: int = 0):
+    """The search's study (made on first use); a study made by another search is refused. Its
+    sampler's stream: the trials already there and ``worker``."""
     optuna = _optuna()
     identity = json.loads(json.dumps(search.identity(space)))
     if not create and STUDY not in optuna.get_all_study_names(_storage(search)):
@@ -250,6 +255,7 @@ def open_study(search: Search, space: list[Param], create: bool = True):
         changed = sorted(k for k in identity if identity[k] != stored.get(k))
         raise TuneError(f"{search.storage_url()}: holds a study of another search (differs in {changed}); "
                          "use another --run-dir (or --storage) for a new search")
+    study.sampler = _sampler(search, space, stream=len(study.trials) * 1024 + worker)
     return study
 
 
@@ -318,14 +324,14 @@ def train(search: Search, cfg: Config, folder: Path, data_root: Path | None, **o
     return train_run(cfg, folder, data_root, **options)
 
 
-def _worker(search: Search, space: list[Param], data_root: Path | None, threads: int | None) -> None:
+def _worker(search: Search, space: list[Param], data_root: Path | None, threads: int | None, worker: int) -> None:
     """A process of ``--workers``: trials of the shared study until the search is done."""
     optuna = _optuna()
     import torch
 
     if threads:
         torch.set_num_threads(threads)
-    study = open_study(search, space, create=False)
+    study = open_study(search, space, create=False, worker=worker + 1)
     if finished(study) >= search.trials:
         return
     study.optimize(Objective(search, space, data_root), catch=(),
@@ -439,7 +445,7 @@ def _run_workers(search: Search, space: list[Param], workers: int, data_root: Pa
 
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = mp.get_context("spawn")
-    procs = [context.Process(target=_worker, args=(search, space, data_root, threads)) for _ in range(workers)]
+    procs = [context.Process(target=_worker, args=(search, space, data_root, threads, i)) for i in range(workers)]
     for proc in procs:
         proc.start()
     while any(p.is_alive() for p in procs):
