@@ -15,6 +15,7 @@ grid). Writes ``benchmarks/results/tune_ml1m.{json,md}`` after every search.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import sys
 import time
@@ -55,8 +56,6 @@ def search(name: str, model: str, space: dict, sampler: str, trials: int, args: 
                                 overrides=["data.dataset=ml-1m", f"model.name={model}", f"train.seed={args.seed}",
                                            "train.progress=false"],
                                 sampler=sampler, pruner="median", trials=trials, seed=args.seed), progress=False)
-    import csv
-
     with open(folder / "trials.csv") as f:
         rows = list(csv.DictReader(f))
     keys = list(space)

@@ -259,6 +259,13 @@ def open_study(search: Search, space: list[Param], create: bool = True, worker: 
     return study
 
 
+def _stop_at(trials: int):
+    """Stops a process's trials once the study holds ``trials`` finished ones (see :func:`finished`)."""
+    optuna = _optuna()
+    return optuna.study.MaxTrialsCallback(trials, states=(optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED))
+
+
 def finished(study) -> int:
     """Trials that count toward ``--trials``: completed or pruned."""
     from optuna.trial import TrialState
@@ -326,7 +333,7 @@ def train(search: Search, cfg: Config, folder: Path, data_root: Path | None, **o
 
 def _worker(search: Search, space: list[Param], data_root: Path | None, threads: int | None, worker: int) -> None:
     """A process of ``--workers``: trials of the shared study until the search is done."""
-    optuna = _optuna()
+    _optuna()  # Optuna missing: one clear error
     import torch
 
     if threads:
@@ -334,9 +341,7 @@ def _worker(search: Search, space: list[Param], data_root: Path | None, threads:
     study = open_study(search, space, create=False, worker=worker + 1)
     if finished(study) >= search.trials:
         return
-    study.optimize(Objective(search, space, data_root), catch=(),
-                   callbacks=[optuna.study.MaxTrialsCallback(
-                       search.trials, states=(optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED))])
+    study.optimize(Objective(search, space, data_root), catch=(), callbacks=[_stop_at(search.trials)])
 
 
 class RunDirLock:
@@ -378,7 +383,7 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
                resume: bool = False) -> dict:
     """Run a search, or go on with its study where one exists (``resume``: only then), write its
     outputs and refit the best trial; returns the summary that ``tune.json`` holds."""
-    optuna = _optuna()
+    _optuna()  # Optuna missing: one clear error, before any work
     from tqdm.auto import tqdm
 
     from .training.tracking import setup_logging
@@ -422,9 +427,7 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
 
             if finished(study) < search.trials:
                 study.optimize(Objective(search, space, data_root), catch=(),
-                               callbacks=[optuna.study.MaxTrialsCallback(
-                                   search.trials, states=(optuna.trial.TrialState.COMPLETE,
-                                                          optuna.trial.TrialState.PRUNED)), advance])
+                               callbacks=[_stop_at(search.trials), advance])
         else:
             _run_workers(search, space, workers, data_root, bar, study)
         bar.close()
