@@ -241,12 +241,13 @@ def open_study(search: Search, space: list[Param], create: bool = True, worker: 
     sampler's stream: the trials already there and ``worker``."""
     optuna = _optuna()
     identity = json.loads(json.dumps(search.identity(space)))
-    if not create and STUDY not in optuna.get_all_study_names(_storage(search)):
+    storage = _storage(search)
+    if not create and STUDY not in optuna.get_all_study_names(storage):
         raise TuneError(f"{search.storage_url()}: no study to resume")
-    study = optuna.create_study(study_name=STUDY, storage=_storage(search), direction="maximize",
+    study = optuna.create_study(study_name=STUDY, storage=storage, direction="maximize",
                                 sampler=_sampler(search, space), pruner=_pruner(search.pruner),
                                 load_if_exists=True) if create else \
-        optuna.load_study(study_name=STUDY, storage=_storage(search), sampler=_sampler(search, space),
+        optuna.load_study(study_name=STUDY, storage=storage, sampler=_sampler(search, space),
                           pruner=_pruner(search.pruner))
     stored = study.user_attrs.get("search")
     if stored is None:
