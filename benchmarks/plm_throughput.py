@@ -64,7 +64,7 @@ def main() -> None:
 
     torch.manual_seed(0)
     data = prepare(DataConfig("ml-1m"))
-    text = load_or_build_text(data.folder, data.folder / "values.parquet", data.fields, load_tokenizer(args.plm),
+    text = load_or_build_text(data.folder, data.value_codes(), data.fields, load_tokenizer(args.plm),
                               args.max_length)
     start, stop = data.sizes.bounds("train")
     rng = np.random.default_rng(0)

@@ -261,7 +261,7 @@ def compare_stage(dataset: str, plm: str, method: str) -> None:
     tick = time.perf_counter()
     if method == "pieces":
         with tempfile.TemporaryDirectory() as tmp:
-            report = build_text_cache(Path(tmp), data.folder / "values.parquet", builder, tokenizer, max_length)
+            report = build_text_cache(Path(tmp), data.value_codes(), builder, tokenizer, max_length)
         assert report["method"] == "pieces", report["method"]
     else:
         tokenize_prompts(builder.build(data.values()), tokenizer, max_length)

@@ -185,11 +185,12 @@ def tiny_plm(tmp_path: Path) -> Path:
 def held_out_rows(ml1m_root: Path):
     """The test split of the prepared fixture as raw rows: each field's value and a label column."""
     import numpy as np
-    import pandas as pd
+
+    from flipctr.data.cache import PreparedData
 
     folder = next((ml1m_root / "cache").iterdir())
     test = json.loads((folder / "meta.json").read_text())["sizes"]["test"]
-    frame = pd.read_parquet(folder / "values.parquet").iloc[-test:].reset_index(drop=True)
+    frame = PreparedData(folder).values().iloc[-test:].astype(object).reset_index(drop=True)
     frame["label"] = np.load(folder / "labels.npy")[-test:]
     return frame
 

@@ -2,10 +2,10 @@
 
 import dataclasses
 
-import pandas as pd
 import pytest
 import torch
 
+from flipctr.data.cache import PreparedData
 from flipctr.training.runner import evaluate_run, train_run
 
 from conftest import assert_predicts_as_evaluated, tiny_config
@@ -29,7 +29,7 @@ def test_morec_encodes_each_distinct_item_once_and_reads_it_as_a_field(ml1m_root
     cfg.model.name, cfg.model.plm, cfg.model.plm_trainable_layers = "morec", str(tiny_plm), 0
     metrics = train_run(cfg, tmp_path / "morec", data_root=ml1m_root)
     folder = next((ml1m_root / "cache").iterdir())
-    items = pd.read_parquet(folder / "values.parquet")["movie ID"].nunique()
+    items = PreparedData(folder).values()["movie ID"].nunique()
     assert calls == [items]  # one pass, one row per distinct movie
     assert 0.0 <= metrics["test"]["auc"] <= 1.0
     again = evaluate_run(tmp_path / "morec", data_root=ml1m_root)  # the cached vectors are read back
@@ -94,7 +94,7 @@ def test_ctr_bert_encodes_each_distinct_user_and_item_once(ml1m_root, tiny_plm, 
     cfg = tiny_config(epochs=2)
     cfg.model.name, cfg.model.plm, cfg.model.plm_trainable_layers = "ctr_bert", str(tiny_plm), 0
     metrics = train_run(cfg, tmp_path / "ctr_bert", data_root=ml1m_root)
-    values = pd.read_parquet(next((ml1m_root / "cache").iterdir()) / "values.parquet")
+    values = PreparedData(next((ml1m_root / "cache").iterdir())).values()
     assert calls == [values["user ID"].nunique(), values["movie ID"].nunique()]  # one pass per tower
     assert 0.0 <= metrics["test"]["auc"] <= 1.0
     again = evaluate_run(tmp_path / "ctr_bert", data_root=ml1m_root)  # the cached vectors are read back

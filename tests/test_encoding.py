@@ -46,6 +46,29 @@ def test_encoder_fits_on_train_only_with_oov_and_shared_mask():
     np.testing.assert_array_equal(enc1.transform(test), [[2, 5], [1, 7]])
 
 
+def test_vocabulary_order_is_the_same_from_text_and_from_codes(tmp_path):
+    """Most frequent first, ties by value: fitted on a text table, or on its codes saved and read
+    back (names in another order than sorted), the same vocabulary, counts and ids."""
+    from flipctr.data.table import ValueCodes
+
+    train = pd.DataFrame({"a": ["b", "a", "c", "a", "b", "d", "é", "B"], "b": ["1", "1", "10", "2", "2", "9", "9", "9"]})
+    enc = FeatureEncoder(["a", "b"]).fit(train)
+    assert enc.vocab["a"].to_pylist() == ["a", "b", "B", "c", "d", "é"]  # 2, 2, then 1s by code point
+    assert enc.vocab["b"].to_pylist() == ["9", "1", "2", "10"]
+    text = ValueCodes.from_frame(train, ["a", "b"])
+    flipped = [n[::-1] for n in text.names]  # codes into names in reverse sorted order
+    codes = np.asfortranarray(np.stack([len(n) - 1 - text.codes[:, j] for j, n in enumerate(text.names)], 1))
+    ValueCodes(["a", "b"], codes, flipped).save(tmp_path)
+    codes = ValueCodes.load(tmp_path)
+    assert codes.names[0].to_pylist() == ["é", "d", "c", "b", "a", "B"]
+    from_codes = FeatureEncoder(["a", "b"]).fit(codes, slice(0, 8))
+    assert from_codes.feature_map == enc.feature_map
+    assert all(from_codes.vocab[f].equals(enc.vocab[f]) for f in ["a", "b"])
+    np.testing.assert_array_equal(from_codes.counts, enc.counts)
+    np.testing.assert_array_equal(from_codes.transform(codes), enc.transform(train))
+    np.testing.assert_array_equal(codes.frame().astype(object), train.astype(object))
+
+
 def test_encoder_save_load_roundtrip(tmp_path):
     train = pd.DataFrame({"a": ["x", "y", "x"], "b": ["1", "2", "3"]})
     enc = FeatureEncoder(["a", "b"]).fit(train)

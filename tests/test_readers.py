@@ -211,13 +211,17 @@ def test_custom_order_column_native_parquet_datetimes_and_a_bad_value(tmp_path):
 
 def test_custom_parquet_values_are_categorical_text_as_str_would_give(tmp_path):
     """A Parquet log's fields are read as categoricals from the file's dictionaries (no string
-    per row), each distinct value turned into text once: the same text as ``str`` of each value
+    per row; one dictionary per row group, merged), each distinct value turned into text once: the same text as ``str`` of each value
     (missing -> "unknown"), and the same ids as encoding the plain text."""
+    import pyarrow.parquet as pq
+
     from flipctr.data.encoder import FeatureEncoder
 
     frame = pd.DataFrame({"uid": ["a", "b", None, "a", "c", "b"], "n": [1, 2, 2, 3, 1, 1],
                           "x": [0.5, None, 2.0, 0.5, 1.0, 2.0], "click": [1, 0, 1, 1, 0, 0]})
-    frame.to_parquet(tmp_path / "log.parquet", index=False)
+    # row groups of 2 rows: each has its own dictionary ("c" first seen in the last), merged on reading
+    frame.to_parquet(tmp_path / "log.parquet", index=False, row_group_size=2)
+    assert pq.ParquetFile(tmp_path / "log.parquet").num_row_groups == 3
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"file": "log.parquet", "label": "click",
                                                      "fields": {"user ID": "uid", "count": "n", "score": "x"}},
                                                     sort_keys=False))

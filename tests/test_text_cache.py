@@ -14,6 +14,7 @@ import pytest
 
 from flipctr.data.prompts import PromptBuilder
 from flipctr.data.readers import READERS
+from flipctr.data.table import ValueCodes
 from flipctr.data.text import build_text_cache, prompts_for, tokenize_prompts
 from flipctr.config import DataConfig
 
@@ -64,15 +65,17 @@ def test_assembled_prompts_equal_whole_prompts(tmp_path, name, max_length):
     assert sorted(p.name for p in folder.iterdir()) == ["input_ids.npy", "lengths.npy", "value_spans.npy"]
 
 
-def test_parquet_read_in_chunks_equals_the_table(tmp_path, monkeypatch):
+def test_saved_codes_read_in_chunks_equal_the_table(tmp_path, monkeypatch):
     from flipctr.data import text
 
-    monkeypatch.setattr(text, "CHUNK_ROWS", 7)  # values first seen in later chunks, rows across chunks
+    monkeypatch.setattr(text, "CHUNK_ROWS", 7)  # rows across chunks
     values = _table(tmp_path, "ml-1m")
-    values.to_parquet(tmp_path / "values.parquet", index=False)
+    ValueCodes.from_frame(values, list(values.columns)).save(tmp_path)
+    saved = ValueCodes.load(tmp_path)
+    assert isinstance(saved.codes, np.memmap) and saved.codes.flags.f_contiguous
     tokenizer, builder = _tokenizer(values), PromptBuilder(list(values.columns))
     (tmp_path / "cache").mkdir()
-    report = build_text_cache(tmp_path / "cache", tmp_path / "values.parquet", builder, tokenizer, 30)
+    report = build_text_cache(tmp_path / "cache", saved, builder, tokenizer, 30)
     assert report["method"] == "pieces" and report["distinct_values"]["user ID"] == values["user ID"].nunique()
     _assert_equal(tmp_path / "cache", report, tokenize_prompts(builder.build(values), tokenizer, 30))
 
@@ -114,8 +117,8 @@ def test_custom_data_prompt_length_is_chosen_from_the_data(tmp_path, tiny_plm, c
     words = np.array(["toy", "story", "comedy", "drama", "film", "noir", "action"])
     values = pd.DataFrame({"item": [" ".join(rng.choice(words, k)) for k in rng.integers(1, 40, 400)],
                            "user": rng.integers(0, 50, 400).astype(str)})
-    values.to_parquet(tmp_path / "values.parquet", index=False)
-    data = SimpleNamespace(folder=tmp_path, fields=["item", "user"], name="custom.yaml")
+    codes = ValueCodes.from_frame(values, ["item", "user"])
+    data = SimpleNamespace(folder=tmp_path, fields=["item", "user"], name="custom.yaml", value_codes=lambda: codes)
     full = tokenize_prompts(PromptBuilder(data.fields).build(values), tokenizer, 10_000)
     with caplog.at_level(logging.INFO, logger="flipctr"):
         text = prompts_for(data, DataConfig("custom.yaml"), str(tiny_plm))

@@ -28,9 +28,9 @@ from .errors import DataError
 from .readers import DEFAULT_ORDER, READERS, LabelRule, read_custom
 from .sources import SOURCES, raw_dir
 from .splits import SplitSizes, order_table, split_sizes
-from .table import Table
+from .table import RowFile, Table, ValueCodes
 
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: values as codes + distinct names (value_codes.npy, value_names.parquet)
 FIT_SPLITS = ("train", "train+valid")
 
 
@@ -128,15 +128,19 @@ class PreparedData:
         start, stop = self.sizes.bounds(name)
         return self.encoding(fit_split).ids[start:stop], self.labels[start:stop]
 
+    def value_codes(self) -> ValueCodes:
+        """Every row's values as codes into each field's distinct values (memory-mapped), in split order."""
+        return ValueCodes.load(self.folder)
+
     def values(self) -> pd.DataFrame:
-        """The text values of every field (for prompts), in split order."""
-        return pd.read_parquet(self.folder / "values.parquet")
+        """The text values of every field, in split order (categorical columns; the whole table in memory)."""
+        return self.value_codes().frame()
 
     def stats(self) -> dict:
         """Counts; features per field both as fitted on train (the model's vocabulary, OOV slot
         included) and as distinct values over all samples (how the paper's Table 1 counts)."""
         enc = self.encoding("train")
-        distinct = self.values().nunique()
+        distinct = dict(zip(self.fields, (len(n) for n in self.value_codes().names), strict=True))
         return {
             "dataset": self.name,
             "samples": self.sizes.total,
@@ -148,7 +152,7 @@ class PreparedData:
             "features_per_field_fit_on_train": {f.name: f.size for f in enc.feature_map.fields},
             "num_features_fit_on_train": enc.feature_map.num_features,
             "features_per_field_all_samples": {f: int(distinct[f]) for f in self.fields},
-            "num_features_all_samples": int(distinct.sum()),
+            "num_features_all_samples": int(sum(distinct.values())),
             "cache": str(self.folder),
         }
 
@@ -180,18 +184,21 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
     if cfg.limit is not None:
         table = table.take(slice(0, int(cfg.limit)))
     sizes = split_sizes(len(table), cfg.test_fraction, cfg.valid_fraction)
+    values = ValueCodes.from_frame(table.values, table.fields)
+    name, fields, labels = table.name, table.fields, table.labels
+    del table  # the codes hold the values now
     with atomic_dir(folder) as tmp:
-        np.save(tmp / "labels.npy", np.ascontiguousarray(table.labels, dtype=np.int8))
-        table.values.to_parquet(tmp / "values.parquet", index=False)
+        np.save(tmp / "labels.npy", np.ascontiguousarray(labels, dtype=np.int8))
+        values.save(tmp)
         for fit_split in FIT_SPLITS:
             start, stop = sizes.bounds(fit_split)
-            encoder = FeatureEncoder(table.fields, cfg.min_count).fit(table.values.iloc[start:stop])
+            encoder = FeatureEncoder(fields, cfg.min_count).fit(values, slice(start, stop))
             sub = tmp / _encoding_dir(fit_split)
             sub.mkdir()
-            np.save(sub / "ids.npy", encoder.transform(table.values))
+            encoder.transform(values, out=RowFile.create(sub / "ids.npy", encoder.dtype, (len(values), len(fields))))
             encoder.save(sub)
         write_json(tmp / "meta.json", {
-            "name": table.name, "fields": table.fields, "order": order,
+            "name": name, "fields": fields, "order": order,
             "sizes": asdict(sizes), "config": asdict(cfg), "raw_sha256": checksums,
             "cache_version": CACHE_VERSION,
         })

@@ -18,7 +18,6 @@ import itertools
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from .prompts import PromptBuilder
 
@@ -35,13 +34,14 @@ def special_tokens(tokenizer) -> tuple[list[int], list[int]]:
 
 
 class PieceTokenizer:
-    """Distinct values of each field, tokenized once as they are first seen (:meth:`codes`), and
-    rows assembled from them (:meth:`assemble`)."""
+    """Each field's distinct values (``names[j]``, in code order) tokenized once, and rows of codes
+    into them assembled (:meth:`assemble`)."""
 
-    def __init__(self, tokenizer, builder: PromptBuilder):
+    def __init__(self, tokenizer, builder: PromptBuilder, names: list[pa.Array]):
         from tokenizers import Tokenizer
 
         self.fields = builder.fields
+        self.names = names
         # a copy without the truncation and padding that calls on the tokenizer leave set
         self.backend = Tokenizer.from_str(tokenizer.backend_tokenizer.to_str())
         self.backend.no_truncation()
@@ -54,74 +54,44 @@ class PieceTokenizer:
         suffix = self._tokens([builder.suffix])[0]
         self.suffix_len = len(suffix)
         # the pool every row's tokens are gathered from: specials, heads, suffix, then each field's values
-        self._fixed = np.array([*self.pre, *self.post, *itertools.chain(*heads), *suffix], dtype=np.int64)
+        fixed = np.array([*self.pre, *self.post, *itertools.chain(*heads), *suffix], dtype=np.int64)
         self.head_src = len(self.pre) + len(self.post) + np.concatenate([[0], np.cumsum(self.head_len)[:-1]])
         self.suffix_src = len(self.pre) + len(self.post) + int(self.head_len.sum())
-        self.index: list[dict[str, int]] = [{} for _ in self.fields]
-        self._parts: list[list[tuple[np.ndarray, np.ndarray, np.ndarray]]] = [[] for _ in self.fields]
-        self._pool: np.ndarray | None = None
-        self._values: dict[int, np.ndarray] = {}
-
-    def _tokens(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-
-    def codes(self, columns: dict[str, pa.Array]) -> np.ndarray:
-        """Each row's code of each field's value (B, F) int32; values seen for the first time
-        are tokenized (each once)."""
-        n = len(next(iter(columns.values())))
-        out = np.empty((n, len(self.fields)), dtype=np.int32)
-        for j, name in enumerate(self.fields):
-            column = columns[name]
-            if not pa.types.is_string(column.type) and not pa.types.is_large_string(column.type):
-                column = pc.cast(column, pa.string())
-            encoded = pc.dictionary_encode(pc.fill_null(column, "None"))
-            seen, index = len(self.index[j]), self.index[j]
-            uniques = encoded.dictionary.to_pylist()
-            code = np.fromiter((index.setdefault(v, len(index)) for v in uniques), dtype=np.int64,
-                               count=len(uniques))
-            new = [v for v, c in zip(uniques, code) if c >= seen]  # in code order: setdefault counts up
-            if new:
-                self._add(j, new)
-            out[:, j] = code[encoded.indices.to_numpy(zero_copy_only=False)]
-        return out
-
-    def _add(self, field: int, values: list[str]) -> None:
-        encodings = self.backend.encode_batch(values, add_special_tokens=False)
-        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(values))
-        ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64,
-                          count=int(lengths.sum()))
-        # whole-prompt rule: a value is complete when the kept tokens reach its last character;
-        # characters after its last token (a trailing space) are reached only by a later token
-        tail = np.fromiter((bool(e.ids) and e.offsets[-1][1] >= len(v) for e, v in zip(encodings, values)),
-                           dtype=bool, count=len(values))
-        self._parts[field].append((ids, lengths, tail))
-        self._pool = None
-
-    def value_array(self, field: int) -> np.ndarray:
-        """The distinct values of a field, by code (object array)."""
-        cached = self._values.get(field)
-        if cached is None or len(cached) != len(self.index[field]):
-            cached = self._values[field] = np.array(list(self.index[field]), dtype=object)
-        return cached
-
-    def _finish(self) -> None:
-        """Each field's tokens joined into the pool, with each value's start, length and tail."""
-        pool, self.start, self.length, self.tail = [self._fixed], [], [], []
-        offset = len(self._fixed)
-        for parts in self._parts:
-            ids = np.concatenate([p[0] for p in parts]) if parts else np.zeros(0, np.int64)
-            lengths = np.concatenate([p[1] for p in parts]) if parts else np.zeros(0, np.int64)
-            self.tail.append(np.concatenate([p[2] for p in parts]) if parts else np.zeros(0, bool))
+        pool, self.start, self.length, self.tail = [fixed], [], [], []
+        offset = len(fixed)
+        for values in names:
+            ids, lengths, tail = self._values(values)
             self.start.append(offset + np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64))
             self.length.append(lengths)
+            self.tail.append(tail)
             pool.append(ids)
             offset += len(ids)
         self._pool = np.concatenate(pool)
 
+    def _tokens(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
+
+    def _values(self, values: pa.Array, batch: int = 100_000) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """A field's values tokenized: their tokens end to end, each one's token count, and whether
+        its tokens reach its last character."""
+        ids, lengths, tails = [], [], []
+        for start in range(0, len(values), batch):
+            texts = values.slice(start, batch).to_pylist()
+            encodings = self.backend.encode_batch(texts, add_special_tokens=False)
+            count = np.fromiter((len(e.ids) for e in encodings), dtype=np.int64, count=len(texts))
+            ids.append(np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), dtype=np.int64,
+                                   count=int(count.sum())))
+            lengths.append(count)
+            # whole-prompt rule: a value is complete when the kept tokens reach its last character;
+            # characters after its last token (a trailing space) are reached only by a later token
+            tails.append(np.fromiter((bool(e.ids) and e.offsets[-1][1] >= len(v) for e, v in zip(encodings, texts)),
+                                     dtype=bool, count=len(texts)))
+        if not ids:
+            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool)
+        return np.concatenate(ids), np.concatenate(lengths), np.concatenate(tails)
+
     def content_lengths(self, codes: np.ndarray) -> np.ndarray:
         """Tokens of each row's prompt without special tokens or truncation (B,)."""
-        if self._pool is None:
-            self._finish()
         total = np.full(len(codes), int(self.head_len.sum()) + self.suffix_len * len(self.fields), np.int64)
         for j in range(len(self.fields)):
             total += self.length[j][codes[:, j]]
@@ -132,8 +102,6 @@ class PieceTokenizer:
         """Rows of ``codes`` (B, F) as the tokenizer would give their prompts, cut at ``max_length``:
         ids (B, ``width``) right-padded with ``pad``, lengths (B,) and value spans (B, F, 2) ((0, 0)
         for a value cut by the truncation)."""
-        if self._pool is None:
-            self._finish()
         n, fields = codes.shape
         budget = max_length - len(self.pre) - len(self.post)
         seg_len = np.empty((n, 3 * fields), dtype=np.int64)

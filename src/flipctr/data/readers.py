@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -18,7 +20,7 @@ import yaml
 from pandas.api.types import union_categoricals
 
 from .errors import DataError
-from .table import Table
+from .table import Table, as_categorical, is_text, text_codes
 
 ML1M_AGE = {"1": "under 18", "18": "18-24", "25": "25-34", "35": "35-44", "45": "45-49",
             "50": "50-55", "56": "56+"}
@@ -342,29 +344,53 @@ def field_values(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
 
 
 def _as_text(column: pd.Series, unknown: tuple[str, ...] = ()) -> pd.Series:
-    """A column as categorical text: each category as ``str`` gives it (values that print alike,
-    1 and "1", become one), missing values and those of ``unknown`` "unknown"."""
-    column = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
-    text = column.cat.categories.astype(str).to_numpy(dtype=object)
-    if unknown:
-        text[np.isin(text, list(unknown))] = "unknown"
-    # "unknown" appended last: a missing value's code -1 picks it from the inverse
-    names, inverse = np.unique(np.append(text, "unknown").astype(object), return_inverse=True)
-    codes = inverse[column.cat.codes.to_numpy()]
-    return pd.Series(pd.Categorical.from_codes(codes, categories=pd.Index(names, dtype=object)), index=column.index)
+    """A column as categorical text (:func:`~.table.text_codes`)."""
+    if not unknown and is_text(column):
+        return column
+    return pd.Series(as_categorical(*text_codes(column, unknown)), index=column.index)
 
 
 def _read_parquet_columns(path: Path, columns: list[str], categorical: list[str]) -> pd.DataFrame:
-    """The named columns of a Parquet file; the ``categorical`` ones that hold text read as
-    categoricals straight from the file's dictionaries (no Python string per row)."""
+    """The named columns of a Parquet file, a column per task (one per core); the ``categorical`` ones that
+    hold text read as categoricals straight from the file's dictionaries (no Python string per
+    row, :func:`_dictionary_column`)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(path)
-    present = [c for c in dict.fromkeys(columns) if c in schema.names]
-    text = [c for c in present if c in categorical and (pa.types.is_string(schema.field(c).type)
-                                                        or pa.types.is_large_string(schema.field(c).type))]
-    return pq.read_table(path, columns=present, read_dictionary=text).to_pandas()
+
+    def read(name: str):
+        kind = schema.field(name).type
+        if name in categorical and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            return _dictionary_column(pq.read_table(path, columns=[name], read_dictionary=[name]).column(0))
+        return pq.read_table(path, columns=[name]).column(0).to_pandas()
+
+    names = [c for c in dict.fromkeys(columns) if c in schema.names]
+    with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1) or 1) as pool:  # arrow and numpy release the GIL
+        return pd.DataFrame(dict(zip(names, pool.map(read, names), strict=True)))
+
+
+def _dictionary_column(column) -> pd.Categorical:
+    """A dictionary-encoded arrow column as one categorical. Each row group has its own
+    dictionary (shared by its batches): the distinct dictionaries are put end to end and
+    encoded in one pass, which gives every entry its code in the merged categories."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    dictionaries: list = []
+    starts, parts = [], []
+    for chunk in column.chunks:
+        if not dictionaries or not chunk.dictionary.equals(dictionaries[-1]):
+            starts.append(sum(len(d) for d in dictionaries))
+            dictionaries.append(chunk.dictionary)
+        parts.append((starts[-1], pc.fill_null(chunk.indices, -1).to_numpy()))
+    # large_string: the dictionaries together may pass 2 GiB of text
+    merged = pc.dictionary_encode(pa.concat_arrays([d.cast(pa.large_string()) for d in dictionaries])
+                                  if dictionaries else pa.array([], pa.large_string()))
+    code_of = merged.indices.to_numpy().astype(np.int32)
+    codes = np.concatenate([np.where(local >= 0, code_of[start + local], -1) for start, local in parts]
+                           or [np.zeros(0, np.int32)]).astype(np.int32)
+    return as_categorical(codes, merged.dictionary)
 
 
 def order_key(column: pd.Series, source: str) -> np.ndarray:

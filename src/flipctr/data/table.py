@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from .errors import DataError
 
@@ -46,3 +51,137 @@ class Table:
         time = None if self.time is None else self.time.iloc[rows].reset_index(drop=True)
         return Table(self.name, self.fields, self.values.iloc[rows].reset_index(drop=True),
                      self.labels[rows], time)
+
+
+def is_text(column: pd.Series) -> bool:
+    """Whether a column is categorical text as :func:`text_codes` gives it: string categories,
+    each used by some row, no missing value."""
+    if not isinstance(column.dtype, pd.CategoricalDtype) or not pd.api.types.is_string_dtype(column.cat.categories):
+        return False
+    codes = column.cat.codes.to_numpy()
+    return codes.size == 0 or (codes.min() >= 0 and bool(np.bincount(codes, minlength=len(column.cat.categories)).all()))
+
+
+def text_codes(column: pd.Series, unknown: tuple[str, ...] = ()) -> tuple[np.ndarray, pa.Array]:
+    """A column as ``(codes (N,) int32, names)``: each row's value as text (``str`` of it; values
+    that print alike, 1 and "1", are one), missing values and those in ``unknown`` "unknown",
+    names (an arrow string array, distinct) holding only values some row has. Each DISTINCT
+    value is turned into text once: the cost is one pass over the codes plus one over the
+    categories (none when they are text already, distinct and used)."""
+    column = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
+    categories, codes = column.cat.categories, column.cat.codes.to_numpy()
+    if not unknown and is_text(column):
+        return codes.astype(np.int32), pa.array(categories, pa.large_string())
+    text = np.append(categories.astype(str).to_numpy(dtype=object), "unknown")
+    if unknown:
+        text[np.isin(text, list(unknown))] = "unknown"
+    codes = codes.astype(np.int32)
+    codes[codes < 0] = len(text) - 1  # missing -> the "unknown" appended last
+    used = np.flatnonzero(np.bincount(codes, minlength=len(text)))
+    inverse, names = pd.factorize(text[used])  # first appearance order; equal texts merged
+    remap = np.zeros(len(text), dtype=np.int32)
+    remap[used] = inverse
+    return remap[codes], pa.array(np.asarray(names, dtype=object), pa.large_string())
+
+
+def as_categorical(codes: np.ndarray, names: pa.Array) -> pd.Categorical:
+    """Codes into distinct text ``names`` as a categorical (its categories held by arrow)."""
+    categories = pd.Index(pd.array(names.cast(pa.large_string()), dtype=pd.StringDtype("pyarrow")))
+    return pd.Categorical.from_codes(codes, categories=categories, validate=False)
+
+
+@dataclass
+class ValueCodes:
+    """Every row's value of every field as a code into that field's distinct values: the text
+    table in the form the encoders and the text cache read, without a string per row.
+
+    ``codes`` is ``(N, F)`` int32, column-major (a field's codes are contiguous, and so is each
+    field's part of a range of rows); ``names[j]`` holds field ``j``'s distinct values (arrow
+    strings), in code order, each used by some row.
+    """
+
+    fields: list[str]
+    codes: np.ndarray
+    names: list[pa.Array]
+
+    CODES_FILE = "value_codes.npy"
+    NAMES_FILE = "value_names.parquet"
+
+    def __post_init__(self) -> None:
+        self._ranks: dict[int, np.ndarray] = {}
+
+    def __len__(self) -> int:
+        return len(self.codes)
+
+    @classmethod
+    def from_frame(cls, values: pd.DataFrame, fields: list[str]) -> "ValueCodes":
+        """The fields of a text table (columns of any type, as :func:`text_codes` reads them)."""
+        codes = np.empty((len(values), len(fields)), dtype=np.int32, order="F")
+        names = []
+        for j, name in enumerate(fields):
+            codes[:, j], field_names = text_codes(values[name])
+            names.append(field_names)
+        return cls(list(fields), codes, names)
+
+    def frame(self) -> pd.DataFrame:
+        """The text table: one categorical column per field."""
+        return pd.DataFrame({name: as_categorical(np.asarray(self.codes[:, j]), self.names[j])
+                             for j, name in enumerate(self.fields)})
+
+    def rows(self, start: int, stop: int) -> np.ndarray:
+        """The codes of rows ``[start, stop)``, ``(n, F)`` in memory."""
+        return np.ascontiguousarray(self.codes[start:stop])
+
+    def rank(self, field: int) -> np.ndarray:
+        """Each code's position when field ``field``'s names are sorted (code point order)."""
+        if field not in self._ranks:
+            rank = np.empty(len(self.names[field]), dtype=np.int64)
+            rank[pc.sort_indices(self.names[field]).to_numpy()] = np.arange(len(rank))
+            self._ranks[field] = rank
+        return self._ranks[field]
+
+    def save(self, folder: Path) -> None:
+        np.save(folder / self.CODES_FILE, self.codes)  # keeps the column-major layout
+        field = np.repeat(np.arange(len(self.fields), dtype=np.int32), [len(n) for n in self.names])
+        value = pa.concat_arrays([n.cast(pa.large_string()) for n in self.names]) if self.names else pa.array([], pa.large_string())
+        table = pa.table({"field": field, "value": value})
+        pq.write_table(table.replace_schema_metadata({"fields": json.dumps(self.fields)}), folder / self.NAMES_FILE)
+
+    @classmethod
+    def load(cls, folder: Path) -> "ValueCodes":
+        """Codes memory-mapped, names read."""
+        table = pq.read_table(folder / cls.NAMES_FILE)
+        fields = json.loads(table.schema.metadata[b"fields"])
+        value = table.column("value").combine_chunks().cast(pa.large_string())
+        bounds = np.searchsorted(table.column("field").to_numpy(), np.arange(len(fields) + 1))
+        return cls(fields, np.load(folder / cls.CODES_FILE, mmap_mode="r"),
+                   [value.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])])
+
+
+class RowFile:
+    """A ``.npy`` array on disk, written and read a chunk of rows at a time through a memory map
+    opened for that chunk alone: pages of other chunks do not stay in the process, so its memory
+    is a chunk's, whatever the rows."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    @classmethod
+    def create(cls, path: Path, dtype, shape: tuple[int, ...]) -> "RowFile":
+        np.lib.format.open_memmap(path, "w+", dtype, shape).flush()  # sized, not written
+        return cls(path)
+
+    def write(self, start: int, rows: np.ndarray) -> None:
+        out = np.lib.format.open_memmap(self.path, "r+")
+        out[start:start + len(rows)] = rows
+        out.flush()
+        del out
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        return self.take(slice(start, stop))
+
+    def take(self, index: slice | np.ndarray) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r")
+        out = np.array(mapped[index])
+        del mapped
+        return out

@@ -18,18 +18,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Iterator
+from typing import TYPE_CHECKING, Iterable
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
-import pyarrow.parquet as pq
 
 from ..config import DataConfig
 from ..utils import atomic_dir
 from .lm_files import load_tokenizer
 from .pieces import PieceTokenizer
 from .prompts import PromptBuilder, Prompts, prompt_length
+from .table import RowFile, ValueCodes
 
 if TYPE_CHECKING:
     from .cache import PreparedData
@@ -123,29 +122,18 @@ def encoder_max_length(tokenizer) -> int:
     return int(limit) if limit and limit < 100_000 else 512
 
 
-def _batches(values: pd.DataFrame | Path, fields: list[str]) -> Iterator[dict[str, pa.Array]]:
-    """The text table in chunks of arrow columns: from a DataFrame, or read from a Parquet file
-    a record batch at a time."""
-    if isinstance(values, pd.DataFrame):
-        for start in range(0, len(values), CHUNK_ROWS):
-            part = values.iloc[start:start + CHUNK_ROWS]
-            yield {name: pa.array(part[name].astype(str).to_numpy(dtype=object), pa.string()) for name in fields}
-    else:
-        for batch in pq.ParquetFile(values).iter_batches(batch_size=CHUNK_ROWS, columns=fields):
-            yield {name: batch.column(name) for name in fields}
-
-
 def _whole_prompts(builder: PromptBuilder, pieces: PieceTokenizer, codes: np.ndarray, tokenizer,
                    max_length: int) -> TokenizedPrompts:
     """Rows of ``codes`` tokenized as whole prompts (the reference the pieces are checked against)."""
-    table = pd.DataFrame({name: pieces.value_array(j)[codes[:, j]] for j, name in enumerate(builder.fields)})
+    table = pd.DataFrame({name: pieces.names[j].take(codes[:, j]).to_numpy(zero_copy_only=False)
+                          for j, name in enumerate(builder.fields)})
     return tokenize_prompts(builder.build(table), tokenizer, max_length)
 
 
-def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptBuilder, tokenizer,
+def build_text_cache(folder: Path, values: pd.DataFrame | ValueCodes, builder: PromptBuilder, tokenizer,
                      max_length: int | None, seed: int = 0) -> dict:
     """Write ``input_ids.npy``, ``lengths.npy``, ``value_spans.npy`` and return the report, for
-    every row of ``values`` (a DataFrame, or the prepared table's ``values.parquet``).
+    every row of ``values`` (a text table, or the prepared table's codes).
 
     The rows are assembled from each distinct value's tokens (:class:`~.pieces.PieceTokenizer`),
     after checking on a seeded sample of rows (and the longest ones) that this gives the
@@ -154,17 +142,16 @@ def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptB
     lengths, capped at the encoder's maximum."""
     tick = time.perf_counter()
     fields, pad = builder.fields, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    pieces = PieceTokenizer(tokenizer, builder)
-    rows = len(values) if isinstance(values, pd.DataFrame) else pq.ParquetFile(values).metadata.num_rows
+    if isinstance(values, pd.DataFrame):
+        values = ValueCodes.from_frame(values, fields)
+    elif values.fields != fields:
+        values = ValueCodes(fields, values.codes[:, [values.fields.index(f) for f in fields]],
+                            [values.names[values.fields.index(f)] for f in fields])
+    pieces = PieceTokenizer(tokenizer, builder, values.names)
+    rows = len(values)
     chunks = [(start, min(start + CHUNK_ROWS, rows)) for start in range(0, rows, CHUNK_ROWS)]
-    codes = RowFile.create(folder / "codes.npy", np.int32, (rows, len(fields)))  # removed when done
-    row = 0
-    for columns in _batches(values, fields):
-        part = pieces.codes(columns)
-        codes.write(row, part)
-        row += len(part)
     specials = len(pieces.pre) + len(pieces.post)
-    content = np.concatenate([pieces.content_lengths(codes.read(a, b)) for a, b in chunks] or [np.zeros(0, np.int64)])
+    content = np.concatenate([pieces.content_lengths(values.rows(a, b)) for a, b in chunks] or [np.zeros(0, np.int64)])
     chosen = "data.max_length"
     if max_length is None:
         p99 = int(np.ceil(np.percentile(content + specials, 99))) if rows else specials
@@ -172,7 +159,7 @@ def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptB
     rng = np.random.default_rng(seed)
     longest = np.argpartition(content, -20)[-20:] if rows > 20 else np.arange(rows)
     check = np.unique(np.concatenate([rng.choice(rows, min(CHECK_ROWS, rows), replace=False), longest]))
-    sample = codes.take(check)
+    sample = np.ascontiguousarray(values.codes[check])
     whole = _whole_prompts(builder, pieces, sample, tokenizer, max_length)
     ids, lengths, spans = pieces.assemble(sample, max_length, max_length, pad)
     width = whole.input_ids.shape[1]
@@ -192,9 +179,9 @@ def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptB
     value_spans = RowFile.create(folder / "value_spans.npy", np.int32, (rows, len(fields), 2))
     for start, stop in chunks:
         if method == "pieces":
-            ids, _, spans = pieces.assemble(codes.read(start, stop), max_length, width, pad)
+            ids, _, spans = pieces.assemble(values.rows(start, stop), max_length, width, pad)
         else:
-            tok = _whole_prompts(builder, pieces, codes.read(start, stop), tokenizer, max_length)
+            tok = _whole_prompts(builder, pieces, values.rows(start, stop), tokenizer, max_length)
             ids = np.full((stop - start, width), pad, np.int64)
             ids[:, :tok.input_ids.shape[1]] = tok.input_ids
             spans, lengths[start:stop] = tok.value_spans, tok.lengths
@@ -206,42 +193,12 @@ def build_text_cache(folder: Path, values: pd.DataFrame | Path, builder: PromptB
             cut.write(start, input_ids.read(start, stop)[:, :int(lengths.max())])
         cut.path.replace(input_ids.path)
     np.save(folder / "lengths.npy", lengths)
-    codes.path.unlink()
     report = truncation_report(lengths, (value_spans.read(a, b) for a, b in chunks), fields, max_length)
     report.update(method=method, max_length_from=chosen, checked_rows=int(len(check)),
-                  distinct_values=dict(zip(fields, (len(ix) for ix in pieces.index), strict=True)),
+                  distinct_values=dict(zip(fields, (len(n) for n in values.names), strict=True)),
                   tokens_p99_untruncated=float(np.percentile(content + specials, 99)) if rows else 0.0,
                   seconds=round(time.perf_counter() - tick, 1))
     return report
-
-
-class RowFile:
-    """A ``.npy`` array on disk, written and read a chunk of rows at a time through a memory map
-    opened for that chunk alone: pages of other chunks do not stay in the process, so its memory
-    is a chunk's, whatever the rows."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    @classmethod
-    def create(cls, path: Path, dtype, shape: tuple[int, ...]) -> "RowFile":
-        np.lib.format.open_memmap(path, "w+", dtype, shape).flush()  # sized, not written
-        return cls(path)
-
-    def write(self, start: int, rows: np.ndarray) -> None:
-        out = np.lib.format.open_memmap(self.path, "r+")
-        out[start:start + len(rows)] = rows
-        out.flush()
-        del out
-
-    def read(self, start: int, stop: int) -> np.ndarray:
-        return self.take(slice(start, stop))
-
-    def take(self, index: slice | np.ndarray) -> np.ndarray:
-        mapped = np.load(self.path, mmap_mode="r")
-        out = np.array(mapped[index])
-        del mapped
-        return out
 
 
 def truncation_report(lengths: np.ndarray, spans: Iterable[np.ndarray], fields: list[str], max_length: int) -> dict:
@@ -265,10 +222,10 @@ def truncation_report(lengths: np.ndarray, spans: Iterable[np.ndarray], fields: 
     }
 
 
-def load_or_build_text(data_folder: Path, values: pd.DataFrame | Path, fields: list[str], tokenizer,
+def load_or_build_text(data_folder: Path, values: pd.DataFrame | ValueCodes, fields: list[str], tokenizer,
                        max_length: int | None) -> TokenizedPrompts:
     """Tokenized prompts of all rows of a prepared dataset, from its cache or built once
-    (:func:`build_text_cache`) from ``values``: the text table, or the path of its Parquet file.
+    (:func:`build_text_cache`) from ``values``: the text table, or its codes.
     ``max_length`` None: chosen from the data (see :func:`build_text_cache`)."""
     builder = PromptBuilder(fields)
     folder = text_cache_dir(data_folder, tokenizer, max_length, builder)
@@ -287,7 +244,7 @@ def prompts_for(data: "PreparedData", cfg: DataConfig, plm: str) -> TokenizedPro
     at :func:`~.prompts.prompt_length` (None: from the data); cached beside the encoded table,
     the truncation logged (a warning when more than 1 % of the rows lose a field)."""
     tokenizer = load_tokenizer(plm)
-    text = load_or_build_text(data.folder, data.folder / "values.parquet", data.fields, tokenizer,
+    text = load_or_build_text(data.folder, data.value_codes(), data.fields, tokenizer,
                               prompt_length(cfg, data.name))
     report = text.report
     log.info("prompts: %.1f tokens on average (p95 %.0f, max %d); %d samples lost %d fields to "
