@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -190,13 +191,17 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
     with atomic_dir(folder) as tmp:
         np.save(tmp / "labels.npy", np.ascontiguousarray(labels, dtype=np.int8))
         values.save(tmp)
-        for fit_split in FIT_SPLITS:
+
+        def encode(fit_split: str) -> None:
             start, stop = sizes.bounds(fit_split)
             encoder = FeatureEncoder(fields, cfg.min_count).fit(values, slice(start, stop))
             sub = tmp / _encoding_dir(fit_split)
             sub.mkdir()
             encoder.transform(values, out=RowFile.create(sub / "ids.npy", encoder.dtype, (len(values), len(fields))))
             encoder.save(sub)
+
+        with ThreadPoolExecutor(len(FIT_SPLITS)) as pool:  # numpy and arrow release the GIL: one core each
+            list(pool.map(encode, FIT_SPLITS))
         write_json(tmp / "meta.json", {
             "name": name, "fields": fields, "order": order,
             "sizes": asdict(sizes), "config": asdict(cfg), "raw_sha256": checksums,

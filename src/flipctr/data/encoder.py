@@ -78,7 +78,7 @@ class FeatureEncoder:
         self.counts: np.ndarray | None = None  # training frequency per global id
         self.feature_map: FeatureMap | None = None
         # per field, the codes fitted on: (their names, each code's local id): transform looks nothing up again
-        self._fitted: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._fitted: dict[str, tuple[pa.Array, np.ndarray]] = {}
 
     def fit(self, values: pd.DataFrame | ValueCodes, rows: slice = slice(None)) -> "FeatureEncoder":
         """Vocabularies of the ``rows`` of ``values`` (a text table, or its codes): per field the

@@ -370,6 +370,42 @@ def _read_parquet_columns(path: Path, columns: list[str], categorical: list[str]
         return pd.DataFrame(dict(zip(names, pool.map(read, names), strict=True)))
 
 
+CSV_BLOCK_BYTES = 16 << 20  # a custom CSV is parsed this many bytes at a time
+
+
+def _read_csv_columns(path: Path, sep: str, columns: list[str], categorical: list[str]) -> pd.DataFrame:
+    """The named columns of a CSV file, as text (empty -> missing), read a block at a time; the
+    ``categorical`` ones dictionary-encoded per block, so no column is ever held as a string per
+    row (:func:`_dictionary_column` merges the blocks' dictionaries)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.csv as pcsv
+
+    parse = pcsv.ParseOptions(delimiter=sep, newlines_in_values=True)
+    try:
+        with pcsv.open_csv(path, parse_options=parse) as head:
+            header = head.schema.names
+        present = [c for c in dict.fromkeys(columns) if c in header]
+        convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in header}, include_columns=present,
+                                      strings_can_be_null=True, null_values=[""])
+        parts: dict[str, list] = {c: [] for c in present}
+        with pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES), parse_options=parse,
+                           convert_options=convert) as reader:
+            for batch in reader:
+                for c in present:
+                    column = batch.column(c)
+                    parts[c].append(pc.dictionary_encode(column) if c in categorical else column)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not a {sep!r}-separated CSV with a header line ({err})") from err
+    out = {}
+    for c in present:
+        if c in categorical:
+            out[c] = _dictionary_column(pa.chunked_array(parts[c], pa.dictionary(pa.int32(), pa.string())))
+        else:
+            out[c] = pa.chunked_array(parts[c], pa.string()).to_pandas()
+    return pd.DataFrame(out)
+
+
 def _dictionary_column(column) -> pd.Categorical:
     """A dictionary-encoded arrow column as one categorical. Each row group has its own
     dictionary (shared by its batches): the distinct dictionaries are put end to end and
@@ -482,13 +518,13 @@ def read_custom(schema_path: str | Path) -> Table:
     fields: dict[str, str] = dict(schema["fields"])
     rule = LabelRule.from_schema(schema["label"])
     order_col = schema.get("order")
+    others = [rule.column, *([order_col] if order_col else [])]
     if path.suffix == ".parquet":
-        others = [rule.column, *([order_col] if order_col else [])]
         frame = _read_parquet_columns(path, [*fields.values(), *others],
                                       categorical=[c for c in fields.values() if c not in others])
     else:
-        frame = pd.read_csv(path, sep=schema.get("sep", ","), dtype=str, keep_default_na=False,
-                            na_values=[""])
+        frame = _read_csv_columns(path, schema.get("sep", ","), [*fields.values(), *others],
+                                  categorical=[c for c in fields.values() if c not in others])
     for col in [*fields.values(), rule.column, *([order_col] if order_col else [])]:
         if col not in frame.columns:
             raise DataError(f"{path}: column {col!r} named in {schema_path} is missing "
