@@ -230,13 +230,17 @@ def test_custom_order_column_native_parquet_datetimes_and_a_bad_value(tmp_path):
         read_custom(tmp_path / "s.yaml")
 
 
-def test_custom_parquet_values_are_categorical_text_as_str_would_give(tmp_path):
+@pytest.mark.parametrize("large_dictionary", [64 << 10, 0])  # merged row-group dictionaries | each row encoded
+def test_custom_parquet_values_are_categorical_text_as_str_would_give(tmp_path, monkeypatch, large_dictionary):
     """A Parquet log's fields are read as categoricals from the file's dictionaries (no string
     per row; one dictionary per row group, merged), each distinct value turned into text once: the same text as ``str`` of each value
     (missing -> "unknown"), and the same ids as encoding the plain text."""
     import pyarrow.parquet as pq
 
+    from flipctr.data import readers
     from flipctr.data.encoder import FeatureEncoder
+
+    monkeypatch.setattr(readers, "LARGE_DICTIONARY_BYTES", large_dictionary)
 
     frame = pd.DataFrame({"uid": ["a", "b", None, "a", "c", "b"], "n": [1, 2, 2, 3, 1, 1],
                           "x": [0.5, None, 2.0, 0.5, 1.0, 2.0], "click": [1, 0, 1, 1, 0, 0]})

@@ -201,6 +201,7 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
             encoder.save(sub)
 
         with ThreadPoolExecutor(len(FIT_SPLITS)) as pool:  # numpy and arrow release the GIL: one core each
+            list(pool.map(values.rank, range(len(fields))))  # the value order both fits break ties by, once
             list(pool.map(encode, FIT_SPLITS))
         write_json(tmp / "meta.json", {
             "name": name, "fields": fields, "order": order,

@@ -350,20 +350,35 @@ def _as_text(column: pd.Series, unknown: tuple[str, ...] = ()) -> pd.Series:
     return pd.Series(as_categorical(*text_codes(column, unknown)), index=column.index)
 
 
+LARGE_DICTIONARY_BYTES = 64 << 10  # a row group's dictionary page of a high-cardinality text column
+
+
 def _read_parquet_columns(path: Path, columns: list[str], categorical: list[str]) -> pd.DataFrame:
-    """The named columns of a Parquet file, a column per task (one per core); the ``categorical`` ones that
-    hold text read as categoricals straight from the file's dictionaries (no Python string per
-    row, :func:`_dictionary_column`)."""
+    """The named columns of a Parquet file, a column per task (one per core); the ``categorical``
+    ones that hold text read as categoricals, no Python string per row: from the row groups'
+    dictionaries, merged (:func:`_dictionary_column`), or, where there are several large ones
+    (a high-cardinality column), by encoding the column's text once."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(path)
+    meta = pq.ParquetFile(path).metadata
+    chunks = {name: [meta.row_group(g).column(j) for g in range(meta.num_row_groups)]
+              for j, name in enumerate(meta.schema.names)}
 
     def read(name: str):
         kind = schema.field(name).type
-        if name in categorical and (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            return _dictionary_column(pq.read_table(path, columns=[name], read_dictionary=[name]).column(0))
-        return pq.read_table(path, columns=[name]).column(0).to_pandas()
+        if name not in categorical or not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            return pq.read_table(path, columns=[name]).column(0).to_pandas()
+        dictionary_bytes = [c.data_page_offset - c.dictionary_page_offset for c in chunks.get(name, [])
+                            if c.has_dictionary_page and c.dictionary_page_offset is not None]
+        if len(dictionary_bytes) > 1 and max(dictionary_bytes) >= LARGE_DICTIONARY_BYTES:
+            # many large row-group dictionaries: encoding every row once costs less than merging them
+            encoded = pc.dictionary_encode(pq.read_table(path, columns=[name]).column(0))  # one dictionary
+            codes = [pc.fill_null(chunk.indices, -1).to_numpy() for chunk in encoded.chunks]
+            return as_categorical(np.concatenate(codes).astype(np.int32), encoded.chunk(encoded.num_chunks - 1).dictionary)
+        return _dictionary_column(pq.read_table(path, columns=[name], read_dictionary=[name]).column(0))
 
     names = [c for c in dict.fromkeys(columns) if c in schema.names]
     with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1) or 1) as pool:  # arrow and numpy release the GIL
