@@ -381,8 +381,10 @@ def _read_parquet_columns(path: Path, columns: list[str], categorical: list[str]
         return _dictionary_column(pq.read_table(path, columns=[name], read_dictionary=[name]).column(0))
 
     names = [c for c in dict.fromkeys(columns) if c in schema.names]
+    largest_first = sorted(names, key=lambda c: -sum(chunk.total_compressed_size for chunk in chunks.get(c, [])))
     with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1) or 1) as pool:  # arrow and numpy release the GIL
-        return pd.DataFrame(dict(zip(names, pool.map(read, names), strict=True)))
+        read_columns = dict(zip(largest_first, pool.map(read, largest_first), strict=True))
+    return pd.DataFrame({c: read_columns[c] for c in names})
 
 
 CSV_BLOCK_BYTES = 16 << 20  # a custom CSV is parsed this many bytes at a time
