@@ -129,6 +129,9 @@ def test_cli_train_and_evaluate(ml1m_root, tmp_path, monkeypatch, capsys):
     assert main(["data", "stats", "ml-1m"]) == 0
     stats = json.loads(capsys.readouterr().out)
     assert stats["fields"] == 8 and stats["prompt_max_length"] == 100 and stats["text_caches"] == {}
+    assert main(["data", "prepare", "ml-1m"]) == 0  # the cache is there: its size and how long each step took
+    prepared = json.loads(capsys.readouterr().out)
+    assert prepared["table_mib"] > 0 and list(prepared["table_seconds"]) == ["read", "order", "codes", "encode"]
 
 
 def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):

@@ -80,6 +80,11 @@ def cmd_data_stats(args: argparse.Namespace) -> None:
     print(json.dumps(stats, indent=2))
 
 
+def _mib(paths) -> float:
+    """Size on disk of the files among ``paths``, in MiB."""
+    return round(sum(p.stat().st_size for p in paths if p.is_file()) / 2**20, 1)
+
+
 def cmd_data_prepare(args: argparse.Namespace) -> None:
     """Build the encoded table's cache and, with ``--plm``, the tokenized prompts' cache, so that a
     later run (or a timed one) starts from them; prints where they are and how long it took."""
@@ -91,10 +96,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
     cfg = _resolve(args, **{"data.dataset": args.name, "model.plm": args.plm})
     tick = time.perf_counter()
     data = prepare(cfg.data)
-    out: dict = {"cache": str(data.folder), "samples": data.sizes.total}
+    out: dict = {"cache": str(data.folder), "samples": data.sizes.total,
+                 "table_mib": _mib(p for p in data.folder.rglob("*")
+                                   if not p.relative_to(data.folder).parts[0].startswith("text-")),
+                 "table_seconds": data.meta.get("seconds")}
     if args.plm:
         text = prompts_for(data, cfg.data, args.plm)
-        out.update(text=str(text.folder), prompts=text.report)
+        out.update(text=str(text.folder), text_mib=_mib(text.folder.rglob("*")), prompts=text.report)
     out["seconds"] = round(time.perf_counter() - tick, 1)
     print(json.dumps(out, indent=2))
 

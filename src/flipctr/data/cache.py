@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -170,6 +171,19 @@ def cache_key(dataset: str, cfg: DataConfig, checksums: dict[str, str]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class _Stopwatch:
+    """Wall seconds per step, in the order the steps ran."""
+
+    def __init__(self) -> None:
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        now = time.perf_counter()
+        self.laps[name] = round(now - self._last, 2)
+        self._last = now
+
+
 def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> PreparedData:
     """Return the prepared dataset, building its cache folder first if needed."""
     root = root or data_home()
@@ -181,13 +195,18 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
         return PreparedData(folder)
     if verbose:
         print(f"[flipctr] preparing {cfg.dataset} into {folder}", file=sys.stderr)
-    table, order = order_table(load_table(cfg.dataset, root), cfg.order, cfg.shuffle_seed)
+    clock = _Stopwatch()
+    table = load_table(cfg.dataset, root)
+    clock.lap("read")
+    table, order = order_table(table, cfg.order, cfg.shuffle_seed)
     if cfg.limit is not None:
         table = table.take(slice(0, int(cfg.limit)))
     sizes = split_sizes(len(table), cfg.test_fraction, cfg.valid_fraction)
+    clock.lap("order")
     values = ValueCodes.from_frame(table.values, table.fields)
     name, fields, labels = table.name, table.fields, table.labels
     del table  # the codes hold the values now
+    clock.lap("codes")
     with atomic_dir(folder) as tmp:
         np.save(tmp / "labels.npy", np.ascontiguousarray(labels, dtype=np.int8))
         values.save(tmp)
@@ -203,9 +222,10 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
         with ThreadPoolExecutor(len(FIT_SPLITS)) as pool:  # numpy and arrow release the GIL: one core each
             list(pool.map(values.rank, range(len(fields))))  # the value order both fits break ties by, once
             list(pool.map(encode, FIT_SPLITS))
+        clock.lap("encode")
         write_json(tmp / "meta.json", {
             "name": name, "fields": fields, "order": order,
             "sizes": asdict(sizes), "config": asdict(cfg), "raw_sha256": checksums,
-            "cache_version": CACHE_VERSION,
+            "cache_version": CACHE_VERSION, "seconds": clock.laps,
         })
     return PreparedData(folder)
