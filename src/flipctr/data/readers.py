@@ -536,13 +536,12 @@ def read_custom(schema_path: str | Path) -> Table:
     rule = LabelRule.from_schema(schema["label"])
     order_col = schema.get("order")
     others = [rule.column, *([order_col] if order_col else [])]
+    columns, categorical = [*fields.values(), *others], [c for c in fields.values() if c not in others]
     if path.suffix == ".parquet":
-        frame = _read_parquet_columns(path, [*fields.values(), *others],
-                                      categorical=[c for c in fields.values() if c not in others])
+        frame = _read_parquet_columns(path, columns, categorical)
     else:
-        frame = _read_csv_columns(path, schema.get("sep", ","), [*fields.values(), *others],
-                                  categorical=[c for c in fields.values() if c not in others])
-    for col in [*fields.values(), rule.column, *([order_col] if order_col else [])]:
+        frame = _read_csv_columns(path, schema.get("sep", ","), columns, categorical)
+    for col in columns:
         if col not in frame.columns:
             raise DataError(f"{path}: column {col!r} named in {schema_path} is missing "
                             f"(columns: {list(frame.columns)})")
