@@ -69,6 +69,32 @@ def test_vocabulary_order_is_the_same_from_text_and_from_codes(tmp_path):
     np.testing.assert_array_equal(codes.frame().astype(object), train.astype(object))
 
 
+@pytest.mark.parametrize("kind", ["string", "large_string"])
+def test_partitioned_codes_encode_every_row_as_one_hash_table_would(kind):
+    """Rows split into partitions by a few of their bytes get the codes and names one hash table
+    over all rows gives (first appearance order; short, empty and nearly equal values; missing ->
+    -1), across chunks that are slices of larger arrays."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from flipctr.data.table import PartitionedCodes
+
+    rng = np.random.default_rng(0)
+    pool = ["", "a", "ab", "ba", "a1b", "a2b", "é", "éé", "title of a book", "title of a bool", *map(str, range(300))]
+    rows = [pool[i] if i < len(pool) else None for i in rng.integers(0, len(pool) + 5, 5000)]
+    whole = pa.array(["x", *rows, "y"], getattr(pa, kind)())
+    parts = PartitionedCodes(bits=3)
+    for start, stop in ((1, 1200), (1200, 1201), (1201, 5001)):  # slices: chunks with an offset
+        parts.add(whole.slice(start, stop - start))
+    codes, names = parts.finish()
+    assert names.type == pa.large_string() and codes.dtype == np.int32
+    assert [None if c < 0 else names[int(c)].as_py() for c in codes] == rows
+    one_table = pc.dictionary_encode(whole.slice(1, 5000))  # the codes of one hash table over all rows
+    np.testing.assert_array_equal(codes, pc.fill_null(one_table.indices, -1).to_numpy())
+    assert names.equals(one_table.dictionary.cast(pa.large_string()))
+    assert len(np.unique(PartitionedCodes(bits=3)._partition(whole))) == 8  # the rows spread over all partitions
+
+
 def test_encoder_save_load_roundtrip(tmp_path):
     train = pd.DataFrame({"a": ["x", "y", "x"], "b": ["1", "2", "3"]})
     enc = FeatureEncoder(["a", "b"]).fit(train)

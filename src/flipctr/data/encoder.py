@@ -94,7 +94,7 @@ class FeatureEncoder:
             freq = np.bincount(codes[:, k], minlength=len(values.names[k]))
             kept = np.flatnonzero(freq >= self.min_count)
             # most frequent first; ties by value (code point order) so the vocabulary is deterministic
-            kept = kept[np.lexsort((values.rank(k)[kept], -freq[kept]))]
+            kept = kept[np.argsort((freq.max() - freq[kept]) * len(freq) + values.rank(k)[kept])]  # one int64 key
             self.vocab[name] = values.names[k].take(kept)
             local = np.zeros(len(freq), dtype=np.int64)
             local[kept] = np.arange(1, len(kept) + 1)
@@ -124,13 +124,13 @@ class FeatureEncoder:
         result = None if out is not None else np.empty((len(values), len(self.fields)), dtype=self.dtype)
         for start in range(0, len(values), chunk):
             stop = min(start + chunk, len(values))
-            block = np.empty((stop - start, len(self.fields)), dtype=self.dtype)
+            block = np.empty((len(self.fields), stop - start), dtype=self.dtype)  # a field's ids contiguous
             for j, (k, table) in enumerate(tables):
-                block[:, j] = table[values.codes[start:stop, k]]
+                np.take(table, values.codes[start:stop, k], out=block[j])
             if out is None:
-                result[start:stop] = block
+                result[start:stop] = block.T
             else:
-                out.write(start, block)
+                out.write(start, block.T)
         return result
 
     @property
@@ -159,7 +159,7 @@ class FeatureEncoder:
             "value": pa.concat_arrays([a for f in infos for a in (oov, self.vocab[f.name].cast(pa.large_string()))]),
             "id": ids, "count": self.counts[ids]})
         with atomic_path(folder / "vocab.parquet") as tmp:
-            pq.write_table(table, tmp)
+            pq.write_table(table, tmp, use_dictionary=["field"])  # values are distinct: no dictionary
         with atomic_path(folder / "counts.npy") as tmp:
             with open(tmp, "wb") as fh:
                 np.save(fh, self.counts)

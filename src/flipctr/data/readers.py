@@ -20,7 +20,7 @@ import yaml
 from pandas.api.types import union_categoricals
 
 from .errors import DataError
-from .table import Table, as_categorical, is_text, text_codes
+from .table import PartitionedCodes, Table, as_categorical, text_codes
 
 ML1M_AGE = {"1": "under 18", "18": "18-24", "25": "25-34", "35": "35-44", "45": "45-49",
             "50": "50-55", "56": "56+"}
@@ -340,14 +340,22 @@ def field_values(frame: pd.DataFrame, columns: dict[str, str]) -> pd.DataFrame:
     (and rows scored by ``flipctr predict``) become a table's values. Categorical columns: each
     DISTINCT value is turned into text once, and a row holds a code (millions of rows, few
     distinct values, no string per row)."""
-    return pd.DataFrame({name: _as_text(frame[col]) for name, col in columns.items()})
+    return pd.DataFrame({name: _as_text(frame[col]) for name, col in columns.items()}, copy=False)
 
 
 def _as_text(column: pd.Series, unknown: tuple[str, ...] = ()) -> pd.Series:
-    """A column as categorical text (:func:`~.table.text_codes`)."""
-    if not unknown and is_text(column):
+    """A column as categorical text (:func:`~.table.text_codes`). Categorical text with no missing
+    value is kept as it is: that some category may be used by no row is for
+    :class:`~.table.ValueCodes` to settle, once, when the table is prepared."""
+    if not unknown and _is_complete_text(column):
         return column
     return pd.Series(as_categorical(*text_codes(column, unknown)), index=column.index)
+
+
+def _is_complete_text(column: pd.Series) -> bool:
+    """Categorical, string categories, a value in every row."""
+    return (isinstance(column.dtype, pd.CategoricalDtype) and pd.api.types.is_string_dtype(column.cat.categories)
+            and (len(column) == 0 or column.cat.codes.min() >= 0))
 
 
 LARGE_DICTIONARY_BYTES = 64 << 10  # a row group's dictionary page of a high-cardinality text column
@@ -357,9 +365,9 @@ def _read_parquet_columns(path: Path, columns: list[str], categorical: list[str]
     """The named columns of a Parquet file, a column per task (one per core); the ``categorical``
     ones that hold text read as categoricals, no Python string per row: from the row groups'
     dictionaries, merged (:func:`_dictionary_column`), or, where there are several large ones
-    (a high-cardinality column), by encoding the column's text once."""
+    (a high-cardinality column), by encoding its rows a row group at a time
+    (:class:`~.table.PartitionedCodes`)."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     schema = pq.read_schema(path)
@@ -374,17 +382,19 @@ def _read_parquet_columns(path: Path, columns: list[str], categorical: list[str]
         dictionary_bytes = [c.data_page_offset - c.dictionary_page_offset for c in chunks.get(name, [])
                             if c.has_dictionary_page and c.dictionary_page_offset is not None]
         if len(dictionary_bytes) > 1 and max(dictionary_bytes) >= LARGE_DICTIONARY_BYTES:
-            # many large row-group dictionaries: encoding every row once costs less than merging them
-            encoded = pc.dictionary_encode(pq.read_table(path, columns=[name]).column(0))  # one dictionary
-            codes = [pc.fill_null(chunk.indices, -1).to_numpy() for chunk in encoded.chunks]
-            return as_categorical(np.concatenate(codes).astype(np.int32), encoded.chunk(encoded.num_chunks - 1).dictionary)
+            # many large row-group dictionaries: encoding the rows costs less than merging them
+            parts, file = PartitionedCodes(), pq.ParquetFile(path)
+            for group in range(file.num_row_groups):  # a row group's text at a time
+                for chunk in file.read_row_group(group, columns=[name]).column(0).chunks:
+                    parts.add(chunk)
+            return as_categorical(*parts.finish())
         return _dictionary_column(pq.read_table(path, columns=[name], read_dictionary=[name]).column(0))
 
     names = [c for c in dict.fromkeys(columns) if c in schema.names]
     largest_first = sorted(names, key=lambda c: -sum(chunk.total_compressed_size for chunk in chunks.get(c, [])))
     with ThreadPoolExecutor(min(len(names), os.cpu_count() or 1) or 1) as pool:  # arrow and numpy release the GIL
         read_columns = dict(zip(largest_first, pool.map(read, largest_first), strict=True))
-    return pd.DataFrame({c: read_columns[c] for c in names})
+    return pd.DataFrame({c: read_columns[c] for c in names}, copy=False)
 
 
 CSV_BLOCK_BYTES = 16 << 20  # a custom CSV is parsed this many bytes at a time
@@ -420,7 +430,7 @@ def _read_csv_columns(path: Path, sep: str, columns: list[str], categorical: lis
             out[c] = _dictionary_column(pa.chunked_array(parts[c], pa.dictionary(pa.int32(), pa.string())))
         else:
             out[c] = pa.chunked_array(parts[c], pa.string()).to_pandas()
-    return pd.DataFrame(out)
+    return pd.DataFrame(out, copy=False)
 
 
 def _dictionary_column(column) -> pd.Categorical:
@@ -546,8 +556,8 @@ def read_custom(schema_path: str | Path) -> Table:
             raise DataError(f"{path}: column {col!r} named in {schema_path} is missing "
                             f"(columns: {list(frame.columns)})")
     labels, keep = rule.apply(frame[rule.column], str(path))
-    frame = frame.loc[keep].reset_index(drop=True)
-    labels = labels[keep]
+    if not keep.all():
+        frame, labels = frame.loc[keep].reset_index(drop=True), labels[keep]
     values = field_values(frame, fields)
     time = None
     if order_col:

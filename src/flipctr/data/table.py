@@ -71,7 +71,7 @@ def text_codes(column: pd.Series, unknown: tuple[str, ...] = ()) -> tuple[np.nda
     column = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
     categories, codes = column.cat.categories, column.cat.codes.to_numpy()
     if not unknown and is_text(column):
-        return codes.astype(np.int32), pa.array(categories, pa.large_string())
+        return codes.astype(np.int32, copy=False), pa.array(categories, pa.large_string())
     text = np.append(categories.astype(str).to_numpy(dtype=object), "unknown")
     if unknown:
         text[np.isin(text, list(unknown))] = "unknown"
@@ -145,7 +145,8 @@ class ValueCodes:
         field = np.repeat(np.arange(len(self.fields), dtype=np.int32), [len(n) for n in self.names])
         value = pa.concat_arrays([n.cast(pa.large_string()) for n in self.names]) if self.names else pa.array([], pa.large_string())
         table = pa.table({"field": field, "value": value})
-        pq.write_table(table.replace_schema_metadata({"fields": json.dumps(self.fields)}), folder / self.NAMES_FILE)
+        pq.write_table(table.replace_schema_metadata({"fields": json.dumps(self.fields)}), folder / self.NAMES_FILE,
+                       use_dictionary=["field"])  # values are distinct: no dictionary
 
     @classmethod
     def load(cls, folder: Path) -> "ValueCodes":
@@ -159,12 +160,15 @@ class ValueCodes:
 
 
 class RowFile:
-    """A ``.npy`` array on disk, written and read a chunk of rows at a time through a memory map
-    opened for that chunk alone: pages of other chunks do not stay in the process, so its memory
-    is a chunk's, whatever the rows."""
+    """A ``.npy`` array on disk, written and read a chunk of rows at a time (reads through a
+    memory map opened for that chunk alone): pages of other chunks do not stay in the process, so
+    its memory is a chunk's, whatever the rows."""
 
     def __init__(self, path: Path):
         self.path = path
+        mapped = np.load(path, mmap_mode="r")
+        self._header, self._dtype, self._shape = mapped.offset, mapped.dtype, mapped.shape
+        del mapped
 
     @classmethod
     def create(cls, path: Path, dtype, shape: tuple[int, ...]) -> "RowFile":
@@ -172,10 +176,14 @@ class RowFile:
         return cls(path)
 
     def write(self, start: int, rows: np.ndarray) -> None:
-        out = np.lib.format.open_memmap(self.path, "r+")
-        out[start:start + len(rows)] = rows
-        out.flush()
-        del out
+        """Rows ``[start, start + len(rows))``: written into the file in place (no memory map,
+        whose flush would wait for the disk)."""
+        if rows.shape[1:] != self._shape[1:] or not 0 <= start <= self._shape[0] - len(rows):
+            raise ValueError(f"{self.path}: rows {rows.shape} at {start} do not fit {self._shape}")
+        row_bytes = self._dtype.itemsize * int(np.prod(self._shape[1:], dtype=np.int64))
+        with open(self.path, "r+b") as fh:
+            fh.seek(self._header + start * row_bytes)
+            np.ascontiguousarray(rows, dtype=self._dtype).tofile(fh)
 
     def read(self, start: int, stop: int) -> np.ndarray:
         return self.take(slice(start, stop))
@@ -185,3 +193,79 @@ class RowFile:
         out = np.array(mapped[index])
         del mapped
         return out
+
+
+class PartitionedCodes:
+    """Codes of a high-cardinality text column that arrives in chunks (``add`` each, then
+    ``finish``), without one hash table over all its distinct values.
+
+    Looking every row up in a table of millions of values misses the CPU cache on nearly every
+    row. Instead each chunk's rows are split by a hash of a few of their bytes (length, first and
+    last two) into ``2**bits`` partitions; equal values always share one, so each partition is
+    dictionary-encoded alone, its table small enough to stay in cache; the partitions' distinct
+    values, put in the order of their first rows, are the column's, and every row's code is the
+    one a single hash table would give. Missing values get code -1.
+    """
+
+    def __init__(self, bits: int = 6):
+        self.bits = bits
+        self._pieces: list[list[pa.Array]] = [[] for _ in range(1 << bits)]
+        self._rows: list[list[np.ndarray]] = [[] for _ in range(1 << bits)]  # each piece's row numbers
+        self._seen = 0
+        self._type = pa.string()
+
+    def add(self, chunk: pa.Array) -> None:
+        """The next rows (an arrow string or large_string array)."""
+        self._type = chunk.type
+        key = self._partition(chunk)
+        order = np.argsort(key, kind="stable")  # a radix sort of small integers
+        bounds = np.concatenate([[0], np.cumsum(np.bincount(key, minlength=len(self._pieces)))])
+        taken = chunk.take(pa.array(order))
+        for part, (start, stop) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if stop > start:
+                self._pieces[part].append(taken.slice(start, stop - start))
+                self._rows[part].append(order[start:stop] + self._seen)
+        self._seen += len(chunk)
+
+    def finish(self) -> tuple[np.ndarray, pa.Array]:
+        """``(codes (rows,) int32, names)``: the names distinct, in the order of their first row
+        (the codes one hash table over all rows would give)."""
+        local_codes, first_rows, names = [], [], []
+        for part, pieces in enumerate(self._pieces):
+            if not pieces:
+                continue
+            encoded = pc.dictionary_encode(pa.chunked_array(pieces, self._type))  # one dictionary for all chunks
+            local = np.concatenate([pc.fill_null(c.indices, -1).to_numpy() for c in encoded.chunks]).astype(np.int32)
+            rows = np.concatenate(self._rows[part])  # increasing
+            # a partition's codes are numbered as they first appear: a row holds a new one where it passes all before it
+            seen = np.maximum.accumulate(local)
+            first_rows.append(rows[local > np.concatenate([[-1], seen[:-1]])])
+            local_codes.append((rows, local, sum(len(n) for n in names)))
+            names.append(encoded.chunk(encoded.num_chunks - 1).dictionary.cast(pa.large_string()))
+            self._pieces[part], self._rows[part] = [], []
+        if not names:
+            return np.full(self._seen, -1, dtype=np.int32), pa.array([], pa.large_string())
+        order = np.argsort(np.concatenate(first_rows))
+        code_of = np.empty(len(order), dtype=np.int32)
+        code_of[order] = np.arange(len(order), dtype=np.int32)
+        codes = np.empty(self._seen, dtype=np.int32)
+        for rows, local, start in local_codes:
+            codes[rows] = np.where(local >= 0, code_of[start + np.maximum(local, 0)], -1)
+        return codes, pa.concat_arrays(names).take(pa.array(order))
+
+    def _partition(self, chunk: pa.Array) -> np.ndarray:
+        """Each row's partition, a function of its value alone."""
+        offset_type = np.int64 if pa.types.is_large_string(chunk.type) else np.int32
+        offsets = np.frombuffer(chunk.buffers()[1], dtype=offset_type)[chunk.offset:chunk.offset + len(chunk) + 1]
+        data = chunk.buffers()[2]
+        data = np.frombuffer(data, dtype=np.uint8) if data is not None and data.size else np.zeros(1, np.uint8)
+        start, end = offsets[:-1], offsets[1:]
+        length = (end - start).astype(np.uint32)
+        h = length * np.uint32(0x9E3779B1)
+        for at, shortest, factor in ((start, 1, 0x85EBCA77), (end - 1, 1, 0xC2B2AE3D), (end - 2, 2, 0x27D4EB2F)):
+            byte = data[np.clip(at, 0, len(data) - 1)].astype(np.uint32)
+            byte[length < shortest] = 0  # a short value's bytes are not read from its neighbour
+            h ^= byte * np.uint32(factor)
+        h ^= h >> np.uint32(15)
+        h *= np.uint32(0x2C1B3C6D)
+        return (h >> np.uint32(32 - self.bits)).astype(np.uint16)
