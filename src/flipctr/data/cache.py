@@ -209,7 +209,6 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
     clock.lap("codes")
     with atomic_dir(folder) as tmp:
         np.save(tmp / "labels.npy", np.ascontiguousarray(labels, dtype=np.int8))
-        values.save(tmp)
 
         def encode(fit_split: str) -> None:
             start, stop = sizes.bounds(fit_split)
@@ -220,8 +219,10 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
             encoder.save(sub)
 
         with ThreadPoolExecutor(len(FIT_SPLITS)) as pool:  # numpy and arrow release the GIL: one core each
+            saved = pool.submit(values.save, tmp)  # mostly the disk's time
             list(pool.map(values.rank, range(len(fields))))  # the value order both fits break ties by, once
             list(pool.map(encode, FIT_SPLITS))
+            saved.result()
         clock.lap("encode")
         write_json(tmp / "meta.json", {
             "name": name, "fields": fields, "order": order,

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,10 +58,14 @@ class Table:
 def is_text(column: pd.Series) -> bool:
     """Whether a column is categorical text as :func:`text_codes` gives it: string categories,
     each used by some row, no missing value."""
-    if not isinstance(column.dtype, pd.CategoricalDtype) or not pd.api.types.is_string_dtype(column.cat.categories):
+    if not isinstance(column.dtype, pd.CategoricalDtype):
         return False
-    codes = column.cat.codes.to_numpy()
-    return codes.size == 0 or (codes.min() >= 0 and bool(np.bincount(codes, minlength=len(column.cat.categories)).all()))
+    return _is_text(column.cat.categories, column.cat.codes.to_numpy())
+
+
+def _is_text(categories: pd.Index, codes: np.ndarray) -> bool:
+    return pd.api.types.is_string_dtype(categories) and (
+        codes.size == 0 or (codes.min() >= 0 and bool(np.bincount(codes, minlength=len(categories)).all())))
 
 
 def text_codes(column: pd.Series, unknown: tuple[str, ...] = ()) -> tuple[np.ndarray, pa.Array]:
@@ -70,7 +76,7 @@ def text_codes(column: pd.Series, unknown: tuple[str, ...] = ()) -> tuple[np.nda
     categories (none when they are text already, distinct and used)."""
     column = column if isinstance(column.dtype, pd.CategoricalDtype) else column.astype("category")
     categories, codes = column.cat.categories, column.cat.codes.to_numpy()
-    if not unknown and is_text(column):
+    if not unknown and _is_text(categories, codes):
         return codes.astype(np.int32, copy=False), pa.array(categories, pa.large_string())
     text = np.append(categories.astype(str).to_numpy(dtype=object), "unknown")
     if unknown:
@@ -117,10 +123,13 @@ class ValueCodes:
     def from_frame(cls, values: pd.DataFrame, fields: list[str]) -> "ValueCodes":
         """The fields of a text table (columns of any type, as :func:`text_codes` reads them)."""
         codes = np.empty((len(values), len(fields)), dtype=np.int32, order="F")
-        names = []
-        for j, name in enumerate(fields):
-            codes[:, j], field_names = text_codes(values[name])
-            names.append(field_names)
+
+        def field(j: int) -> pa.Array:
+            codes[:, j], names = text_codes(values[fields[j]])
+            return names
+
+        with ThreadPoolExecutor(min(len(fields), os.cpu_count() or 1) or 1) as pool:  # numpy and arrow release the GIL
+            names = list(pool.map(field, range(len(fields))))
         return cls(list(fields), codes, names)
 
     def frame(self) -> pd.DataFrame:
