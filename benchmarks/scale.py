@@ -3,7 +3,7 @@ memory per stage against rows.
 
     python benchmarks/scale.py [--rows 1e6 5e6 2e7] [--stages prepare text dcnv2 pretrain]
                                [--compare ml-1m bookcrossing] [--work DIR] [--plm minilm-l6]
-                               [--out DIR] [--name scale]
+                               [--out DIR] [--name scale] [--drop-caches]
     python benchmarks/scale.py --generate ROWS --work DIR [--layout parquet|ucsd]   # data only
     python benchmarks/scale.py --render RESULTS.json   # the .md and .png again from a results file
 
@@ -24,6 +24,7 @@ from distinct values (the cache) and every prompt tokenized whole (before).
 
 Targets (2 cores): peak RSS <= 8 GiB at 20 M rows in every stage; the text cache of 20 M rows
 <= 15 minutes; each stage's time growing no faster than rows (20 M / 1 M <= 25x).
+``--drop-caches`` (root) starts every stage from an empty page cache (:func:`settle`).
 Writes ``<out>/<name>.{json,md,png}`` (default ``benchmarks/results``); a stage that fails or
 runs out of memory is recorded with its exit status, not hidden.
 """
@@ -220,6 +221,20 @@ def run_stage(command: list[str], env: dict[str, str], log: Path) -> dict:
             "exit": proc.returncode}
 
 
+def settle(env: dict[str, str]) -> str:
+    """Before a stage: the kernel's page cache written back and emptied (root only), then the
+    libraries imported once, untimed. Every stage then starts alike, its input files on disk and
+    its code warm, instead of paying to write back and evict the pages earlier stages left."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError as err:
+        return f"not dropped ({err.strerror})"
+    subprocess.run([sys.executable, "-c", "import flipctr.cli, torch, transformers, pyarrow.parquet"],
+                   env=env, cwd=ROOT, check=True)
+    return "dropped before each stage, libraries imported once after"
+
+
 def pretrain_stage(schema: str, plm: str) -> None:
     """20 pretraining steps of the cpu profile (frozen encoder) on the most recent rows."""
     import dataclasses
@@ -302,6 +317,8 @@ def markdown(results: dict) -> str:
                   "parent's peak before `exec`: the benchmark's own process, which had generated the data. "
                   "A value at or below that peak is an upper bound, not the stage's own; values above it "
                   "are the stage's. The script now polls each stage's own `VmHWM`.", ""]
+    if results.get("page_cache"):
+        lines += [f"Page cache: {results['page_cache']}.", ""]
     if results.get("note"):  # what the command line does not say (e.g. another job on the cores)
         lines += [results["note"], ""]
     lines += ["| rows | stage | seconds | peak RSS (GiB) | exit |", "|---|---|---|---|---|"]
@@ -346,6 +363,8 @@ def main() -> None:
     parser.add_argument("--name", default="scale")
     parser.add_argument("--generate", type=float, help="only write the data of this many rows")
     parser.add_argument("--layout", choices=["parquet", "ucsd"], default="parquet")
+    parser.add_argument("--drop-caches", action="store_true",
+                        help="empty the page cache before each stage (root; see settle())")
     parser.add_argument("--render", type=Path, help="write the .md and .png of this results file again")
     parser.add_argument("--pretrain-stage", nargs=2, metavar=("SCHEMA", "PLM"), help=argparse.SUPPRESS)
     parser.add_argument("--compare-stage", nargs=3, metavar=("DATASET", "PLM", "METHOD"), help=argparse.SUPPRESS)
@@ -389,13 +408,19 @@ def main() -> None:
         }
         for stage in STAGES:  # in order: each later stage reads the caches the earlier ones wrote
             if stage in args.stages:
+                if args.drop_caches:
+                    results["page_cache"] = settle(env)
                 size["stages"][stage] = run_stage(commands[stage], env, log)
                 print(f"[scale] {rows:,} rows  {stage}: {size['stages'][stage]}", flush=True)
         results["sizes"].append(size)
         write_json(args.out / f"{args.name}.json", results)  # after each size: a killed run keeps its table
     for dataset in args.compare:
-        runs = {m: run_stage([*py, str(Path(__file__).resolve()), "--compare-stage", dataset, plm, m], os.environ, log)
-                for m in ("pieces", "whole")}
+        runs = {}
+        for method in ("pieces", "whole"):
+            if args.drop_caches:
+                settle(os.environ)
+            runs[method] = run_stage([*py, str(Path(__file__).resolve()), "--compare-stage", dataset, plm, method],
+                                     os.environ, log)
         rows_line = [json.loads(line) for line in log.read_text().splitlines() if line.startswith('{"rows"')][-1]
         results["compare"][dataset] = {"rows": rows_line["rows"], **runs,
                                        "speedup": round(runs["whole"]["seconds"] / max(runs["pieces"]["seconds"], 0.1), 1)}

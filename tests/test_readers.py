@@ -261,3 +261,14 @@ def test_custom_parquet_values_are_categorical_text_as_str_would_give(tmp_path, 
         assert fitted.feature_map == reference.feature_map
         np.testing.assert_array_equal(fitted.counts, reference.counts)
         np.testing.assert_array_equal(fitted.transform(table.values), reference.transform(plain))
+
+
+def test_custom_integer_order_column_keeps_every_digit(tmp_path):
+    """Nanosecond stamps 1 ns apart (equal as float64) still order the rows."""
+    stamp = 1_700_000_000_000_000_000
+    pd.DataFrame({"uid": ["late", "early", "mid"], "click": [1, 0, 1],
+                  "ts": [stamp + 2, stamp, stamp + 1]}).to_parquet(tmp_path / "log.parquet", index=False)
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(
+        {"file": "log.parquet", "fields": {"user ID": "uid"}, "label": "click", "order": "ts"}))
+    ordered, _ = order_table(read_custom(tmp_path / "s.yaml"), "time", 0)
+    assert ordered.values["user ID"].astype(str).tolist() == ["early", "mid", "late"]

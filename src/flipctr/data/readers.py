@@ -475,6 +475,8 @@ def order_key(column: pd.Series, source: str) -> np.ndarray:
                         "nor an ISO 8601 date/time")
     if pd.api.types.is_datetime64_any_dtype(parsed):
         return parsed.astype("int64").to_numpy()  # ns since the epoch
+    if pd.api.types.is_integer_dtype(parsed):
+        return parsed.to_numpy(dtype=np.int64)  # as float64, nanosecond stamps would tie
     return parsed.to_numpy(dtype=np.float64)
 
 
