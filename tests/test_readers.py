@@ -133,12 +133,14 @@ def test_bookcrossing_wrong_delimiter_names_file(tmp_path):
         read_bookcrossing(folder)
 
 
-def test_custom_csv_is_read_in_blocks_as_pandas_reads_it(tmp_path, monkeypatch):
-    """A CSV log parsed a block at a time, its fields dictionary-encoded per block: the same text
-    as pandas gives (quoted separators and line breaks, empty -> "unknown"), in file order."""
+@pytest.mark.parametrize("high_cardinality", [2.0, 0.0])  # blocks dictionary-encoded | every row in partitions
+def test_custom_csv_is_read_in_blocks_as_pandas_reads_it(tmp_path, monkeypatch, high_cardinality):
+    """A CSV log parsed a block at a time, its fields encoded per block or in partitions: the same
+    text as pandas gives (quoted separators and line breaks, empty -> "unknown"), in file order."""
     from flipctr.data import readers
 
     monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 512)  # ~40 blocks, values first seen in later ones
+    monkeypatch.setattr(readers, "HIGH_CARDINALITY", high_cardinality)
     rng = np.random.default_rng(0)
     n = 800
     frame = pd.DataFrame({"uid": rng.integers(0, 300, n).astype(str), "click": rng.integers(0, 2, n),
@@ -272,3 +274,16 @@ def test_custom_integer_order_column_keeps_every_digit(tmp_path):
         {"file": "log.parquet", "fields": {"user ID": "uid"}, "label": "click", "order": "ts"}))
     ordered, _ = order_table(read_custom(tmp_path / "s.yaml"), "time", 0)
     assert ordered.values["user ID"].astype(str).tolist() == ["early", "mid", "late"]
+
+
+def test_custom_csv_with_a_bad_row_in_a_later_block_is_one_clear_error(tmp_path, monkeypatch):
+    """A row with an extra column, parsed in the reading thread many blocks in: one DataError
+    naming the file (not a hang, not an arrow error)."""
+    from flipctr.data import readers
+
+    monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 512)
+    lines = ["uid,click", *(f"u{i},{i % 2}" for i in range(600)), "u600,1,surplus", *(f"u{i},1" for i in range(601, 700))]
+    (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump({"file": "log.csv", "fields": {"user ID": "uid"}, "label": "click"}))
+    with pytest.raises(DataError, match=r"log.csv: not a ','-separated CSV"):
+        read_custom(tmp_path / "s.yaml")

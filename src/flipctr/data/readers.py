@@ -398,14 +398,82 @@ def _read_parquet_columns(path: Path, columns: list[str], categorical: list[str]
 
 
 CSV_BLOCK_BYTES = 16 << 20  # a custom CSV is parsed this many bytes at a time
+HIGH_CARDINALITY = 1 / 8  # a CSV column whose first block has more distinct values per row is encoded in partitions
+
+
+class _CsvTextColumn:
+    """One categorical column of a CSV, its blocks added in order: each block dictionary-encoded
+    (merged at the end by :func:`_dictionary_column`), or, when the first block shows a
+    high-cardinality column, every row encoded in partitions (:class:`~.table.PartitionedCodes`)."""
+
+    def __init__(self) -> None:
+        self.blocks: list = []
+        self.partitioned: PartitionedCodes | None = None
+
+    def add(self, column) -> None:
+        import pyarrow.compute as pc
+
+        if self.partitioned is not None:
+            return self.partitioned.add(column)
+        encoded = pc.dictionary_encode(column)
+        if not self.blocks and len(encoded.dictionary) > HIGH_CARDINALITY * len(column):
+            self.partitioned = PartitionedCodes()
+            return self.partitioned.add(column)
+        self.blocks.append(encoded)
+
+    def finish(self) -> pd.Categorical:
+        import pyarrow as pa
+
+        if self.partitioned is not None:
+            return as_categorical(*self.partitioned.finish())
+        return _dictionary_column(pa.chunked_array(self.blocks, pa.dictionary(pa.int32(), pa.string())))
+
+
+def _prefetched(batches, depth: int = 2):
+    """The items of ``batches`` (an arrow reader, which parses on one core), the next ``depth``
+    parsed in a thread while these are used; its error raised here."""
+    import queue
+    import threading
+
+    items: queue.Queue = queue.Queue(depth)
+    stop, end = threading.Event(), object()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                items.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for batch in batches:
+                if not put(batch):
+                    return
+            put(end)
+        except BaseException as err:  # handed to the consumer
+            put(err)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not end:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join()
 
 
 def _read_csv_columns(path: Path, sep: str, columns: list[str], categorical: list[str]) -> pd.DataFrame:
-    """The named columns of a CSV file, as text (empty -> missing), read a block at a time; the
-    ``categorical`` ones dictionary-encoded per block, so no column is ever held as a string per
-    row (:func:`_dictionary_column` merges the blocks' dictionaries)."""
+    """The named columns of a CSV file, as text (empty -> missing), read a block at a time (the
+    next parsed while this one is used), the columns of a block encoded one per core; the
+    ``categorical`` ones as codes
+    (:class:`_CsvTextColumn`), so no column is ever held as a string per row."""
     import pyarrow as pa
-    import pyarrow.compute as pc
     import pyarrow.csv as pcsv
 
     parse = pcsv.ParseOptions(delimiter=sep, newlines_in_values=True)
@@ -415,22 +483,20 @@ def _read_csv_columns(path: Path, sep: str, columns: list[str], categorical: lis
         present = [c for c in dict.fromkeys(columns) if c in header]
         convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in header}, include_columns=present,
                                       strings_can_be_null=True, null_values=[""])
-        parts: dict[str, list] = {c: [] for c in present}
-        with pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES), parse_options=parse,
-                           convert_options=convert) as reader:
-            for batch in reader:
-                for c in present:
-                    column = batch.column(c)
-                    parts[c].append(pc.dictionary_encode(column) if c in categorical else column)
+        text = {c: _CsvTextColumn() for c in present if c in categorical}
+        plain: dict[str, list] = {c: [] for c in present if c not in categorical}
+        with (pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES), parse_options=parse,
+                            convert_options=convert) as reader,
+              ThreadPoolExecutor(min(len(text), os.cpu_count() or 1) or 1) as pool):
+            for batch in _prefetched(reader):
+                for c in plain:
+                    plain[c].append(batch.column(c))
+                list(pool.map(lambda c: text[c].add(batch.column(c)), text))  # arrow releases the GIL
+            out = dict(zip(text, pool.map(_CsvTextColumn.finish, text.values())))
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: not a {sep!r}-separated CSV with a header line ({err})") from err
-    out = {}
-    for c in present:
-        if c in categorical:
-            out[c] = _dictionary_column(pa.chunked_array(parts[c], pa.dictionary(pa.int32(), pa.string())))
-        else:
-            out[c] = pa.chunked_array(parts[c], pa.string()).to_pandas()
-    return pd.DataFrame(out, copy=False)
+    out.update({c: pa.chunked_array(parts, pa.string()).to_pandas() for c, parts in plain.items()})
+    return pd.DataFrame({c: out[c] for c in present}, copy=False)
 
 
 def _dictionary_column(column) -> pd.Categorical:
