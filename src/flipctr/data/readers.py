@@ -471,8 +471,7 @@ def _prefetched(batches, depth: int = 2):
 def _read_csv_columns(path: Path, sep: str, columns: list[str], categorical: list[str]) -> pd.DataFrame:
     """The named columns of a CSV file, as text (empty -> missing), read a block at a time (the
     next parsed while this one is used), the columns of a block encoded one per core; the
-    ``categorical`` ones as codes
-    (:class:`_CsvTextColumn`), so no column is ever held as a string per row."""
+    ``categorical`` ones as codes (:class:`_CsvTextColumn`), never a string per row."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
