@@ -178,6 +178,26 @@ def test_goodreads_bad_interactions_file_is_a_clear_error(tmp_path):
         read_goodreads(folder)
 
 
+def test_goodreads_ids_must_be_json_strings_and_a_record_without_a_book_is_unknown(tmp_path):
+    """Ids are JSON strings as in the UCSD files: a number is one clear error; a record without a
+    book id is a sample whose book fields are all "unknown"."""
+    import gzip
+
+    folder = write_goodreads(tmp_path)
+    records = [{"user_id": "u1", "book_id": "1", "rating": 5, "date_added": "Fri Aug 25 13:55:02 -0700 2017"},
+               {"user_id": "u2", "rating": 4, "date_added": "Fri Aug 25 13:56:02 -0700 2017"}]
+    with gzip.open(folder / "goodreads_interactions.json.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in records))
+    table = read_goodreads(folder)
+    assert table.values["book title"].astype(str).tolist() == ["Harry Potter", "unknown"]
+    assert table.values["book ID"].astype(str).tolist() == ["1", "unknown"]
+    records[1]["book_id"] = 2
+    with gzip.open(folder / "goodreads_interactions.json.gz", "wt") as fh:
+        fh.write("".join(json.dumps(r) + "\n" for r in records))
+    with pytest.raises(DataError, match="goodreads_interactions.json.gz: not JSON lines with string ids"):
+        read_goodreads(folder)
+
+
 def test_goodreads_book_missing_from_the_books_file_and_unreadable_dates(tmp_path):
     """An interaction whose book the books file lacks keeps its book id, every other book field
     "unknown"; an unreadable date_added is an error naming its record (shelf entries counted)."""

@@ -29,6 +29,20 @@ def test_both_layouts_hold_the_same_seeded_log(tmp_path):
     assert 0.5 < custom.labels.mean() < 0.8  # ratings > 3, as GoodReads' ~2/3
 
 
+def test_ucsd_interactions_read_in_many_blocks_as_in_one(tmp_path, monkeypatch):
+    """The interactions file parsed ~100 blocks at a time (the next in a thread): the same table
+    as in one block, times included."""
+    from flipctr.data import readers
+
+    folder = scale.generate_ucsd(3000, tmp_path, seed=5)
+    whole = read_goodreads(folder)
+    monkeypatch.setattr(readers, "JSON_BLOCK_BYTES", 4096)
+    blocks = read_goodreads(folder)
+    pd.testing.assert_frame_equal(whole.values.astype(object), blocks.values.astype(object))
+    pd.testing.assert_frame_equal(whole.time, blocks.time)
+    np.testing.assert_array_equal(whole.labels, blocks.labels)
+
+
 def test_users_and_books_are_skewed(tmp_path):
     values = read_custom(scale.generate_parquet(20_000, tmp_path, seed=0)).values
     for field in ("user ID", "book ID"):

@@ -17,7 +17,6 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 import yaml
-from pandas.api.types import union_categoricals
 
 from .errors import DataError
 from .table import PartitionedCodes, Table, as_categorical, text_codes
@@ -251,39 +250,52 @@ def _json_lines(path: Path, keys: list[str] | None = None) -> list[dict[str, Any
 GOODREADS_DATE = "%a %b %d %H:%M:%S %z %Y"
 
 
-def _goodreads_interactions(path: Path, chunksize: int = 200_000) -> tuple[pd.DataFrame, np.ndarray]:
+JSON_BLOCK_BYTES = 16 << 20  # the interactions file is parsed this many bytes at a time
+
+
+def _goodreads_interactions(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     """Rated interactions (rating 1..5): ``(user_id and book_id as categoricals + rating, date_added
-    as int64 ns)``, read in chunks: the other keys of the (large) interaction records never sit in
-    memory, dates are parsed per chunk, and a row holds codes, not strings."""
+    as int64 ns)``, parsed by arrow a block at a time (the next in a thread): only these four keys
+    of the (large) interaction records are read, ids as in the UCSD files (JSON strings), dates
+    parsed per block, and a row holds codes, not strings."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+    import pyarrow.json as pj
+
     if not path.exists():
         raise DataError(f"{path}: file not found")
     need = ["user_id", "book_id", "rating", "date_added"]
-    parts, stamps, seen = [], [], 0
+    schema = pa.schema([("user_id", pa.string()), ("book_id", pa.string()), ("rating", pa.float64()),
+                        ("date_added", pa.string())])
+    ids = {"user_id": _TextColumn(), "book_id": _TextColumn()}
+    ratings, stamps, seen = [], [], 0
     try:
-        reader = pd.read_json(path, lines=True, chunksize=chunksize, dtype=False)
-        for chunk in reader:
-            missing = [c for c in need if c not in chunk.columns]
-            if missing:
-                raise DataError(f"{path}: records lack keys {missing}")
-            rating = pd.to_numeric(chunk["rating"], errors="coerce")
-            rated = rating.between(1, 5).to_numpy()
-            stamp = pd.to_datetime(chunk["date_added"][rated], format=GOODREADS_DATE, utc=True, errors="coerce")
-            if stamp.isna().any():
-                record = seen + int(np.flatnonzero(rated)[np.argmax(stamp.isna().to_numpy())]) + 1
-                raise DataError(f"{path}: record {record} has an unreadable date_added")
-            parts.append(pd.DataFrame({"user_id": chunk["user_id"][rated].astype(str).astype("category"),
-                                       "book_id": chunk["book_id"][rated].astype(str).astype("category"),
-                                       "rating": rating[rated].astype(np.int8)}))
-            stamps.append(stamp.astype("int64").to_numpy())
-            seen += len(chunk)
-    except ValueError as err:
-        if isinstance(err, DataError):
-            raise
-        raise DataError(f"{path}: not JSON lines ({err})") from err
-    if not parts:
-        raise DataError(f"{path}: no interactions")
-    inter = pd.DataFrame({col: union_categoricals([p[col] for p in parts]) for col in ("user_id", "book_id")})
-    inter["rating"] = np.concatenate([p["rating"].to_numpy() for p in parts])
+        with (pa.input_stream(path, compression="gzip" if path.suffix == ".gz" else None) as stream,
+              pj.open_json(stream, read_options=pj.ReadOptions(block_size=JSON_BLOCK_BYTES),
+                           parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+              as reader):
+            for batch in _prefetched(reader):
+                missing = [k for k in need if batch.num_rows and batch.column(k).null_count == batch.num_rows]
+                if missing:
+                    raise DataError(f"{path}: records lack keys {missing}")
+                rating = batch.column("rating")
+                rated = pc.fill_null(pc.and_(pc.greater_equal(rating, 1), pc.less_equal(rating, 5)), False)
+                rows = batch.filter(rated)
+                stamp = pc.strptime(rows.column("date_added"), format=GOODREADS_DATE, unit="ns", error_is_null=True)
+                if stamp.null_count:
+                    bad = int(np.flatnonzero(rated.to_numpy(zero_copy_only=False))[stamp.is_null().to_numpy(zero_copy_only=False).argmax()])
+                    raise DataError(f"{path}: record {seen + bad + 1} has an unreadable date_added")
+                for key, column in ids.items():
+                    column.add(rows.column(key))
+                ratings.append(rows.column("rating").to_numpy(zero_copy_only=False).astype(np.int8))
+                stamps.append(stamp.cast(pa.int64()).to_numpy(zero_copy_only=False))
+                seen += batch.num_rows
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not JSON lines with string ids as in the UCSD files ({err})") from err
+    if not stamps or not sum(map(len, stamps)):
+        raise DataError(f"{path}: no rated interactions")
+    inter = pd.DataFrame({key: column.finish() for key, column in ids.items()}, copy=False)
+    inter["rating"] = np.concatenate(ratings)
     return inter, np.concatenate(stamps)
 
 
@@ -316,7 +328,8 @@ def read_goodreads(folder: str | Path) -> Table:
     books = pd.concat([books, pd.DataFrame({c: ["unknown"] for c in books.columns})], ignore_index=True)
     book_of = pd.Index(books["book_id"][:-1]).get_indexer(inter["book_id"].cat.categories)
     book_of[book_of < 0] = len(books) - 1
-    row_book = book_of[inter["book_id"].cat.codes.to_numpy()]
+    codes = inter["book_id"].cat.codes.to_numpy()
+    row_book = np.where(codes >= 0, book_of[codes], len(books) - 1)  # no book id: all "unknown"
 
     def attribute(column: str) -> pd.Categorical:
         per_book = pd.Categorical(books[column])
@@ -398,11 +411,11 @@ def _read_parquet_columns(path: Path, columns: list[str], categorical: list[str]
 
 
 CSV_BLOCK_BYTES = 16 << 20  # a custom CSV is parsed this many bytes at a time
-HIGH_CARDINALITY = 1 / 8  # a CSV column whose first block has more distinct values per row is encoded in partitions
+HIGH_CARDINALITY = 1 / 8  # a column read in blocks whose first block has more distinct values per row is encoded in partitions
 
 
-class _CsvTextColumn:
-    """One categorical column of a CSV, its blocks added in order: each block dictionary-encoded
+class _TextColumn:
+    """One categorical column of a file read in blocks (CSV, JSON lines), added in order: each block dictionary-encoded
     (merged at the end by :func:`_dictionary_column`), or, when the first block shows a
     high-cardinality column, every row encoded in partitions (:class:`~.table.PartitionedCodes`)."""
 
@@ -471,7 +484,7 @@ def _prefetched(batches, depth: int = 2):
 def _read_csv_columns(path: Path, sep: str, columns: list[str], categorical: list[str]) -> pd.DataFrame:
     """The named columns of a CSV file, as text (empty -> missing), read a block at a time (the
     next parsed while this one is used), the columns of a block encoded one per core; the
-    ``categorical`` ones as codes (:class:`_CsvTextColumn`), never a string per row."""
+    ``categorical`` ones as codes (:class:`_TextColumn`), never a string per row."""
     import pyarrow as pa
     import pyarrow.csv as pcsv
 
@@ -482,7 +495,7 @@ def _read_csv_columns(path: Path, sep: str, columns: list[str], categorical: lis
         present = [c for c in dict.fromkeys(columns) if c in header]
         convert = pcsv.ConvertOptions(column_types={c: pa.string() for c in header}, include_columns=present,
                                       strings_can_be_null=True, null_values=[""])
-        text = {c: _CsvTextColumn() for c in present if c in categorical}
+        text = {c: _TextColumn() for c in present if c in categorical}
         plain: dict[str, list] = {c: [] for c in present if c not in categorical}
         with (pcsv.open_csv(path, read_options=pcsv.ReadOptions(block_size=CSV_BLOCK_BYTES), parse_options=parse,
                             convert_options=convert) as reader,
@@ -491,7 +504,7 @@ def _read_csv_columns(path: Path, sep: str, columns: list[str], categorical: lis
                 for c in plain:
                     plain[c].append(batch.column(c))
                 list(pool.map(lambda c: text[c].add(batch.column(c)), text))  # arrow releases the GIL
-            out = dict(zip(text, pool.map(_CsvTextColumn.finish, text.values())))
+            out = dict(zip(text, pool.map(_TextColumn.finish, text.values())))
     except (pa.ArrowInvalid, OSError) as err:
         raise DataError(f"{path}: not a {sep!r}-separated CSV with a header line ({err})") from err
     out.update({c: pa.chunked_array(parts, pa.string()).to_pandas() for c, parts in plain.items()})
