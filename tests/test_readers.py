@@ -196,6 +196,11 @@ def test_goodreads_ids_must_be_json_strings_and_a_record_without_a_book_is_unkno
         fh.write("".join(json.dumps(r) + "\n" for r in records))
     with pytest.raises(DataError, match="goodreads_interactions.json.gz: not JSON lines with string ids"):
         read_goodreads(folder)
+    folder = write_goodreads(tmp_path / "numbers")
+    with gzip.open(folder / "goodreads_books.json.gz", "wt") as fh:
+        fh.write(json.dumps({"book_id": "1", "title": "Dune", "num_pages": 300}) + "\n")
+    with pytest.raises(DataError, match="goodreads_books.json.gz: not JSON lines whose .* are typed as in the UCSD"):
+        read_goodreads(folder)
 
 
 def test_goodreads_book_missing_from_the_books_file_and_unreadable_dates(tmp_path):

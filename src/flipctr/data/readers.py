@@ -247,10 +247,30 @@ def _json_lines(path: Path, keys: list[str] | None = None) -> list[dict[str, Any
     return out
 
 
+def _json_table(path: Path, keys: dict[str, Any]) -> Any:
+    """The ``keys`` (name -> arrow type) of a JSON-lines file's records (gzipped or not) as an
+    arrow table, parsed by arrow a block at a time: a missing key is null, other keys (the UCSD
+    book records carry large ones: shelves, descriptions, similar books) are never built."""
+    import pyarrow as pa
+    import pyarrow.json as pj
+
+    if not path.exists():
+        raise DataError(f"{path}: file not found")
+    schema = pa.schema(list(keys.items()))
+    try:
+        with (pa.input_stream(path, compression="gzip" if path.suffix == ".gz" else None) as stream,
+              pj.open_json(stream, read_options=pj.ReadOptions(block_size=JSON_BLOCK_BYTES),
+                           parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
+              as reader):
+            return pa.Table.from_batches(list(_prefetched(reader)), schema)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path}: not JSON lines whose {list(keys)} are typed as in the UCSD files ({err})") from err
+
+
 GOODREADS_DATE = "%a %b %d %H:%M:%S %z %Y"
 
 
-JSON_BLOCK_BYTES = 16 << 20  # the interactions file is parsed this many bytes at a time
+JSON_BLOCK_BYTES = 16 << 20  # a JSON-lines file is parsed this many bytes at a time
 
 
 def _goodreads_interactions(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
@@ -310,16 +330,27 @@ def read_goodreads(folder: str | Path) -> Table:
     inter, stamp = _goodreads_interactions(folder / "goodreads_interactions.json.gz")
     labels = (inter["rating"].to_numpy() > 3).astype(np.int8)
 
-    books = pd.DataFrame(_json_lines(folder / "goodreads_books.json.gz", [
-        "book_id", "title", "average_rating", "text_reviews_count", "authors", "num_pages", "is_ebook", "format",
-        "publisher", "publication_year", "work_id"]))
-    books["author_id"] = books["authors"].map(lambda a: a[0]["author_id"] if a else "")
-    authors = pd.DataFrame(_json_lines(folder / "goodreads_book_authors.json.gz", ["author_id", "name"]))
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    text = pa.string()
+    books = _json_table(folder / "goodreads_books.json.gz", {
+        **dict.fromkeys(["book_id", "title", "average_rating", "text_reviews_count", "num_pages", "is_ebook", "format",
+                         "publisher", "publication_year", "work_id"], text),
+        "authors": pa.list_(pa.struct([("author_id", text)]))})
+    listed = books.column("authors").combine_chunks()
+    has_author = pc.fill_null(pc.greater(pc.list_value_length(listed), 0), False)
+    first_author = pc.struct_field(pc.list_element(listed.filter(has_author), 0), "author_id")
+    books = books.drop_columns(["authors"]).to_pandas()
+    books["author_id"] = ""
+    books.loc[has_author.to_numpy(zero_copy_only=False), "author_id"] = first_author.to_numpy(zero_copy_only=False)
+    authors = _json_table(folder / "goodreads_book_authors.json.gz", {"author_id": text, "name": text}).to_pandas()
+    # genres are objects of varying keys (genre -> count): read record by record
     genres = pd.DataFrame(_json_lines(folder / "goodreads_book_genres_initial.json.gz", ["book_id", "genres"]))
     genres["book genres"] = genres["genres"].map(
         lambda g: ", ".join(k for k, _ in sorted(g.items(), key=lambda kv: -kv[1])) if g else "")
-    works = pd.DataFrame(_json_lines(folder / "goodreads_book_works.json.gz", ["work_id", "media_type"]))
-    books = (books.drop(columns="authors").astype({"book_id": str}).drop_duplicates("book_id")
+    works = _json_table(folder / "goodreads_book_works.json.gz", {"work_id": text, "media_type": text}).to_pandas()
+    books = (books.astype({"book_id": str}).drop_duplicates("book_id")
              .merge(authors.astype(str), on="author_id", how="left")
              .merge(genres[["book_id", "book genres"]].astype(str), on="book_id", how="left")
              .merge(works.astype(str), on="work_id", how="left"))
