@@ -229,9 +229,9 @@ def read_bookcrossing(folder: str | Path) -> Table:
 
 
 def _json_lines(path: Path, keys: list[str] | None = None) -> list[dict[str, Any]]:
-    """The records of a JSON-lines file (gzipped or not); with ``keys`` only those keys of each
-    record are kept (None where missing): the UCSD book records carry large keys (shelves,
-    descriptions, similar books) that no field uses."""
+    """The records of a JSON-lines file (gzipped or not), parsed one by one in Python (for objects
+    whose keys vary, which an arrow schema cannot name); with ``keys`` only those keys of each
+    record are kept (None where missing)."""
     if not path.exists():
         raise DataError(f"{path}: file not found")
     opener: Callable = gzip.open if path.suffix == ".gz" else open
@@ -247,10 +247,13 @@ def _json_lines(path: Path, keys: list[str] | None = None) -> list[dict[str, Any
     return out
 
 
-def _json_table(path: Path, keys: dict[str, Any]) -> Any:
-    """The ``keys`` (name -> arrow type) of a JSON-lines file's records (gzipped or not) as an
-    arrow table, parsed by arrow a block at a time: a missing key is null, other keys (the UCSD
-    book records carry large ones: shelves, descriptions, similar books) are never built."""
+JSON_BLOCK_BYTES = 16 << 20  # a JSON-lines file is parsed this many bytes at a time
+
+
+def _json_blocks(path: Path, keys: dict[str, Any], expected: str = ""):
+    """Record batches of the ``keys`` (name -> arrow type) of a JSON-lines file's records (gzipped
+    or not), parsed by arrow a block at a time, the next in a thread: a missing key is null, other
+    keys (the UCSD records carry large ones: shelves, descriptions, reviews) are never built."""
     import pyarrow as pa
     import pyarrow.json as pj
 
@@ -262,15 +265,20 @@ def _json_table(path: Path, keys: dict[str, Any]) -> Any:
               pj.open_json(stream, read_options=pj.ReadOptions(block_size=JSON_BLOCK_BYTES),
                            parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
               as reader):
-            return pa.Table.from_batches(list(_prefetched(reader)), schema)
+            yield from _prefetched(reader)
     except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{path}: not JSON lines whose {list(keys)} are typed as in the UCSD files ({err})") from err
+        raise DataError(f"{path}: not JSON lines {expected or f'whose {list(keys)} are typed'} as in the UCSD files "
+                        f"({err})") from err
+
+
+def _json_table(path: Path, keys: dict[str, Any]) -> Any:
+    """The ``keys`` of a JSON-lines file's records as one arrow table (:func:`_json_blocks`)."""
+    import pyarrow as pa
+
+    return pa.Table.from_batches(list(_json_blocks(path, keys)), pa.schema(list(keys.items())))
 
 
 GOODREADS_DATE = "%a %b %d %H:%M:%S %z %Y"
-
-
-JSON_BLOCK_BYTES = 16 << 20  # a JSON-lines file is parsed this many bytes at a time
 
 
 def _goodreads_interactions(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
@@ -280,38 +288,26 @@ def _goodreads_interactions(path: Path) -> tuple[pd.DataFrame, np.ndarray]:
     parsed per block, and a row holds codes, not strings."""
     import pyarrow as pa
     import pyarrow.compute as pc
-    import pyarrow.json as pj
 
-    if not path.exists():
-        raise DataError(f"{path}: file not found")
-    need = ["user_id", "book_id", "rating", "date_added"]
-    schema = pa.schema([("user_id", pa.string()), ("book_id", pa.string()), ("rating", pa.float64()),
-                        ("date_added", pa.string())])
+    keys = {"user_id": pa.string(), "book_id": pa.string(), "rating": pa.float64(), "date_added": pa.string()}
     ids = {"user_id": _TextColumn(), "book_id": _TextColumn()}
     ratings, stamps, seen = [], [], 0
-    try:
-        with (pa.input_stream(path, compression="gzip" if path.suffix == ".gz" else None) as stream,
-              pj.open_json(stream, read_options=pj.ReadOptions(block_size=JSON_BLOCK_BYTES),
-                           parse_options=pj.ParseOptions(explicit_schema=schema, unexpected_field_behavior="ignore"))
-              as reader):
-            for batch in _prefetched(reader):
-                missing = [k for k in need if batch.num_rows and batch.column(k).null_count == batch.num_rows]
-                if missing:
-                    raise DataError(f"{path}: records lack keys {missing}")
-                rating = batch.column("rating")
-                rated = pc.fill_null(pc.and_(pc.greater_equal(rating, 1), pc.less_equal(rating, 5)), False)
-                rows = batch.filter(rated)
-                stamp = pc.strptime(rows.column("date_added"), format=GOODREADS_DATE, unit="ns", error_is_null=True)
-                if stamp.null_count:
-                    bad = int(np.flatnonzero(rated.to_numpy(zero_copy_only=False))[stamp.is_null().to_numpy(zero_copy_only=False).argmax()])
-                    raise DataError(f"{path}: record {seen + bad + 1} has an unreadable date_added")
-                for key, column in ids.items():
-                    column.add(rows.column(key))
-                ratings.append(rows.column("rating").to_numpy(zero_copy_only=False).astype(np.int8))
-                stamps.append(stamp.cast(pa.int64()).to_numpy(zero_copy_only=False))
-                seen += batch.num_rows
-    except (pa.ArrowInvalid, OSError) as err:
-        raise DataError(f"{path}: not JSON lines with string ids as in the UCSD files ({err})") from err
+    for batch in _json_blocks(path, keys, expected="with string ids"):
+        missing = [k for k in keys if batch.num_rows and batch.column(k).null_count == batch.num_rows]
+        if missing:
+            raise DataError(f"{path}: records lack keys {missing}")
+        rating = batch.column("rating")
+        rated = pc.fill_null(pc.and_(pc.greater_equal(rating, 1), pc.less_equal(rating, 5)), False)
+        rows = batch.filter(rated)
+        stamp = pc.strptime(rows.column("date_added"), format=GOODREADS_DATE, unit="ns", error_is_null=True)
+        if stamp.null_count:
+            bad = int(np.flatnonzero(rated.to_numpy(zero_copy_only=False))[stamp.is_null().to_numpy(zero_copy_only=False).argmax()])
+            raise DataError(f"{path}: record {seen + bad + 1} has an unreadable date_added")
+        for key, column in ids.items():
+            column.add(rows.column(key))
+        ratings.append(rows.column("rating").to_numpy(zero_copy_only=False).astype(np.int8))
+        stamps.append(stamp.cast(pa.int64()).to_numpy(zero_copy_only=False))
+        seen += batch.num_rows
     if not stamps or not sum(map(len, stamps)):
         raise DataError(f"{path}: no rated interactions")
     inter = pd.DataFrame({key: column.finish() for key, column in ids.items()}, copy=False)
