@@ -18,10 +18,11 @@ from test_flip import _pretrain_split, _tiny_pair  # noqa: E402
 from flipctr.config import PretrainConfig  # noqa: E402
 from flipctr.training import budget  # noqa: E402
 from flipctr.training.pretrain import Pretrainer  # noqa: E402
+from flipctr.training.distributed import init_distributed, leave  # noqa: E402
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    init_distributed("gloo")
     rank, out = dist.get_rank(), Path(sys.argv[1])
     now, pace = [0.0], 1.0 + rank
     budget.clock = lambda: now[0]
@@ -48,7 +49,7 @@ def main() -> None:
     Pretrainer(cfg, torch.device("cpu"), out / "pretrain").fit(pretrain_model, _pretrain_split(), on_step=on_step)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "evals": [e["epoch"] for r in fit.history for e in r.evals], "stopped": fit.stopped, "steps": len(steps)}))
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -11,11 +11,12 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_ddp import deterministic_pair  # noqa: E402
+from flipctr.training.distributed import init_distributed, leave  # noqa: E402
 
 
 def main() -> None:
     backend = sys.argv[2] if len(sys.argv) > 2 else "gloo"  # "nccl": one GPU per rank
-    dist.init_process_group(backend)
+    init_distributed(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     ref = torch.load(sys.argv[1], weights_only=True)
@@ -34,7 +35,7 @@ def main() -> None:
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref["grads"][name], atol=1e-5, rtol=1e-5, msg=name)
     print(f"rank {rank}: loss and {len(grads)} gradients equal ok", flush=True)
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

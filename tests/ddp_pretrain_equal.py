@@ -14,15 +14,16 @@ from test_ddp import PRETRAIN_EQUAL, deterministic_pair, distinct_split  # noqa:
 
 from flipctr.config import PretrainConfig  # noqa: E402
 from flipctr.training.pretrain import Pretrainer  # noqa: E402
+from flipctr.training.distributed import init_distributed, leave  # noqa: E402
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    init_distributed("gloo")
     cfg = PretrainConfig(lr=1e-3, batch_size=4, epochs=2, progress=False, amp="off")
     Pretrainer(cfg, torch.device("cpu"), Path(sys.argv[1])).fit(deterministic_pair(**PRETRAIN_EQUAL),
                                                                distinct_split(16))
     print(f"rank {dist.get_rank()} ok", flush=True)
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

@@ -8,14 +8,16 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from test_ddp import collective_threads  # noqa: E402
 from test_flip import _pretrain_split, _tiny_pair  # noqa: E402
 
 from flipctr.config import PretrainConfig  # noqa: E402
 from flipctr.training.pretrain import Pretrainer  # noqa: E402
+from flipctr.training.distributed import init_distributed, leave  # noqa: E402
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    init_distributed("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     model, backbone, lm = _tiny_pair()
     before = backbone.embedding.weight.detach().clone()
@@ -33,7 +35,11 @@ def main() -> None:
         dist.all_gather(gathered, p.detach())
         assert all(torch.equal(gathered[0], g) for g in gathered)
     print(f"rank {rank}: loss {losses[0]:.4f} ok", flush=True)
-    dist.destroy_process_group()
+    leave()
+    # the group is gone with its threads, though torch._dynamo (which the first optimizer
+    # imports) came after it was created and a collective's tensors were released last
+    assert not collective_threads(), collective_threads()
+    print(f"rank {rank}: no collective thread left ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -12,10 +12,11 @@ import torch.distributed as dist
 from flipctr.data.text import TokenizedPrompts
 from flipctr.models.language import LanguageModel
 from flipctr.training.text_vectors import TextVectors
+from flipctr.training.distributed import init_distributed, leave  # noqa: E402
 
 
 def main() -> None:
-    dist.init_process_group("gloo")
+    init_distributed("gloo")
     rank = dist.get_rank()
     folder = Path(sys.argv[2])
     ref = np.load(folder / "reference.npz")
@@ -36,7 +37,7 @@ def main() -> None:
     again = vectors(1, 12)  # read back from the cache rank 0 wrote: no second pass
     np.testing.assert_array_equal(again, got)
     print(f"rank {rank} encoded {encoded} ok", flush=True)
-    dist.destroy_process_group()
+    leave()
 
 
 if __name__ == "__main__":

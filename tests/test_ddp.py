@@ -18,10 +18,19 @@ def _torchrun(*args, env=None, timeout=180):
                            *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
 
 
+def collective_threads() -> list[str]:
+    """The gloo (``pt_gloo_runloop``, ``gloo_tcp_loop``) and NCCL threads of this process
+    (Linux thread names). None may outlive ``leave()``: one that releases a collective's
+    tensors while the interpreter shuts down aborts the process."""
+    names = [(task / "comm").read_text().strip() for task in Path("/proc/self/task").iterdir()]
+    return [n for n in names if "gloo" in n or "nccl" in n.lower()]
+
+
 def test_one_pretraining_step_under_torchrun_with_two_ranks(tmp_path):
     proc = _torchrun(HERE / "ddp_pretrain_step.py", tmp_path / "pretrain")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert proc.stdout.count("ok") == 2
+    assert proc.stdout.count(" ok") == 4
+    assert proc.stdout.count("no collective thread left ok") == 2
     assert (tmp_path / "pretrain" / "pretrained.safetensors").exists()  # written by rank 0
 
 
@@ -102,6 +111,7 @@ def test_ddp_finetuning_equals_one_process_on_the_global_batch(tmp_path):
     fit = trainer.fit(model, train, eval_split=valid)
     proc = _torchrun(HERE / "ddp_finetune.py", tmp_path)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert proc.stdout.count("no collective thread left ok") == 2
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, weight in model.state_dict().items():
         torch.testing.assert_close(ranks[0]["state"][name], weight, atol=1e-5, rtol=1e-5, msg=name)
@@ -119,6 +129,7 @@ def test_flipctr_train_under_torchrun_writes_one_run_folder(ml1m_root, tmp_path,
                      "--set", "train.epochs=2", "--set", "train.progress=false", env=env)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("run folder:") == 1  # rank 0 alone reports
+    assert "still referenced" not in proc.stderr  # the group was destroyed, its threads joined
     folder = tmp_path / "runs" / "dcnv2"
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["dcnv2"]
     assert json.loads((folder / "environment.json").read_text())["world_size"] == 2
@@ -141,6 +152,7 @@ def test_flip_run_under_torchrun_writes_one_run_folder(ml1m_root, tiny_plm, tmp_
                      "--run-dir", tmp_path / "runs" / "run", *[x for t in tiny for x in ("--set", t)], env=env, timeout=400)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("# FLIP on ml-1m") == 1  # rank 0 alone reports
+    assert "still referenced" not in proc.stderr
     assert [p.name for p in (tmp_path / "runs").iterdir()] == ["run"]
     run = tmp_path / "runs" / "run"
     assert sorted(p.name for p in run.iterdir()) == ["config.yaml", "environment.json", "flip", "flip_id",

@@ -108,15 +108,13 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training.distributed import init_distributed, is_main, leave
+    from .training.distributed import joined
     from .training.runner import train_run
 
-    init_distributed()
-    cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model, "model.plm": args.plm})
-    metrics = train_run(cfg, args.run_dir, resume=args.resume)
-    main = is_main()  # asked before the process group is left
-    leave()
-    if main:
+    with joined() as (rank, _):
+        cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model, "model.plm": args.plm})
+        metrics = train_run(cfg, args.run_dir, resume=args.resume)
+    if rank == 0:
         print(format_metrics(metrics))
         print(f"run folder: {args.run_dir}")
 
@@ -159,10 +157,9 @@ ABLATIONS = {  # paper Table 5, as switches of the same run
 def cmd_run(args: argparse.Namespace) -> None:
     from .profiles import profile_config
     from .report import render_results
-    from .training.distributed import init_distributed, leave
+    from .training.distributed import joined
     from .training.flip_run import METHODS, run_flip
 
-    init_distributed()
     base = load_config(args.config) if args.config else None
     overrides = [*METHODS[args.method].overrides(), *ABLATIONS[args.ablation], *args.overrides]
     if args.dataset:
@@ -175,8 +172,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         overrides.append(f"model.backbone={args.backbone}")
     cfg = profile_config(args.profile, overrides, base)
     variants = tuple(args.variants or METHODS[args.method].variants)
-    report = run_flip(cfg, args.run_dir, variants, resume=args.resume, profile=args.profile, method=args.method)
-    leave()
+    with joined():
+        report = run_flip(cfg, args.run_dir, variants, resume=args.resume, profile=args.profile, method=args.method)
     if report is not None:  # None on the ranks other than 0 under torchrun
         print(render_results(report))
 

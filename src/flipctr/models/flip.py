@@ -65,16 +65,37 @@ def _rank_world() -> tuple[int, int]:
     return 0, 1
 
 
+class _GatherRows(torch.autograd.Function):
+    """All-gather with a gradient: forward, every rank's ``(n, ...)`` rows concatenated in rank
+    order, ``(world * n, ...)``; backward, each rank's slice of every rank's gradient, summed
+    in rank order (an all-to-all, as gloo has no reduce-scatter), the same sum on every run.
+    Written here because ``torch.distributed.nn.functional.all_gather`` is deprecated and its
+    replacement lives in a private module (``_functional_collectives``)."""
+
+    @staticmethod
+    def forward(ctx, z: torch.Tensor) -> torch.Tensor:
+        world = torch.distributed.get_world_size()
+        parts = [torch.empty_like(z) for _ in range(world)]
+        torch.distributed.all_gather(parts, z)
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        world = torch.distributed.get_world_size()
+        sent = [g.contiguous() for g in grad.chunk(world, dim=0)]
+        received = [torch.empty_like(g) for g in sent]
+        torch.distributed.all_to_all(received, sent)
+        return torch.stack(received).sum(dim=0)
+
+
 def gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every rank's rows under DDP, in rank order, the gradient flowing back to their owners
-    (``torch.distributed.nn``), and the offset of this rank's rows; ``(z, 0)`` outside DDP.
+    (:class:`_GatherRows`), and the offset of this rank's rows; ``(z, 0)`` outside DDP.
     Each rank must hold the same number of rows (the pretraining shards are padded to it)."""
     rank, world = _rank_world()
     if world == 1:
         return z, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(z.contiguous()), dim=0), rank * len(z)
+    return _GatherRows.apply(z.contiguous()), rank * len(z)
 
 
 class MLMHead(nn.Module):

@@ -1,28 +1,56 @@
 """The one place that decides the process group and the device of this process.
 
-Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`init_distributed` creates the process group from
-the environment: NCCL with one GPU per ``LOCAL_RANK`` where CUDA exists, gloo on CPUs. Without
-it everything runs as one process.
+Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`joined` creates the process group from the
+environment (NCCL with one GPU per ``LOCAL_RANK`` where CUDA exists, gloo on CPUs) and destroys
+it when the command ends. Without torchrun everything runs as one process.
+
+The group must really be gone before the interpreter shuts down: its worker threads release
+each collective's tensors after the collective has finished, and one that does so while Python
+finalizes aborts the process ("terminate called without an active exception").
+``destroy_process_group`` joins those threads only when it drops the last reference to the
+group; :func:`leave` checks that it did.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+# Imported before any group exists: its functions take ``group=group.WORLD`` as a default
+# argument, evaluated at import. Imported later (torch._dynamo imports it, e.g. when the first
+# optimizer is built), they would hold the world group past ``destroy_process_group``.
+import torch.distributed.nn  # noqa: F401
 
 
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes (once); returns ``(rank, world size)``."""
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group torchrun describes (once); returns ``(rank, world size)``.
+    ``backend``: NCCL where CUDA exists, else gloo, unless given."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized():
-        if torch.cuda.is_available():
+        backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        if backend == "nccl":
             torch.cuda.set_device(local_rank())
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
+        dist.init_process_group(backend)
     return rank_world()
+
+
+@contextmanager
+def joined(backend: str | None = None) -> Iterator[tuple[int, int]]:
+    """The process group for the length of a command: ``with joined() as (rank, world): ...``.
+    On success every rank waits for the others and leaves; on an error the group is destroyed
+    without waiting (the other ranks may never get there)."""
+    init_distributed(backend)
+    try:
+        yield rank_world()
+    except BaseException:
+        _destroy()
+        raise
+    leave()
 
 
 def rank_world() -> tuple[int, int]:
@@ -68,7 +96,19 @@ def leave() -> None:
     """Leave the process group at the end of a command (every rank waits for the others first)."""
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
-        dist.destroy_process_group()
+        _destroy()
+
+
+def _destroy() -> None:
+    """Destroy the process group, warning when something still holds it (its threads then live
+    on into interpreter shutdown: see the module docstring)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    world = dist.group.WORLD
+    dist.destroy_process_group()
+    if sys.getrefcount(world) > 2:  # ``world`` and getrefcount's argument
+        warnings.warn(f"the process group is still referenced {sys.getrefcount(world) - 2} times after "
+                      "destroy_process_group; its worker threads outlive it", RuntimeWarning, stacklevel=2)
 
 
 def resolve_device(name: str) -> torch.device:
