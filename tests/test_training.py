@@ -371,3 +371,49 @@ def test_training_from_the_mapped_cache_equals_training_from_device_tensors(tmp_
         r.train_loss for r in tensors.history]
     for name, value in weights.items():
         assert torch.equal(mapped_weights[name], value), name
+
+
+def test_a_checkpoint_resumes_whatever_the_device_of_the_runtime(tmp_path):
+    """The resume path a GPU run takes, on a CPU: the engine of a CUDA runtime restores a
+    checkpoint (weights, optimizer, every random state) without mapping it onto its device first,
+    since ``set_rng_state`` takes CPU byte tensors only (a checkpoint loaded onto the GPU failed
+    with "RNG state must be a torch.ByteTensor"). The checkpoint has ended, so no step runs."""
+    from flipctr.training.engine import Engine, Runtime, Stage
+
+    class Tiny(Stage):
+        def __init__(self, seed: int):
+            torch.manual_seed(seed)
+            self.model = self.wrapped = torch.nn.Linear(2, 1)
+            self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=0.1)
+            self.generators = {"shuffle": torch.Generator().manual_seed(seed)}
+            self.names, self.batch_size, self.length_buckets, self.epochs = ("x",), 4, 1, 1
+            self.progress, self.ended = False, None
+
+        def begin_epoch(self, epoch, order):
+            return 2
+
+        def loss(self, step, batch, rows):
+            return self.model(batch["x"]).pow(2).mean()
+
+        def end_epoch(self, epoch, steps, seconds):
+            return False
+
+        def state(self):
+            return {"tag": "saved"}
+
+        def load_state(self, state):
+            self.ended = state["tag"]
+
+    data = DeviceRows(torch.zeros(8), {"x": torch.randn(8, 2)})
+    saved = Tiny(seed=0)
+    Engine(Runtime(torch.device("cpu"))).fit(saved, data, tmp_path / "state.pt")
+    expected_rng = torch.get_rng_state()
+    torch.manual_seed(123)  # a new process: other random states, other weights
+    resumed = Tiny(seed=1)
+    Engine(Runtime(torch.device("cuda"))).fit(resumed, data, tmp_path / "state.pt", resume=True)
+    assert resumed.ended == "saved"
+    assert torch.equal(torch.get_rng_state(), expected_rng)
+    assert torch.equal(resumed.generators["shuffle"].get_state(), saved.generators["shuffle"].get_state())
+    for name, weight in saved.model.state_dict().items():
+        assert torch.equal(resumed.model.state_dict()[name], weight), name
+    assert resumed.optimizer.state_dict()["state"][0]["step"] == 2

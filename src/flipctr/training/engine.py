@@ -144,8 +144,11 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, tmp)
 
 
-def load_checkpoint(path: Path, device: torch.device | None = None) -> dict:
-    return torch.load(path, map_location=device, weights_only=True)
+def load_checkpoint(path: Path) -> dict:
+    """A checkpoint on the host, whatever device wrote it: the random states must be CPU byte
+    tensors (``set_rng_state`` takes nothing else); ``load_state_dict`` moves the weights and the
+    optimizer's state to their parameters' device."""
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 class Stage:
@@ -216,7 +219,7 @@ class Engine:
         rank, world = rank_world()
         start, done, used = 1, False, 0.0
         if resume and checkpoint is not None and checkpoint.exists():
-            state = load_checkpoint(checkpoint, self.runtime.device)
+            state = load_checkpoint(checkpoint)
             stage.model.load_state_dict(state["model"])
             stage.optimizer.load_state_dict(state["optimizer"])
             if stage.scheduler is not None:
