@@ -1,6 +1,6 @@
 """What a one-shot run brought back, as one benchmark result:
 
-    python benchmarks/gpu/collect.py OUT_DIR --name flip_ml1m_gpu [--command "..."]
+    python benchmarks/gpu/collect.py OUT_DIR --name flip_ml1m_gpu [--command "..."] [--note "..."]
 
 reads ``OUT_DIR`` (``results.json``, ``run.tar.gz``, ``oneshot.log``, as
 ``benchmarks/gpu/oneshot.sh`` leaves them; the device is the run's ``environment.json``) and writes ``benchmarks/results/NAME.{json,md}``:
@@ -28,7 +28,7 @@ def _archive(path: Path) -> dict[str, bytes]:
         return {m.name: tar.extractfile(m).read() for m in tar.getmembers() if m.isfile()}
 
 
-def collect(out: Path, command: str | None = None) -> dict:
+def collect(out: Path, command: str | None = None, note: str | None = None) -> dict:
     report = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     files = _archive(out / "run.tar.gz")
     environment = json.loads(files.get("run/environment.json", b"{}"))
@@ -44,7 +44,7 @@ def collect(out: Path, command: str | None = None) -> dict:
     return {
         "device": environment.get("device"), "gpu": environment.get("gpu"),
         "versions": {k: environment.get(k) for k in ("torch", "transformers", "python") if k in environment},
-        "command": command, "dataset": report.get("dataset"), "profile": report.get("profile"),
+        "command": command, "note": note, "dataset": report.get("dataset"), "profile": report.get("profile"),
         "complete": report.get("complete", False), "refit": report.get("refit"),
         "max_seconds": report.get("max_seconds"),
         "pretraining": json.loads(files.get("run/pretrain/pretrain_history.json", b"[]")),
@@ -61,6 +61,7 @@ def render(result: dict) -> str:
              f"Versions: {result['versions']}. Budgets (s): {result['max_seconds']}; refit: {result['refit']}.",
              f"Command status {result['command_status']}, {result['command_seconds']} s in all; "
              f"{'all four models finished' if result['complete'] else 'NOT all models finished'}.", "",
+             *([f"**Read this first:** {result['note']}", ""] if result.get("note") else []),
              "## Pretraining", "", "| epoch | steps | rows | loss | MLM | MTM | ICL | rows/s | peak GPU MiB | s | budget stop |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["pretraining"]:
@@ -91,9 +92,10 @@ def main() -> None:
     parser.add_argument("out", type=Path)
     parser.add_argument("--name", default="flip_ml1m_gpu")
     parser.add_argument("--command", help="the command as it was run")
+    parser.add_argument("--note", help="what the run is and is not evidence of (printed first)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args()
-    result = collect(args.out, args.command)
+    result = collect(args.out, args.command, args.note)
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / f"{args.name}.json").write_text(json.dumps(result, indent=2) + "\n")
     (args.results / f"{args.name}.md").write_text(render(result))
