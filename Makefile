@@ -20,12 +20,12 @@ $(BIN)/flipctr: pyproject.toml
 
 venv: $(BIN)/flipctr
 
-# FLIP on MovieLens-1M with the `cpu` profile: pretraining, then DCNv2 from scratch, FLIP_ID,
+# FLIP on MovieLens-1M with the `cpu` profile (`gpu` where CUDA is present): pretraining, then DCNv2 from scratch, FLIP_ID,
 # FLIP_PLM and FLIP (about half an hour on 2 cores); results in $(RUN_DIR)/results.md
 run: venv
 	$(BIN)/flipctr data get ml-1m --source auto
 	$(BIN)/flipctr lm get minilm-l6
-	$(BIN)/flipctr run --dataset ml-1m --profile cpu --run-dir $(RUN_DIR)
+	$(BIN)/flipctr run --dataset ml-1m --profile auto --run-dir $(RUN_DIR)
 
 # What an offline GPU machine needs for the `gpu` profile (< 60 MiB): the raw data of
 # $(PACK_DATASET) (ml-1m, or bookcrossing: 58.4 MiB), MiniLM-L6 in bf16.

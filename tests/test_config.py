@@ -31,3 +31,17 @@ def test_yaml_file_and_roundtrip(tmp_path):
     path.write_text("optim: {lr: 1}\n")
     with pytest.raises(ValueError, match="unknown section 'optim'"):
         load_config(path)
+
+
+def test_the_auto_profile_is_gpu_where_cuda_is_present(monkeypatch):
+    import torch
+
+    from flipctr.cli import build_parser
+    from flipctr.profiles import resolve_profile
+
+    assert build_parser().parse_args(["run", "--run-dir", "x"]).profile == "auto"  # what `make run` passes
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_profile("auto") == "cpu"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert resolve_profile("auto") == "gpu"
+    assert resolve_profile("paper") == "paper"

@@ -12,6 +12,7 @@ from .config import load_config
 from .data.errors import DataError, SourceError
 from .data.sources import SOURCE_CHOICES, SOURCES
 from .data.lm_files import PACKAGED
+from .profiles import PROFILE_CHOICES, resolve_profile
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -303,8 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--method", choices=["id", "flip"], default="id",
                       help="id: a model trained alone; flip: the joint FLIP model's finetuning, on one pretraining "
                            "made first and shared by every trial")
-    tune.add_argument("--profile", choices=["cpu", "gpu", "paper"], default="cpu",
-                      help="with --method flip: the flipctr run profile the settings start from")
+    tune.add_argument("--profile", choices=PROFILE_CHOICES, default="auto",
+                      help="with --method flip: the flipctr run profile the settings start from (auto: gpu where "
+                           "CUDA is present, else cpu)")
     tune.add_argument("--space", type=Path, required=True,
                       help="YAML: setting -> list of values, or {low, high[, log][, step][, int]}")
     tune.add_argument("--trials", type=int, default=20, help="completed + pruned trials to reach (grid: at most "
@@ -324,7 +326,8 @@ def build_parser() -> argparse.ArgumentParser:
     run = verbs.add_parser("run", help="FLIP end to end: pretrain, then finetune the backbone from scratch, "
                                          "FLIP_ID, FLIP_PLM and FLIP; writes results.{json,md}")
     run.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
-    run.add_argument("--profile", choices=["cpu", "gpu", "paper"], default="cpu")
+    run.add_argument("--profile", choices=PROFILE_CHOICES, default="auto",
+                     help="auto (default): gpu where CUDA is present, else cpu")
     run.add_argument("--run-dir", type=Path, required=True)
     run.add_argument("--backbone", help="ID backbone (default dcnv2)")
     run.add_argument("--plm", help="language model (default minilm-l6)")
@@ -372,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep = figures.add_parser("sweep", help="Figs. 3-4: flipctr run over the mask ratios and the ICL temperature")
     sweep.add_argument("--run-dir", type=Path, required=True, help="one sub-folder per point; finished ones are read back")
     sweep.add_argument("--dataset")
-    sweep.add_argument("--profile", choices=["cpu", "gpu", "paper"], default="cpu")
+    sweep.add_argument("--profile", choices=PROFILE_CHOICES, default="auto")
     sweep.add_argument("--variants", nargs="+", default=["flip_id"], choices=["scratch", "flip_id", "flip_plm", "flip"],
                        help="finetuned per point; the last is plotted")
     sweep.add_argument("--text-mask", nargs="+", type=float, help="text mask ratios (paper: 0.15 0.3 0.6)")
@@ -387,6 +390,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "profile", None):
+        args.profile = resolve_profile(args.profile)  # recorded in the run as the profile that ran
     try:
         args.func(args)
     except (DataError, SourceError, ValueError, FileNotFoundError) as err:

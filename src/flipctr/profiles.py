@@ -13,11 +13,8 @@ PROFILES: dict[str, list[str]] = {
         "text_finetune.train_rows=null", "text_finetune.valid_rows=null", "text_finetune.refit=true",
         "model.plm_trainable_layers=null", "text_finetune.joint_init=pretrained",
     ],
-    # `gpu`: the paper's hyperparameters with the pretraining epochs that fit in about 8 minutes
-    # on one H100, ESTIMATED (no GPU has run it yet): ~7 GFLOP per row (two MiniLM-L6 passes
-    # forward+backward over ~52 tokens, the MLM head at the masked tokens), 665k train+valid
-    # rows, so ~4.7 PFLOP per epoch; at 10-25 % of the H100's ~790 bf16 TFLOP/s that is
-    # 25-60 s per epoch (the loop no longer waits on the host per step). 5 epochs.
+    # `gpu`: the paper's hyperparameters with 5 pretraining epochs. Measured on one H200
+    # (benchmarks/results/flip_ml1m_gpu.md): ~39 s per epoch of 665k rows (17k rows/s).
     "gpu": [
         "pretrain.lr=5e-5", "pretrain.batch_size=1024", "pretrain.epochs=5", "pretrain.rows=null",
         "train.batch_size=256", "text_finetune.batch_size=256", "text_finetune.lr=5e-5",
@@ -34,6 +31,18 @@ PROFILES: dict[str, list[str]] = {
         "text_finetune.refit=true", "text_finetune.joint_init=finetuned",
     ],
 }
+
+PROFILE_CHOICES = ["auto", *PROFILES]
+
+
+def resolve_profile(name: str) -> str:
+    """``auto``: ``gpu`` where CUDA is present, else ``cpu``; any other name as it is."""
+    if name != "auto":
+        return name
+    import torch  # here: the command line imports this module and starts without torch
+
+    return "gpu" if torch.cuda.is_available() else "cpu"
+
 
 def profile_config(profile: str, overrides: list[str] | None = None, base: Config | None = None) -> Config:
     if profile not in PROFILES:
