@@ -417,3 +417,52 @@ def test_a_checkpoint_resumes_whatever_the_device_of_the_runtime(tmp_path):
     for name, weight in saved.model.state_dict().items():
         assert torch.equal(resumed.model.state_dict()[name], weight), name
     assert resumed.optimizer.state_dict()["state"][0]["step"] == 2
+
+
+def test_deterministic_runs_give_the_same_digits_whatever_the_machines_instruction_sets(tmp_path):
+    """``train.deterministic=true`` under two instruction-set caps of this machine (the nearest
+    thing to two machines a test has): the same metrics to the last digit, and the run folder
+    says which kernels ran. Without it the caps are free to change the digits (not asserted:
+    whether they do depends on the machine)."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import install_raw, write_ml1m
+
+    root = tmp_path / "home"
+    install_raw(root, "ml-1m", write_ml1m(tmp_path / "raw-ml", n_ratings=3000))
+    sets = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=2", "train.epochs=2",
+            "train.progress=false", "train.deterministic=true", "train.threads=1"]
+    metrics = {}
+    for cap in ("avx512", "avx2"):
+        env = {**os.environ, "FLIPCTR_DATA": str(root), "ATEN_CPU_CAPABILITY": cap, "ONEDNN_MAX_CPU_ISA": cap.upper()}
+        run = tmp_path / cap
+        proc = subprocess.run([sys.executable, "-m", "flipctr.cli", "train", "--dataset", "ml-1m", "--model", "dcnv2",
+                               "--run-dir", str(run), *[x for s in sets for x in ("--set", s)]],
+                              env=env, capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        metrics[cap] = json.loads((run / "metrics.json").read_text())
+        arithmetic = json.loads((run / "environment.json").read_text())["arithmetic"]
+        assert arithmetic["cpu_capability"] == "AVX2" and arithmetic["autocast"] == "off"
+        assert arithmetic["deterministic_algorithms"] and arithmetic["env"]["MKL_CBWR"] == "COMPATIBLE"
+        assert arithmetic["mkl_cbwr_branch"] in (None, "compatible")
+    assert metrics["avx512"]["test"] == metrics["avx2"]["test"]
+    digits = {cap: [(h["train_loss"], h["evals"]) for h in m["history"]] for cap, m in metrics.items()}
+    assert digits["avx512"] == digits["avx2"]
+
+
+def test_the_deterministic_setting_refuses_kernels_fixed_before_it(monkeypatch):
+    """A process whose first tensor operation chose other kernels cannot be pinned afterwards:
+    one clear error saying how to start it, never a run that only claims to be pinned."""
+    from flipctr import arithmetic
+
+    for name in arithmetic.DETERMINISTIC_ENV:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    try:
+        with pytest.raises(RuntimeError, match="ATen's CPU kernels run at AVX512.*ATEN_CPU_CAPABILITY=avx2"):
+            arithmetic.pin_deterministic()
+    finally:
+        torch.use_deterministic_algorithms(False)
+        torch.backends.cudnn.deterministic = False

@@ -79,6 +79,10 @@ class TrainConfig:
     device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1", ...
     threads: int | None = None  # torch CPU threads; None keeps torch's default
     amp: str = "auto"  # bf16 autocast: "auto" (where the hardware has fast bf16), "bf16", "off"
+    # the same digits on any x86-64 machine with AVX2 (same threads and versions): fp32, kernels
+    # pinned at AVX2, MKL's COMPATIBLE branch, deterministic algorithms (flipctr.arithmetic); for
+    # the whole process, pretraining included
+    deterministic: bool = False
     compile: bool = False  # torch.compile the training step
     length_buckets: int = 50  # text: batches of similar prompt length, sorted within chunks of N batches (0: off)
     progress: bool = True

@@ -74,11 +74,13 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def environment_info(device: str | None = None) -> dict[str, Any]:
-    """Versions and hardware facts recorded in every run folder."""
+def environment_info(device: str | None = None, amp_dtype: Any = None) -> dict[str, Any]:
+    """Versions and hardware facts recorded in every run folder, with what decides the run's
+    arithmetic (``amp_dtype``: its autocast dtype, None for fp32)."""
     import torch
 
     from . import __version__
+    from .arithmetic import arithmetic_info
 
     info: dict[str, Any] = {
         "flipctr": __version__,
@@ -97,6 +99,7 @@ def environment_info(device: str | None = None) -> dict[str, Any]:
         info["device"] = device
         if device.startswith("cuda") and torch.cuda.is_available():
             info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    info["arithmetic"] = arithmetic_info(amp_dtype)
     return info
 
 

@@ -32,8 +32,9 @@ from ..paper import table2
 from ..report import render_results
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world, resolve_device
+from .engine import autocast_dtype
 from .pretrain import Pretrainer
-from .runner import RunData, train_run
+from .runner import RunData, pinned, train_run
 from .tracking import setup_logging
 
 log = logging.getLogger("flipctr")
@@ -181,7 +182,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     if recipe.trains_text and cfg.model.plm_trainable_layers == 0:
         raise ValueError(f"{recipe.title} pretrains the language model alone: model.plm_trainable_layers=0 "
                          "(a frozen encoder) would leave it nothing to learn")
-    cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
+    cfg = dataclasses.replace(pinned(cfg), data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     unknown = set(variants) - set(VARIANTS)
@@ -198,7 +199,8 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         torch.set_num_threads(cfg.train.threads)
     if is_main():
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_json(run_dir / "environment.json", {**environment_info(str(device)), "profile": profile,
+        write_json(run_dir / "environment.json", {**environment_info(str(device), autocast_dtype(cfg.train.amp, device)),
+                                                  "profile": profile,
                                                   "world_size": world})
     if not is_main():
         barrier()  # rank 0 builds the caches first

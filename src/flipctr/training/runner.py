@@ -25,6 +25,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
+from ..arithmetic import pin_deterministic
 from ..config import Config
 from ..data.batching import DeviceRows
 from ..data.cache import PreparedData, prepare, resolve_data_config
@@ -136,6 +137,16 @@ class RunData:
         return sum(a.nbytes * (2 if a.dtype == np.uint16 else 1) for a in arrays.values()) > free / 2
 
 
+def pinned(cfg: Config) -> Config:
+    """``train.deterministic``: the process's kernels pinned (:mod:`flipctr.arithmetic`) and
+    every stage in fp32; else ``cfg`` as it is."""
+    if not cfg.train.deterministic:
+        return cfg
+    pin_deterministic()
+    return dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, amp="off"),
+                               pretrain=dataclasses.replace(cfg.pretrain, amp="off"))
+
+
 def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
               model_factory: Callable[[FeatureMap], torch.nn.Module] | None = None,
               encoding: str | None = None, train_rows: int | None = None,
@@ -166,7 +177,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         raise ValueError(f"train.protocol must be one of {PROTOCOLS}, not {cfg.train.protocol!r}")
     # under torchrun every rank trains its shard of each batch (Trainer); rank 0 alone writes
     main = is_main()
-    cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
+    cfg = dataclasses.replace(pinned(cfg), data=resolve_data_config(cfg.data))
     run_dir = Path(run_dir)
     if resume and (run_dir / "metrics.json").exists():
         log.info("%s: finished earlier, read back", run_dir)
@@ -199,7 +210,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     cfg = dataclasses.replace(cfg, train=resolve_train_config(cfg.train, model))
     if main:
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_json(run_dir / "environment.json", {**environment_info(str(device)), "seed": cfg.train.seed,
+        write_json(run_dir / "environment.json", {**environment_info(str(device), runtime.amp_dtype),
+                                                  "seed": cfg.train.seed,
                                                   "amp": str(runtime.amp_dtype),
                                                   "world_size": rank_world()[1]})
     log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
