@@ -23,11 +23,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from safetensors.torch import load_file
 
 from .config import Config
 from .data.encoder import MASK_ID, FeatureMap
 from .data.masking import field_mask, mask_tabular, span_token_mask
+from .training.engine import load_weights
 from .utils import atomic_path, write_json
 
 
@@ -78,7 +78,7 @@ def field_alignment(run_dir: str | Path, rows: int = 1000, batch_size: int = 128
     data = prepare(cfg.data, data_root, verbose=False)
     encoding = data.encoding(ENCODING)
     model = pretraining_model(cfg, encoding)
-    model.load_state_dict(load_file(str(weights)))
+    model.load_state_dict(load_weights(weights))
     model.to(device).eval()
     split = RunData(data, cfg, device, text=True).split("valid", ENCODING, spans=True, sample=rows, seed=seed)
     text_mask = load_tokenizer(cfg.model.plm).mask_token_id
@@ -150,7 +150,7 @@ def embedding_projection(run_dirs: list[str | Path], max_points: int = 20000, se
         for variant, file, prefix in EMBEDDING_SOURCES:
             if not (run_dir / file).exists():
                 continue
-            table = load_file(str(run_dir / file))[f"{prefix}embedding.weight"].float()
+            table = load_weights(run_dir / file)[f"{prefix}embedding.weight"].float()
             keep = np.flatnonzero(field_of >= 0)
             _, s, vh = torch.linalg.svd(table[keep], full_matrices=False)
             points = (table[keep] @ vh[:2].T).numpy()

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
 from .config import Config, ModelConfig
@@ -39,7 +38,7 @@ from .models import TEXT_SIDES, build_ctr_model
 from .data.lm_files import hidden_size, load_tokenizer
 from .models.language import LanguageModel
 from .models.text_sides import SideText
-from .training.engine import Runtime
+from .training.engine import Runtime, load_weights
 from .training.text_vectors import side_tables
 from .training.trainer import input_names, predict
 from .utils import atomic_path, write_json
@@ -112,7 +111,7 @@ class Predictor:
                        {"tokens": torch.zeros(1, 1, dtype=torch.int64), "lengths": torch.ones(1, dtype=torch.int64)})
         encoder = FeatureEncoder.load(run_dir)
         model = build_ctr_model(model_cfg, encoder.feature_map, sides={side: placeholder for side in sides})
-        model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+        model.load_state_dict(load_weights(run_dir / "model.safetensors"))
         # the run's precision (runs written before it was saved evaluated in fp32 on CPUs without bf16)
         runtime = Runtime.create("cpu", config.get("amp", "off"))
         names, text = input_names(model), None

@@ -26,7 +26,7 @@ import pandas as pd
 from ..config import DataConfig
 from ..utils import atomic_dir, data_home, sha256_file, write_json
 from .encoder import FeatureEncoder, FeatureMap
-from .errors import DataError
+from .errors import DataError, cache_file
 from .readers import DEFAULT_ORDER, READERS, LabelRule, read_custom
 from .sources import SOURCES, raw_dir
 from .splits import SplitSizes, order_table, split_sizes
@@ -93,11 +93,16 @@ class PreparedData:
 
     def __init__(self, folder: Path):
         self.folder = folder
-        self.meta = json.loads((folder / "meta.json").read_text())
-        self.name: str = self.meta["name"]
-        self.fields: list[str] = self.meta["fields"]
-        self.sizes = SplitSizes(**self.meta["sizes"])
-        self.labels = np.load(folder / "labels.npy", mmap_mode="r")
+        with cache_file(folder / "meta.json", folder) as path:
+            self.meta = json.loads(path.read_text())
+            self.name: str = self.meta["name"]
+            self.fields: list[str] = self.meta["fields"]
+            self.sizes = SplitSizes(**self.meta["sizes"])
+        with cache_file(folder / "labels.npy", folder) as path:
+            self.labels = np.load(path, mmap_mode="r")
+        if len(self.labels) != self.sizes.train + self.sizes.valid + self.sizes.test:
+            raise DataError(f"{folder / 'labels.npy'}: {len(self.labels)} rows where meta.json says "
+                            f"{self.sizes}; delete {folder} and run the command again to rebuild it")
         self._encodings: dict[str, Encoding] = {}
 
     def encoding(self, fit_split: str = "train") -> Encoding:
@@ -105,9 +110,16 @@ class PreparedData:
             raise KeyError(f"encodings exist for {FIT_SPLITS}, not {fit_split!r}")
         if fit_split not in self._encodings:
             sub = self.folder / _encoding_dir(fit_split)
-            self._encodings[fit_split] = Encoding(
-                np.load(sub / "ids.npy", mmap_mode="r"), FeatureMap.load(sub / "feature_map.json"),
-                np.load(sub / "counts.npy"))
+            with cache_file(sub / "ids.npy", self.folder) as path:
+                ids = np.load(path, mmap_mode="r")
+            with cache_file(sub / "feature_map.json", self.folder) as path:
+                fmap = FeatureMap.load(path)
+            with cache_file(sub / "counts.npy", self.folder) as path:
+                encoding = Encoding(ids, fmap, np.load(path))
+            if encoding.ids.shape != (len(self.labels), len(self.fields)):
+                raise DataError(f"{sub / 'ids.npy'}: shape {encoding.ids.shape}, not ({len(self.labels)}, "
+                                f"{len(self.fields)}); delete {self.folder} and run the command again to rebuild it")
+            self._encodings[fit_split] = encoding
         return self._encodings[fit_split]
 
     def encoding_folder(self, fit_split: str) -> Path:
@@ -132,7 +144,8 @@ class PreparedData:
 
     def value_codes(self) -> ValueCodes:
         """Every row's values as codes into each field's distinct values (memory-mapped), in split order."""
-        return ValueCodes.load(self.folder)
+        with cache_file(self.folder / ValueCodes.NAMES_FILE, self.folder):
+            return ValueCodes.load(self.folder)
 
     def values(self) -> pd.DataFrame:
         """The text values of every field, in split order (categorical columns; the whole table in memory)."""
@@ -207,7 +220,7 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
     name, fields, labels = table.name, table.fields, table.labels
     del table  # the codes hold the values now
     clock.lap("codes")
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, replace=False) as tmp:
         np.save(tmp / "labels.npy", np.ascontiguousarray(labels, dtype=np.int8))
 
         def encode(fit_split: str) -> None:

@@ -25,6 +25,7 @@ import pandas as pd
 
 from ..config import DataConfig
 from ..utils import atomic_dir
+from .errors import DataError, cache_file
 from .lm_files import load_tokenizer
 from .pieces import PieceTokenizer
 from .prompts import PromptBuilder, Prompts, prompt_length
@@ -230,13 +231,19 @@ def load_or_build_text(data_folder: Path, values: pd.DataFrame | ValueCodes, fie
     builder = PromptBuilder(fields)
     folder = text_cache_dir(data_folder, tokenizer, max_length, builder)
     if not (folder / "report.json").exists():
-        with atomic_dir(folder) as tmp:
+        with atomic_dir(folder, replace=False) as tmp:
             report = build_text_cache(tmp, values, builder, tokenizer, max_length)
             (tmp / "report.json").write_text(json.dumps(report, indent=2) + "\n")
-    return TokenizedPrompts(np.load(folder / "input_ids.npy", mmap_mode="r"),
-                            np.load(folder / "lengths.npy", mmap_mode="r"),
-                            np.load(folder / "value_spans.npy", mmap_mode="r"),
-                            json.loads((folder / "report.json").read_text()), folder)
+    arrays = {}
+    for name in ("input_ids", "lengths", "value_spans"):
+        with cache_file(folder / f"{name}.npy", folder) as path:
+            arrays[name] = np.load(path, mmap_mode="r")
+    with cache_file(folder / "report.json", folder) as path:
+        report = json.loads(path.read_text())
+    if not len(arrays["input_ids"]) == len(arrays["lengths"]) == len(arrays["value_spans"]):
+        raise DataError(f"{folder}: the prompt arrays have {[len(a) for a in arrays.values()]} rows; delete the "
+                        "folder and run the command again to rebuild it")
+    return TokenizedPrompts(arrays["input_ids"], arrays["lengths"], arrays["value_spans"], report, folder)
 
 
 def prompts_for(data: "PreparedData", cfg: DataConfig, plm: str) -> TokenizedPrompts:

@@ -14,12 +14,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -138,6 +140,27 @@ def save_weights(model: nn.Module, path: Path) -> None:
         save_file(state, str(tmp))
 
 
+class CheckpointError(ValueError):
+    """A checkpoint or weights file that cannot be read (truncated, bad bytes)."""
+
+
+def _damaged(path: Path, err: Exception, what: str) -> CheckpointError:
+    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return CheckpointError(f"{path}: damaged {what} ({first_line}); {DAMAGE_ADVICE[what]}")
+
+
+DAMAGE_ADVICE = {"checkpoint": "delete it to start this stage over (its run's other files stay)",
+                 "weights": "delete the run folder and train it again"}
+
+
+def load_weights(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors state dict; a damaged file is one error naming it."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, ValueError, EOFError) as err:
+        raise _damaged(path, err, "weights") from err
+
+
 def save_checkpoint(path: Path, state: dict) -> None:
     """``state`` (tensors, plain values) to ``path``, atomically: a kill leaves the last one whole."""
     with atomic_path(path) as tmp:
@@ -148,7 +171,10 @@ def load_checkpoint(path: Path) -> dict:
     """A checkpoint on the host, whatever device wrote it: the random states must be CPU byte
     tensors (``set_rng_state`` takes nothing else); ``load_state_dict`` moves the weights and the
     optimizer's state to their parameters' device."""
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as err:
+        raise _damaged(path, err, "checkpoint") from err
 
 
 class Stage:

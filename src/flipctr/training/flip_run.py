@@ -17,7 +17,6 @@ from pathlib import Path
 
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from ..config import Config, TrainConfig
 from ..data.batching import DeviceRows
@@ -32,7 +31,7 @@ from ..paper import table2
 from ..report import render_results
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world, resolve_device
-from .engine import autocast_dtype
+from .engine import autocast_dtype, load_weights
 from .pretrain import Pretrainer
 from .runner import RunData, pinned, train_run
 from .tracking import setup_logging
@@ -80,7 +79,7 @@ def finetuned_weights(folder: Path, stage: str) -> dict[str, torch.Tensor]:
     path = folder / "model-selected.safetensors"
     if stage == "final" or not path.exists():
         path = folder / "model.safetensors"
-    return load_file(str(path))
+    return load_weights(path)
 
 
 def pretraining_model(cfg: Config, encoding) -> FlipPretrainModel:
@@ -160,7 +159,7 @@ def finetune_flip(cfg: Config, pretrain_dir: Path, run_dir: Path, data_root: Pat
     encoding); ``options`` go to :func:`~.runner.train_run` (e.g. a search's ``select_only``)."""
     if cfg.text_finetune.joint_init != "pretrained":
         raise ValueError("finetuning FLIP alone starts from the pretraining: text_finetune.joint_init=pretrained")
-    pretrained = load_file(str(Path(pretrain_dir) / "pretrained.safetensors"))
+    pretrained = load_weights(Path(pretrain_dir) / "pretrained.safetensors")
     train, rows = text_finetune_settings(cfg)
     variant = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="flip"), train=train)
     return train_run(variant, run_dir, data_root, model_factory=lambda fm: joint_model(cfg, fm, pretrained),
@@ -246,7 +245,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
     if wants_pretrain and set(variants) & {"flip_id", "flip_plm", "flip"}:
         history = _pretrain(cfg, text_rd, encoding, device, run_dir / "pretrain", resume)
-        pretrained = load_file(str(run_dir / "pretrain" / "pretrained.safetensors"))
+        pretrained = load_weights(run_dir / "pretrain" / "pretrained.safetensors")
         # its epochs' time, those of an earlier call included (a resumed or finished pretraining)
         pretrain_seconds = sum(record["seconds"] for record in history)
 

@@ -23,7 +23,6 @@ from typing import Callable
 import numpy as np
 import torch
 import yaml
-from safetensors.torch import load_file
 
 from ..arithmetic import pin_deterministic
 from ..config import Config
@@ -36,7 +35,7 @@ from ..inference import write_inference_files
 from ..models import TEXT_SIDES, LrScales, build_ctr_model
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world
-from .engine import Runtime, save_weights
+from .engine import Runtime, load_weights, save_weights
 from .tracking import Tracker, setup_logging
 from .trainer import EpochRecord, Trainer, input_names, resolve_train_config
 
@@ -297,7 +296,7 @@ def evaluate_run(run_dir: str | Path, data_root: Path | None = None) -> dict:
     data = prepare(cfg.data, data_root)
     sides, side_index = side_texts(data, cfg, runtime)
     model = build_ctr_model(cfg.model, FeatureMap.load(run_dir / "feature_map.json"), sides=sides)
-    model.load_state_dict(load_file(str(run_dir / "model.safetensors")))
+    model.load_state_dict(load_weights(run_dir / "model.safetensors"))
     model.to(runtime.device)
     rd = RunData.for_model(data, cfg, runtime, model)
     rd.side_index = side_index
