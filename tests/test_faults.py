@@ -126,3 +126,16 @@ def test_flip_run_killed_twice_resumes_to_the_uninterrupted_results(ml1m_root, t
     assert set(whole) == {"scratch", "flip_id", "flip_plm", "flip"}
     for variant in whole:
         assert again[variant]["test"] == whole[variant]["test"], variant
+
+
+def test_a_write_that_fails_names_the_file_and_the_space_left(tmp_path):
+    """A full disk often surfaces as numpy's short write ("N requested and M written", no errno):
+    the error names what was being written and the free space; nothing is left behind."""
+    from flipctr.utils import atomic_path
+
+    with pytest.raises(OSError, match=r"writing .*labels.npy failed \(19976 requested and 992 written\); "
+                                      r"[\d.]+ MiB free on its disk"):
+        with atomic_path(tmp_path / "labels.npy") as tmp:
+            tmp.write_bytes(b"partial")
+            raise OSError("19976 requested and 992 written")
+    assert list(tmp_path.iterdir()) == []

@@ -394,7 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         args.profile = resolve_profile(args.profile)  # recorded in the run as the profile that ran
     try:
         args.func(args)
-    except (DataError, SourceError, ValueError, FileNotFoundError) as err:
+    except (DataError, SourceError, ValueError, OSError) as err:  # OSError: a file system's (missing, full, read-only)
         print(f"flipctr: error: {err}", file=sys.stderr)
         return 2
     return 0

@@ -55,6 +55,18 @@ def _alive(pid: int) -> bool:
 
 
 @contextlib.contextmanager
+def _naming_write_errors(path: Path) -> Iterator[None]:
+    """A file system error while ``path`` is written (a full disk often surfaces as a short
+    write, without errno) names ``path`` and the space left on its disk."""
+    try:
+        yield
+    except OSError as err:
+        free = shutil.disk_usage(path.parent).free / 2**20
+        message = f"writing {path} failed ({err}); {free:.1f} MiB free on its disk; nothing was written there"
+        raise (OSError(err.errno, message) if err.errno else OSError(message)) from err
+
+
+@contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
@@ -64,7 +76,8 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
+        with _naming_write_errors(path):
+            yield tmp_path
         os.replace(tmp_path, path)
     finally:
         if tmp_path.exists():
@@ -81,7 +94,8 @@ def atomic_dir(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
     _sweep_stale(path)
     tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     try:
-        yield tmp
+        with _naming_write_errors(path):
+            yield tmp
         if replace and path.exists():
             shutil.rmtree(path)
         try:
