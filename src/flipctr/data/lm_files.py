@@ -129,8 +129,11 @@ def _extract_folder(zf: zipfile.ZipFile, folder: str, out: Path, name: str) -> N
     members = [m for m in zf.namelist() if m.startswith(folder) and not m.endswith("/")]
     if not members:
         raise SourceError(f"{name}: the archive has no folder {folder!r}")
+    root = out.resolve()
     for member in members:
-        dest = out / member[len(folder):]
+        dest = (out / member[len(folder):]).resolve()
+        if not dest.is_relative_to(root):  # a member named "folder/../../x" ("zip slip")
+            raise SourceError(f"{name}: the archive member {member!r} would be written outside {out}")
         dest.parent.mkdir(parents=True, exist_ok=True)
         with zf.open(member) as src, open(dest, "wb") as dst:
             shutil.copyfileobj(src, dst)
