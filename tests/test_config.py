@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 
 from flipctr.config import Config, load_config
@@ -45,3 +47,13 @@ def test_the_auto_profile_is_gpu_where_cuda_is_present(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert resolve_profile("auto") == "gpu"
     assert resolve_profile("paper") == "paper"
+
+
+def test_a_bad_amp_setting_is_named_as_the_user_wrote_it():
+    import torch
+
+    from flipctr.config import PretrainConfig
+    from flipctr.training.pretrain import Pretrainer
+
+    with pytest.raises(ValueError, match="pretrain.amp must be 'auto', 'bf16' or 'off', not 'fp8'"):
+        Pretrainer(PretrainConfig(amp="fp8"), torch.device("cpu"), Path("unused"))

@@ -63,18 +63,6 @@ GOODREADS_FIELDS = ["user ID", "book ID", "book title", "book genres", "average 
                     "media type"]
 
 
-def _require_complete(frame: pd.DataFrame, path: Path, what: str) -> None:
-    """Fail on the first row with a missing column: a truncated or wrongly delimited file."""
-    bad = frame.isna().any(axis=1).to_numpy()
-    if bad.any():
-        row = int(np.argmax(bad))
-        cols = [c for c in frame.columns if pd.isna(frame.iloc[row][c])]
-        raise DataError(
-            f"{path}: line {row + 1} has no value for {cols} (expected {what}); "
-            "the file is truncated or not delimited as expected"
-        )
-
-
 def _read_dat(path: Path, names: list[str]) -> pd.DataFrame:
     """Read a GroupLens ``::``-separated latin-1 file as strings."""
     if not path.exists():

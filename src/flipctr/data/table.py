@@ -55,14 +55,6 @@ class Table:
                      self.labels[rows], time)
 
 
-def is_text(column: pd.Series) -> bool:
-    """Whether a column is categorical text as :func:`text_codes` gives it: string categories,
-    each used by some row, no missing value."""
-    if not isinstance(column.dtype, pd.CategoricalDtype):
-        return False
-    return _is_text(column.cat.categories, column.cat.codes.to_numpy())
-
-
 def _is_text(categories: pd.Index, codes: np.ndarray) -> bool:
     return pd.api.types.is_string_dtype(categories) and (
         codes.size == 0 or (codes.min() >= 0 and bool(np.bincount(codes, minlength=len(categories)).all())))

@@ -212,17 +212,13 @@ class FlipPretrainModel(nn.Module):
                          if config.mtm else None)
         self.icl_head = ICLHead(dt, dv, config.icl_dim, config.temperature) if config.icl else None
 
-    def max_text_targets(self, value_spans: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
-        """(N,) per-row bound on the MLM targets (host tensors; see ``FieldMasker``)."""
-        return self.masker.max_text_targets(value_spans, lengths)
-
     def forward(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 value_spans: torch.Tensor, generator: torch.Generator | None = None,
                 text_targets: int | None = None, tab_fields: torch.Tensor | None = None,
                 text_fields: torch.Tensor | None = None) -> PretrainOutput:
         """``text_targets``: the batch's masked tokens, or an upper bound, known on the host (with
         the fields chosen ahead, ``tab_fields``/``text_fields``, the exact count; else the sum of
-        :meth:`max_text_targets`); the MLM head then runs on that many positions, padding
+        ``FieldMasker.max_text_targets``); the MLM head then runs on that many positions, padding
         weighted 0, and nothing waits on the device. None: the count is read from the device."""
         cfg = self.config
         masked: MaskedBatch = self.masker(ids, input_ids, attention_mask, value_spans, generator, tab_fields,

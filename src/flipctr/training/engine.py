@@ -51,14 +51,15 @@ def _cpu_has_bf16() -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def autocast_dtype(mode: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for an ``amp`` setting ("auto", "bf16", "off"), or None for fp32."""
+def autocast_dtype(mode: str, device: torch.device, setting: str = "train.amp") -> torch.dtype | None:
+    """The autocast dtype for an ``amp`` setting ("auto", "bf16", "off"), or None for fp32
+    (``setting``: its name, for the error)."""
     if mode == "off":
         return None
     if mode == "bf16" or (mode == "auto" and bf16_supported(device)):
         return torch.bfloat16
     if mode != "auto":
-        raise ValueError(f"train.amp must be 'auto', 'bf16' or 'off', not {mode!r}")
+        raise ValueError(f"{setting} must be 'auto', 'bf16' or 'off', not {mode!r}")
     return None
 
 
@@ -72,9 +73,9 @@ class Runtime:
     amp_dtype: torch.dtype | None = None
 
     @classmethod
-    def create(cls, device: str | torch.device = "auto", amp: str = "auto") -> "Runtime":
+    def create(cls, device: str | torch.device = "auto", amp: str = "auto", setting: str = "train.amp") -> "Runtime":
         device = resolve_device(device) if isinstance(device, str) else device
-        return cls(device, autocast_dtype(amp, device))
+        return cls(device, autocast_dtype(amp, device, setting))
 
     @property
     def amp_name(self) -> str:

@@ -92,7 +92,7 @@ class Pretrainer:
     def __init__(self, cfg: PretrainConfig, runtime: Runtime | torch.device, folder: Path):
         """``runtime``: where and in which precision to compute (a bare device: in ``cfg.amp``'s)."""
         self.cfg, self.folder = cfg, Path(folder)
-        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime.create(runtime, cfg.amp)
+        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime.create(runtime, cfg.amp, "pretrain.amp")
         self.device = self.runtime.device
 
     @property
