@@ -215,17 +215,25 @@ def predict(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtime
     """Probabilities for every row of ``split``, in ``runtime``'s precision (default fp32 on the
     split's device). Under DDP each rank scores every world-th row (the last ones wrapping round
     to equal counts) and the scores are gathered: every rank returns all of them, so all ranks
-    agree on metrics and early stopping."""
+    agree on metrics and early stopping. Rows with text are scored in order of prompt length,
+    each batch padded to its longest row (in time order a batch of thousands pads nearly every
+    row to the longest prompt), and put back in order."""
     model.eval()
     runtime = runtime or Runtime(split.labels.device)
     names, device, out = input_names(model), split.labels.device, []
-    order = rank_rows(len(split))
+    share = rank_rows(len(split))
+    lengths = split.host("lengths")
+    by_length = None if lengths is None else torch.argsort(lengths[share], stable=True)
+    order = share if by_length is None else share[by_length]
     widths = split.batch_widths(order, batch_size)
     for k, i in enumerate(range(0, len(order), batch_size)):
         batch = split.batch(order[i:i + batch_size].to(device), names, widths[k] if widths else None)
         with runtime.autocast():
             out.append(torch.sigmoid(model(**batch).logits.float()))
-    return gather_rows(torch.cat(out), len(split)).cpu().numpy()
+    scores = torch.cat(out)
+    if by_length is not None:  # back to the share's order, which the gather expects
+        scores = torch.empty_like(scores).index_copy_(0, by_length.to(scores.device), scores)
+    return gather_rows(scores, len(split)).cpu().numpy()
 
 
 def evaluate(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtime: Runtime | None = None
