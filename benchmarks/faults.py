@@ -164,7 +164,7 @@ def kill_in_prepare(s: Scratch, clean: dict) -> dict:
             "happened": f"killed {kill['after_seconds']} s in, while its temporary cache folder was being written; "
                         f"complete cache folders after the kill: {whole or 'none'}; the re-run built the cache "
                         f"{'byte-identical to' if same else 'DIFFERENT from'} an uninterrupted one; temporaries "
-                        f"left after the re-run: {left or 'none'} (the killed one's was swept)"}
+                        f"left after the re-run: {left or 'none'}"}
 
 
 def two_prepares(s: Scratch, clean: dict) -> dict:
