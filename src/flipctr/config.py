@@ -53,6 +53,9 @@ class ModelConfig:
     # language model (model "plm", and FLIP)
     plm: str = "minilm-l6"  # packaged name, local folder or hub id
     plm_trainable_layers: int | None = None  # None: all layers train; k: only the top k
+    # how the padding mask reaches the encoder: "auto" (a prepared 4-D mask on CUDA, no host wait
+    # per forward; the 2-D one elsewhere), "2d", "4d" (models.language.LanguageModel)
+    plm_attention_mask: str = "auto"
     backbone: str = "dcnv2"  # the ID backbone inside the joint model (name "flip")
 
 

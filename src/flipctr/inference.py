@@ -118,7 +118,7 @@ class Predictor:
         if "input_ids" in names or "text_cls" in names or sides:
             frozen = None
             if "text_cls" in names or (sides and frozen_sides):
-                frozen = LanguageModel.from_pretrained(model_cfg.plm)
+                frozen = LanguageModel.from_pretrained(model_cfg.plm, model_cfg.plm_attention_mask)
                 frozen.freeze(0)
                 runtime.frozen(frozen)  # as training ran it: weights in the autocast dtype
             text = TextSide(load_tokenizer(model_cfg.plm), config["max_length"], frozen, sides)

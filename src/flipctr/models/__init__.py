@@ -24,7 +24,7 @@ def text_encoder(config: ModelConfig, state: dict[str, torch.Tensor] | None = No
 
     if config.plm_trainable_layers == 0:
         return None, hidden_size(config.plm)
-    language_model = LanguageModel.from_pretrained(config.plm)
+    language_model = LanguageModel.from_pretrained(config.plm, config.plm_attention_mask)
     if state is not None:
         language_model.load_state_dict(state)
     language_model.freeze(config.plm_trainable_layers)

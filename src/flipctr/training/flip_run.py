@@ -86,7 +86,7 @@ def pretraining_model(cfg: Config, encoding) -> FlipPretrainModel:
     """The pretraining model as ``cfg`` says: the backbone, the language model (its top
     ``plm_trainable_layers`` layers trainable) and the heads of the objectives that are on."""
     tokenizer = load_tokenizer(cfg.model.plm)
-    lm = LanguageModel.from_pretrained(cfg.model.plm)
+    lm = LanguageModel.from_pretrained(cfg.model.plm, cfg.model.plm_attention_mask)
     lm.freeze(cfg.model.plm_trainable_layers)
     backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
     return FlipPretrainModel(build_ctr_model(backbone_cfg, encoding.feature_map), lm,
@@ -200,6 +200,8 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(run_dir / "environment.json", {**environment_info(str(device), autocast_dtype(cfg.train.amp, device)),
                                                   "profile": profile,
+                                                  "fast_paths": {"plm_attention_mask": LanguageModel.mask_kind(
+                                                      cfg.model.plm_attention_mask, device)},
                                                   "world_size": world})
     if not is_main():
         barrier()  # rank 0 builds the caches first

@@ -33,6 +33,7 @@ from ..data.prompts import prompt_length
 from ..data.readers import side_fields
 from ..inference import write_inference_files
 from ..models import TEXT_SIDES, LrScales, build_ctr_model
+from ..models.language import LanguageModel
 from ..utils import environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world
 from .engine import Runtime, load_weights, save_weights
@@ -48,7 +49,6 @@ def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
     """:func:`~.text_vectors.side_tables` of ``cfg.model`` on the prepared data (a frozen
     ``cfg.model.plm``'s vectors cached beside it); both empty for models without text sides."""
     from ..data.lm_files import load_tokenizer
-    from ..models.language import LanguageModel
     from .text_vectors import side_tables
 
     wanted = model_sides(cfg.model.name, data.name)
@@ -56,7 +56,7 @@ def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
         return {}, {}
     frozen = None
     if cfg.model.plm_trainable_layers == 0:
-        frozen = LanguageModel.from_pretrained(cfg.model.plm)
+        frozen = LanguageModel.from_pretrained(cfg.model.plm, cfg.model.plm_attention_mask)
         frozen.freeze(0)
         runtime.frozen(frozen)
     return side_tables(data.values(), wanted, load_tokenizer(cfg.model.plm), prompt_length(cfg.data, data.name), frozen,
@@ -91,10 +91,9 @@ class RunData:
         names = input_names(model)
         rd = cls(data, cfg, runtime.device, text="input_ids" in names or "text_cls" in names)
         if "text_cls" in names:
-            from ..models.language import LanguageModel
             from .text_vectors import TextVectors
 
-            lm = LanguageModel.from_pretrained(cfg.model.plm)
+            lm = LanguageModel.from_pretrained(cfg.model.plm, cfg.model.plm_attention_mask)
             lm.freeze(0)
             rd.text_vectors = TextVectors(lm, rd.text, runtime, cfg.train.eval_batch_size or 256)
         return rd
@@ -211,6 +210,8 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(run_dir / "environment.json", {**environment_info(str(device), runtime.amp_dtype),
                                                   "seed": cfg.train.seed,
+                                                  "fast_paths": {"plm_attention_mask": LanguageModel.mask_kind(
+                                                      cfg.model.plm_attention_mask, device)},
                                                   "amp": str(runtime.amp_dtype),
                                                   "world_size": rank_world()[1]})
     log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
