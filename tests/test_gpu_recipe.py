@@ -142,3 +142,24 @@ def test_budgets_share_what_is_left():
     budgets = _load("oneshot").budgets
     shares = {"pretrain": 2, "scratch": 1, "flip_id": 1, "flip_plm": 3, "flip": 3}
     assert budgets(100.0, shares) == pytest.approx({"pretrain": 20.0, "train": 10.0, "text_finetune": 30.0})
+
+
+def test_the_speed_script_measures_every_stage_on_both_paths(ml1m_root, tiny_plm, tmp_path, monkeypatch):
+    """benchmarks/gpu/speed.py on the CPU with tiny shapes: every stage, eager and fast, a
+    samples/s and the epochs' losses, a profiler table for the fast path; both files written."""
+    sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
+    import speed
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    speed.main([str(tmp_path / "out"), "--plm", str(tiny_plm), "--rows", "400", "--steps", "1", "--device", "cpu",
+                "--set", "pretrain.batch_size=32", "--set", "train.batch_size=64", "--set", "model.embedding_dim=4",
+                "--set", "text_finetune.batch_size=64", "--set", "train.amp=off", "--set", "pretrain.amp=off"])
+    report = json.loads((tmp_path / "out" / "speed.json").read_text())
+    rows = {(r["stage"], r["path"]): r for r in report["results"]}
+    assert set(rows) == {(s, p) for s in speed.STAGES for p in ("eager", "fast")}
+    for (stage, path), r in rows.items():
+        assert r["samples_per_second"] > 0 and len(r["losses"]) == 2, (stage, path)
+        assert (r["profile"] is not None) == (path == "fast")
+    # the fast path on a CPU is the eager one (the 4-D mask is CUDA's): the same losses
+    assert rows[("pretrain", "fast")]["losses"] == rows[("pretrain", "eager")]["losses"]
+    assert "| pretrain | fast |" in (tmp_path / "out" / "speed.md").read_text()
