@@ -593,7 +593,7 @@ def test_mlm_on_a_host_bound_of_targets_equals_the_exact_count():
     model, _, _ = _tiny_pair()
     model.eval()  # no dropout: both calls see the same network
     ids, input_ids, attention, spans = _batch()
-    bound = model.max_text_targets(spans, attention.sum(1))
+    bound = model.masker.max_text_targets(spans, attention.sum(1))
     exact = model(ids, input_ids, attention, spans, torch.Generator().manual_seed(5))
     bounded = model(ids, input_ids, attention, spans, torch.Generator().manual_seed(5),
                     text_targets=int(bound.sum()) + 7)
