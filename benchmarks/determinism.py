@@ -4,8 +4,8 @@ machine has), every run in its own process.
 
     python benchmarks/determinism.py [--dataset ml-1m] [--model dcnv2] [--seed 1] [--caps avx512 avx2]
 
-A cap sets ``ATEN_CPU_CAPABILITY`` and ``ONEDNN_MAX_CPU_ISA`` for the process ("machine": none,
-what this CPU offers). Writes ``benchmarks/results/determinism.{json,md}``: per run the test and
+A cap sets ``ATEN_CPU_CAPABILITY``, ``ONEDNN_MAX_CPU_ISA`` and ``MKL_ENABLE_INSTRUCTIONS`` for the
+process ("machine": none, what this CPU offers). Writes ``benchmarks/results/determinism.{json,md}``: per run the test and
 validation metrics, the validation AUC per epoch, the seconds and rows/s, and the arithmetic the
 run folder recorded; per setting whether the caps gave the same digits, and the deterministic
 setting's cost in speed. Raw data must have been fetched (``flipctr data get ml-1m``).
@@ -22,13 +22,16 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# what a cap sets: ATen's kernels, oneDNN's and MKL's instruction sets (the deterministic setting
+# overrides the first two with its own pins; MKL's cap it leaves: its COMPATIBLE branch ignores it)
+CAP_VARIABLES = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "MKL_ENABLE_INSTRUCTIONS")
 
 
 def run_once(args: argparse.Namespace, deterministic: bool, cap: str, runs: Path) -> dict:
     run_dir = runs / f"{'deterministic' if deterministic else 'default'}-{cap}"
-    env = {k: v for k, v in os.environ.items() if k not in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")}
+    env = {k: v for k, v in os.environ.items() if k not in CAP_VARIABLES}
     if cap != "machine":
-        env.update(ATEN_CPU_CAPABILITY=cap, ONEDNN_MAX_CPU_ISA=cap.upper())
+        env.update(ATEN_CPU_CAPABILITY=cap, ONEDNN_MAX_CPU_ISA=cap.upper(), MKL_ENABLE_INSTRUCTIONS=cap.upper())
     command = [sys.executable, "-m", "flipctr.cli", "train", "--dataset", args.dataset, "--model", args.model,
                "--run-dir", str(run_dir), "--set", f"train.seed={args.seed}", "--set", "train.progress=false",
                "--set", f"train.deterministic={str(deterministic).lower()}"]

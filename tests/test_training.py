@@ -436,7 +436,8 @@ def test_deterministic_runs_give_the_same_digits_whatever_the_machines_instructi
             "train.progress=false", "train.deterministic=true", "train.threads=1"]
     metrics = {}
     for cap in ("avx512", "avx2"):
-        env = {**os.environ, "FLIPCTR_DATA": str(root), "ATEN_CPU_CAPABILITY": cap, "ONEDNN_MAX_CPU_ISA": cap.upper()}
+        env = {**os.environ, "FLIPCTR_DATA": str(root), "ATEN_CPU_CAPABILITY": cap, "ONEDNN_MAX_CPU_ISA": cap.upper(),
+               "MKL_ENABLE_INSTRUCTIONS": cap.upper()}
         run = tmp_path / cap
         proc = subprocess.run([sys.executable, "-m", "flipctr.cli", "train", "--dataset", "ml-1m", "--model", "dcnv2",
                                "--run-dir", str(run), *[x for s in sets for x in ("--set", s)]],

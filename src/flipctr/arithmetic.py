@@ -29,8 +29,8 @@ import torch
 # Fixed at a process's first tensor operation (ATen), first MKL call, first oneDNN primitive.
 DETERMINISTIC_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2",
                      "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
-RECORDED_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA", "OMP_NUM_THREADS",
-                "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG")
+RECORDED_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "MKL_ENABLE_INSTRUCTIONS", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+                "OMP_NUM_THREADS", "MKL_NUM_THREADS", "CUBLAS_WORKSPACE_CONFIG")
 CPU_FLAGS = ("avx", "avx2", "fma", "avx512f", "avx512_bf16", "avx512_vnni", "avx512_fp16", "amx_tile", "amx_bf16")
 _MKL_CBWR_BRANCH = {1: "off", 2: "auto", 3: "compatible"}  # mkl_service.h: what mkl_cbwr_get(MKL_CBWR_BRANCH) returns
 
