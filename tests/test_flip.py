@@ -749,3 +749,48 @@ def test_masks_drawn_per_batch_are_the_epochs_draws_and_leave_the_generator_wher
         assert torch.equal(generator.get_state(), reference.get_state())
         with pytest.raises(RuntimeError, match="batch order"):
             plan.batch(0)
+
+
+def test_a_pretraining_carried_as_shards_finetunes_as_one_run(ml1m_root, tiny_plm, tmp_path, monkeypatch):
+    """The paper's setting in two commands on two machines: `flipctr run --pretrain-only`, its
+    weights exported as shards small enough to carry (tensors split across them), then `flipctr
+    run --pretrained DIR` elsewhere: carried in fp32 the four test AUCs are those of one run;
+    carried in bf16 the installed weights are the pretraining's rounded to bf16."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from flipctr.cli import main
+    from flipctr.training.flip_run import export_pretraining
+
+    monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
+    tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.epochs=1",
+            "train.progress=false", "pretrain.progress=false", "train.amp=off", "pretrain.amp=off",
+            "pretrain.epochs=1", "pretrain.batch_size=32", "pretrain.rows=120", "text_finetune.epochs=1",
+            "text_finetune.batch_size=32", "text_finetune.train_rows=100", "text_finetune.valid_rows=40",
+            "model.plm_trainable_layers=null"]
+
+    def run(folder, *extra):
+        assert main(["run", "--dataset", "ml-1m", "--profile", "cpu", "--plm", str(tiny_plm), "--run-dir",
+                     str(tmp_path / folder), *[x for t in tiny for x in ("--set", t)], *extra]) == 0
+        return json.loads((tmp_path / folder / "results.json").read_text())
+
+    first = run("pretrained", "--pretrain-only")
+    assert first["pretrained"] and first["results"] == {} and not first["complete"]
+    assert sorted(p.name for p in (tmp_path / "pretrained").iterdir() if p.is_dir()) == ["pretrain"]
+    weights = load_file(str(tmp_path / "pretrained" / "pretrain" / "pretrained.safetensors"))
+    for dtype, name in ((torch.float32, "fp32"), (torch.bfloat16, "bf16")):
+        shards = export_pretraining(tmp_path / "pretrained" / "pretrain", tmp_path / f"carried-{name}", 16384, dtype)
+        assert len(shards) > 2 and all(p.stat().st_size <= 16384 for p in shards)
+    carried = run("from-fp32", "--pretrained", str(tmp_path / "carried-fp32"))
+    whole = run("whole")
+    assert carried["complete"] and set(carried["results"]) == set(whole["results"]) == {"scratch", "flip_id",
+                                                                                       "flip_plm", "flip"}
+    for variant in whole["results"]:
+        assert carried["results"][variant]["test"] == whole["results"][variant]["test"], variant
+    run("from-bf16", "--pretrained", str(tmp_path / "carried-bf16"), "--variants", "flip_id")
+    installed = load_file(str(tmp_path / "from-bf16" / "pretrain" / "pretrained.safetensors"))
+    assert installed.keys() == weights.keys()
+    for key, value in weights.items():
+        assert installed[key].dtype == torch.float32
+        assert torch.equal(installed[key], value.to(torch.bfloat16).float()), key

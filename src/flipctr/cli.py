@@ -174,7 +174,8 @@ def cmd_run(args: argparse.Namespace) -> None:
     cfg = profile_config(args.profile, overrides, base)
     variants = tuple(args.variants or METHODS[args.method].variants)
     with joined():
-        report = run_flip(cfg, args.run_dir, variants, resume=args.resume, profile=args.profile, method=args.method)
+        report = run_flip(cfg, args.run_dir, variants, resume=args.resume, profile=args.profile, method=args.method,
+                          pretrain_only=args.pretrain_only, pretrained_from=args.pretrained)
     if report is not None:  # None on the ranks other than 0 under torchrun
         print(render_results(report))
 
@@ -338,6 +339,11 @@ def build_parser() -> argparse.ArgumentParser:
                           "baseline (token-level MLM of the prompts, then the language model alone; needs a "
                           "trained encoder)")
     run.add_argument("--resume", action="store_true", help="continue a killed run from the last finished epoch of whichever stage was running")
+    run.add_argument("--pretrain-only", action="store_true", help="stop after the pretraining")
+    run.add_argument("--pretrained", type=Path, metavar="DIR",
+                     help="finetune from a pretraining made elsewhere instead of pretraining: DIR holds "
+                          "pretrained.safetensors (or its shards, pretrained-*.safetensors, any dtype) and "
+                          "pretrain_history.json")
     _config_args(run)
     run.set_defaults(func=cmd_run)
 

@@ -141,6 +141,69 @@ def save_weights(model: nn.Module, path: Path) -> None:
         save_file(state, str(tmp))
 
 
+PART = "::part"  # a tensor split over shards: "{name}::part{k}of{n}", its rows k-th of n
+
+
+def save_shards(state: dict[str, torch.Tensor], folder: Path, stem: str, max_bytes: int,
+                dtype: torch.dtype | None = None) -> list[Path]:
+    """``state`` (cast to ``dtype``) as safetensors files ``{stem}-00001.safetensors``, ... of at
+    most ``max_bytes`` each, tensors kept whole where they fit and split by rows where they do
+    not (what a machine that returns only small files can carry); :func:`load_shards` reads them."""
+    file_limit, max_bytes = max_bytes, max_bytes - 256  # the header's fixed part; each entry's is counted below
+    pieces: list[tuple[str, torch.Tensor]] = []
+    for name, tensor in state.items():
+        tensor = tensor.detach().cpu().to(dtype or tensor.dtype).contiguous()
+        if tensor.numel() * tensor.element_size() + len(name.encode()) + 96 <= max_bytes or tensor.dim() == 0:
+            pieces.append((name, tensor))
+            continue
+        row_bytes = tensor[0].numel() * tensor.element_size()
+        if row_bytes > max_bytes - len(name.encode()) - 128:
+            raise ValueError(f"{name}: one row ({row_bytes} bytes) is larger than a shard ({max_bytes} bytes)")
+        parts = tensor.split((max_bytes - len(name.encode()) - 128) // row_bytes)
+        pieces += [(f"{name}{PART}{k}of{len(parts)}", part.contiguous()) for k, part in enumerate(parts)]
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, tensor in pieces:
+        nbytes = tensor.numel() * tensor.element_size() + len(name.encode()) + 96  # its header entry, at most
+        if size + nbytes > max_bytes and shards[-1]:
+            shards.append({})
+            size = 0
+        shards[-1][name] = tensor
+        size += nbytes
+    paths = []
+    for k, shard in enumerate(shards, 1):
+        paths.append(Path(folder) / f"{stem}-{k:05d}.safetensors")
+        with atomic_path(paths[-1]) as tmp:
+            save_file(shard, str(tmp))
+            if tmp.stat().st_size > file_limit:
+                raise ValueError(f"{paths[-1]}: {tmp.stat().st_size} bytes, over the {file_limit} asked for")
+    return paths
+
+
+def load_shards(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """The state :func:`save_shards` wrote as ``{stem}-*.safetensors`` in ``folder``, whole again."""
+    files = sorted(Path(folder).glob(f"{stem}-*.safetensors"))
+    if not files:
+        raise FileNotFoundError(f"{folder}: no {stem}-*.safetensors shards")
+    state: dict[str, torch.Tensor] = {}
+    split: dict[str, dict[int, torch.Tensor]] = {}
+    for path in files:
+        for name, tensor in load_weights(path).items():
+            if PART in name:
+                base, part = name.split(PART)
+                k, n = map(int, part.split("of"))
+                split.setdefault(base, {})[k] = tensor
+                split[base]["n"] = n  # type: ignore[assignment]
+            else:
+                state[name] = tensor
+    for base, parts in split.items():
+        n = parts.pop("n")
+        if sorted(parts) != list(range(n)):
+            raise CheckpointError(f"{folder}: {base} has parts {sorted(parts)} of {n}; a shard is missing")
+        state[base] = torch.cat([parts[k] for k in range(n)])
+    return state
+
+
 class CheckpointError(ValueError):
     """A checkpoint or weights file that cannot be read (truncated, bad bytes)."""
 

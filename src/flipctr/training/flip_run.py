@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors.torch import save_file
 
 from ..config import Config, TrainConfig
 from ..data.batching import DeviceRows
@@ -29,9 +30,9 @@ from ..models.language import LanguageModel
 from ..models.plm import PLMCTRModel
 from ..paper import table2
 from ..report import render_results
-from ..utils import environment_info, seed_everything, write_json, write_text
+from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
 from .distributed import barrier, is_main, rank_world, resolve_device
-from .engine import autocast_dtype, load_weights
+from .engine import autocast_dtype, load_shards, load_weights, save_shards
 from .pretrain import Pretrainer
 from .runner import RunData, pinned, train_run
 from .tracking import setup_logging
@@ -166,11 +167,39 @@ def finetune_flip(cfg: Config, pretrain_dir: Path, run_dir: Path, data_root: Pat
                      encoding=ENCODING, resume=resume, **rows, **options)
 
 
+def install_pretraining(source: Path, folder: Path) -> list[dict]:
+    """A pretraining made elsewhere, into ``folder`` as :func:`_pretrain` leaves one: ``source``
+    holds its weights (``pretrained.safetensors``, or the shards :func:`export_pretraining`
+    wrote, in any dtype: installed as fp32) and ``pretrain_history.json``. Returns the history."""
+    source = Path(source)
+    whole = source / "pretrained.safetensors"
+    state = load_weights(whole) if whole.exists() else load_shards(source, "pretrained")
+    history = json.loads((source / "pretrain_history.json").read_text())
+    if is_main():
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / "pretrained.safetensors") as tmp:
+            save_file({k: v.float().contiguous() for k, v in state.items()}, str(tmp))
+        write_json(folder / "pretrain_history.json", history)
+    barrier()
+    return history
+
+
+def export_pretraining(folder: Path, out: Path, max_bytes: int, dtype: torch.dtype = torch.bfloat16) -> list[Path]:
+    """A finished pretraining's weights as shards of at most ``max_bytes`` in ``dtype``, with its
+    history, into ``out`` (what :func:`install_pretraining` reads)."""
+    paths = save_shards(load_weights(folder / "pretrained.safetensors"), out, "pretrained", max_bytes, dtype)
+    shutil.copyfile(folder / "pretrain_history.json", out / "pretrain_history.json")
+    return paths
+
+
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
-             data_root: Path | None = None, profile: str | None = None, method: str = "flip") -> dict | None:
+             data_root: Path | None = None, profile: str | None = None, method: str = "flip",
+             pretrain_only: bool = False, pretrained_from: Path | None = None) -> dict | None:
     """``method``: see :data:`METHODS`; "ctrl" (instance-level contrastive alignment alone, then
     the ID model finetuned alone, reported as CTRL) and "ptab" (token-level MLM of the prompts,
-    then the language model finetuned, reported as PTab) are baselines run through the same loop."""
+    then the language model finetuned, reported as PTab) are baselines run through the same loop.
+    ``pretrain_only``: stop after the pretraining (the results list no model); ``pretrained_from``:
+    a pretraining made elsewhere (:func:`install_pretraining`) instead of pretraining here."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     recipe = METHODS[method]
@@ -245,11 +274,19 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
 
     write_results()  # the run's settings and budgets, before anything is trained
     wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
-    if wants_pretrain and set(variants) & {"flip_id", "flip_plm", "flip"}:
+    if pretrained_from is not None:
+        history = install_pretraining(pretrained_from, run_dir / "pretrain")
+        if is_main():
+            encoding.feature_map.save(run_dir / "pretrain" / "feature_map.json")
+        pretrained = load_weights(run_dir / "pretrain" / "pretrained.safetensors")
+        pretrain_seconds = sum(record["seconds"] for record in history)
+    elif wants_pretrain and (pretrain_only or set(variants) & {"flip_id", "flip_plm", "flip"}):
         history = _pretrain(cfg, text_rd, encoding, device, run_dir / "pretrain", resume)
         pretrained = load_weights(run_dir / "pretrain" / "pretrained.safetensors")
         # its epochs' time, those of an earlier call included (a resumed or finished pretraining)
         pretrain_seconds = sum(record["seconds"] for record in history)
+    if pretrain_only:
+        return write_results() if is_main() else None
 
     def backbone(fmap: FeatureMap, load: bool) -> torch.nn.Module:
         model = build_ctr_model(backbone_cfg, fmap)
