@@ -163,3 +163,32 @@ def test_the_speed_script_measures_every_stage_on_both_paths(ml1m_root, tiny_plm
     # the fast path on a CPU is the eager one (the 4-D mask is CUDA's): the same losses
     assert rows[("pretrain", "fast")]["losses"] == rows[("pretrain", "eager")]["losses"]
     assert "| pretrain | fast |" in (tmp_path / "out" / "speed.md").read_text()
+
+
+def test_the_paper_setting_in_two_stages_carries_the_pretraining_back_and_forth(pack, tmp_path):
+    """`--stage pretrain` leaves the pretrained weights in OUT as bf16 shards under the size limit
+    (at most 8 files); `--stage finetune` on a fresh machine (another work folder) finetunes the
+    four models from those shards, refit as the paper profile says."""
+    small = ["--set", "pretrain.batch_size=8", "--set", "pretrain.epochs=2", "--set", "pretrain.rows=48",
+             "--set", "train.epochs=1",
+             "--set", "text_finetune.epochs=1", "--set", "text_finetune.train_rows=200",
+             "--set", "text_finetune.valid_rows=60", "--preflight-seconds", "90", "--reserve", "20"]
+    out = tmp_path / "out-pretrain"
+    done, _ = _oneshot(pack, out, tmp_path / "work-a", "--profile", "paper", "--stage", "pretrain",
+                       "--seconds", "200", "--shard-mib", "0.035", *small)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    files = sorted(p.name for p in out.iterdir())
+    shards = [f for f in files if f.startswith("pretrained-")]
+    assert len(files) <= 8 and len(shards) >= 2, files
+    assert set(files) - set(shards) == {"machine.txt", "oneshot.log", "preflight.tar.gz", "run.tar.gz"}
+    assert all((out / f).stat().st_size <= 0.035 * 2**20 for f in shards)
+    history = json.loads(_members(out / "run.tar.gz")["run/pretrain/pretrain_history.json"])
+    assert len(history) == 2
+    out2 = tmp_path / "out-finetune"
+    done, _ = _oneshot(pack, out2, tmp_path / "work-b", "--profile", "paper", "--stage", "finetune",
+                       "--pretrained", str(out), "--seconds", "300", *small)
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-3000:]
+    results = json.loads((out2 / "results.json").read_text())
+    assert results["complete"] and set(results["results"]) == {"scratch", "flip_id", "flip_plm", "flip"}
+    assert results["pretrained"] and results["profile"] == "paper" and results["refit"] == {"id": True, "text": True}
+    assert "preflight.tar.gz" not in {p.name for p in out2.iterdir()}

@@ -1,7 +1,9 @@
 """The `gpu` profile in ONE command on a lent GPU machine that forgets everything after it:
 preflight, then the run under time budgets, with evidence in OUT however it ends.
 
-    bash benchmarks/gpu/oneshot.sh PACK OUT [--seconds 540] [--set key=value ...]
+    bash benchmarks/gpu/oneshot.sh PACK OUT [--seconds 540] [--profile gpu|paper] [--set key=value ...]
+    bash benchmarks/gpu/oneshot.sh PACK OUT --profile paper --stage pretrain [--seconds 570]
+    bash benchmarks/gpu/oneshot.sh PACK OUT --profile paper --stage finetune [--pretrained DIR] [--seconds 570]
 
 PACK is made by `make gpu-pack` (raw data + the encoder in bf16). Nothing is installed: flipctr
 runs from ``src`` on the machine's own torch and transformers. In order:
@@ -18,6 +20,13 @@ runs from ``src`` on the machine's own torch and transformers. In order:
    as ``--shares`` says (``pretrain.max_seconds``, ``train.max_seconds``,
    ``text_finetune.max_seconds``); refit is off for all four models, like for like.
    ``results.{json,md}`` are rewritten after each model.
+
+Stages (``--stage``): "all" (above); "pretrain": the preflight, then the pretraining alone
+with all the time left (``flipctr run --pretrain-only``), its weights into OUT as bf16
+safetensors shards of at most ``--shard-mib`` with ``pretrain_history.json`` (no results
+files); "finetune": no preflight, the four models from the pretraining ``--pretrained`` names
+(the shards carried back, or by default the one a pretrain stage left on this machine), refit
+as the profile says, the time shared by the four models.
 
 Every ``--every`` seconds the run folder's small files (no weights) are packed into
 ``OUT/run.tar.gz`` and the results copied, so a kill leaves the last state. OUT never holds
@@ -54,6 +63,7 @@ PREFLIGHT_SETTINGS = [*RUN_SETTINGS, "data.limit=4000", "pretrain.epochs=2", "pr
                       "pretrain.max_seconds=60", "train.epochs=1", "text_finetune.epochs=1",
                       "train.max_seconds=60", "text_finetune.max_seconds=60"]
 SHARES = {"pretrain": 0.34, "scratch": 0.08, "flip_id": 0.08, "flip_plm": 0.25, "flip": 0.25}
+FINETUNE_SHARES = {"scratch": 0.12, "flip_id": 0.12, "flip_plm": 0.38, "flip": 0.38}
 SMALL_FILES = (".json", ".md", ".yaml", ".log", ".png", ".txt", ".csv")
 MAX_SMALL_FILE = 2 << 20
 
@@ -195,13 +205,14 @@ def machine_facts(path: Path) -> None:
     path.write_text("\n".join(lines) + "\n\n" + smi)
 
 
-def budgets(seconds_left: float, shares: dict[str, float]) -> dict[str, float]:
+def budgets(seconds_left: float, shares: dict[str, float], refit: bool = False) -> dict[str, float]:
     """Each stage's seconds: ``shares`` of what is left (the two ID models share one setting,
-    ``train.max_seconds``, and the two text models another)."""
+    ``train.max_seconds``, and the two text models another; with ``refit`` each model's share
+    holds its selection and its refit, each under that budget). No "pretrain" share: none."""
     total = sum(shares.values())
-    part = {k: seconds_left * v / total for k, v in shares.items()}
-    return {"pretrain": part["pretrain"], "train": min(part["scratch"], part["flip_id"]),
-            "text_finetune": min(part["flip_plm"], part["flip"])}
+    part = {k: seconds_left * v / total / (2 if refit and k != "pretrain" else 1) for k, v in shares.items()}
+    out = {"train": min(part["scratch"], part["flip_id"]), "text_finetune": min(part["flip_plm"], part["flip"])}
+    return {"pretrain": part["pretrain"], **out} if "pretrain" in part else out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,7 +230,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="sets", action="append", default=[], help="a setting for preflight and run")
     parser.add_argument("--preflight-set", action="append", default=[], help="a setting for the preflight only")
     parser.add_argument("--run-set", action="append", default=[], help="a setting for the run only")
+    parser.add_argument("--profile", choices=["gpu", "paper"], default="gpu")
+    parser.add_argument("--stage", choices=["all", "pretrain", "finetune"], default="all")
+    parser.add_argument("--pretrained", type=Path, help="finetune stage: the pretraining's shards and history "
+                                                         "(default: the one a pretrain stage left in WORK)")
+    parser.add_argument("--shard-mib", type=float, default=16, help="pretrain stage: the largest file into OUT")
     args = parser.parse_args(argv)
+    if args.shares is SHARES and args.stage == "finetune":
+        args.shares = FINETUNE_SHARES
 
     start = time.monotonic()
     deadline = start + args.seconds
@@ -240,41 +258,58 @@ def main(argv: list[str] | None = None) -> int:
             tar.extractall(work / "raw", filter="data")
     log("oneshot", f"pack {pack} ({dataset}), work {work}, {args.seconds:.0f} s in all")
     flipctr = [sys.executable, "-m", "flipctr.cli"]
-    common = ["--dataset", dataset, "--profile", "gpu", "--plm", str(pack / "plm")]
+    common = ["--dataset", dataset, "--profile", args.profile, "--plm", str(pack / "plm")]
+    # the whole run: refit off for all four (no time for it); the finetune stage refits as the profile says
+    run_base = RUN_SETTINGS if args.stage != "finetune" else [s for s in RUN_SETTINGS if ".refit=" not in s]
 
     def sets(items: list[str]) -> list[str]:
         return [x for item in items for x in ("--set", item)]
 
     prepare = Child("prepare", [*flipctr, "data", "prepare", dataset, "--plm", str(pack / "plm")], log, env)
-    preflight_dir = work / "preflight"
-    shutil.rmtree(preflight_dir, ignore_errors=True)
-    preflight = Child("preflight", [*flipctr, "run", *common, "--run-dir", str(preflight_dir),
-                                    *sets([*PREFLIGHT_SETTINGS, *args.sets, *args.preflight_set])], log, env)
-    status = preflight.wait(args.preflight_seconds)
-    problems = (["exit status %d%s" % (status, " (over its time)" if status == 124 else "")] if status
-                else check_preflight(preflight_dir, args.expect_device))
-    archive({"preflight": preflight_dir}, out / "preflight.tar.gz")
-    if problems:
-        prepare.stop()
-        for problem in problems:
-            log("oneshot", f"PREFLIGHT FAILED: {problem}")
-        return 3
-    log("oneshot", "preflight passed")
+    if args.stage != "finetune":  # the finetune stage follows a pretrain stage's preflight
+        preflight_dir = work / "preflight"
+        shutil.rmtree(preflight_dir, ignore_errors=True)
+        preflight = Child("preflight", [*flipctr, "run", *common, "--run-dir", str(preflight_dir),
+                                        *sets([*PREFLIGHT_SETTINGS, *args.sets, *args.preflight_set])], log, env)
+        status = preflight.wait(args.preflight_seconds)
+        problems = (["exit status %d%s" % (status, " (over its time)" if status == 124 else "")] if status
+                    else check_preflight(preflight_dir, args.expect_device))
+        archive({"preflight": preflight_dir}, out / "preflight.tar.gz")
+        if problems:
+            prepare.stop()
+            for problem in problems:
+                log("oneshot", f"PREFLIGHT FAILED: {problem}")
+            return 3
+        log("oneshot", "preflight passed")
 
     status = prepare.wait(deadline - time.monotonic() - args.reserve)
     if status:
         log("oneshot", f"data preparation failed (status {status})")
         return 4
     left = deadline - time.monotonic() - args.reserve
-    budget = budgets(left, args.shares)
-    log("oneshot", f"{left:.0f} s for the stages: " + ", ".join(f"{k}.max_seconds={v:.0f}" for k, v in budget.items()))
     run_dir = work / "run"
-    run_settings = [*RUN_SETTINGS, *(f"{k}.max_seconds={v:.0f}" for k, v in budget.items()), *args.sets, *args.run_set]
-    run = Child("run", [*flipctr, "run", *common, "--run-dir", str(run_dir), *sets(run_settings)], log, env)
+    stage_args: list[str] = []
+    if args.stage == "pretrain":
+        budget = {"pretrain": left}
+        stage_args = ["--pretrain-only"]
+    elif args.stage == "finetune":
+        refit = args.profile == "paper"  # the paper profile refits both kinds of model
+        budget = budgets(left, args.shares, refit)
+        source = (args.pretrained or run_dir / "pretrain").resolve()
+        if args.pretrained is None:  # a fresh run folder beside the pretraining left on this machine
+            run_dir = work / "run-finetune"
+        stage_args = ["--pretrained", str(source)]
+    else:
+        budget = budgets(left, args.shares)
+    log("oneshot", f"{left:.0f} s for the stages: " + ", ".join(f"{k}.max_seconds={v:.0f}" for k, v in budget.items()))
+    run_settings = [*run_base, *(f"{k}.max_seconds={v:.0f}" for k, v in budget.items()), *args.sets, *args.run_set]
+    run = Child("run", [*flipctr, "run", *common, "--run-dir", str(run_dir), *stage_args, *sets(run_settings)],
+                log, env)
 
     def evidence() -> None:
         archive({"run": run_dir, "prepare.log": work / "prepare.log"}, out / "run.tar.gz")
-        copy_results(run_dir, out)
+        if args.stage != "pretrain":  # a pretraining has no results to show; its weights come back instead
+            copy_results(run_dir, out)
 
     stop_copies = threading.Event()
 
@@ -293,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
     copier.join()
     evidence()
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
+    if args.stage == "pretrain" and (run_dir / "pretrain" / "pretrained.safetensors").exists():
+        sys.path.insert(0, str(ROOT / "src"))  # flipctr runs from src there, not installed
+        from flipctr.training.flip_run import export_pretraining
+
+        shards = export_pretraining(run_dir / "pretrain", out, int(args.shard_mib * 2**20))
+        log("oneshot", f"pretrained weights into OUT: {', '.join(p.name for p in shards)} and pretrain_history.json")
     log("oneshot", f"run ended with status {status}; finished: {sorted(results.get('results', {}))}; "
         f"{time.monotonic() - start:.0f} s in all")
     return status

@@ -12,6 +12,7 @@ records.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import pickle
@@ -145,10 +146,11 @@ PART = "::part"  # a tensor split over shards: "{name}::part{k}of{n}", its rows 
 
 
 def save_shards(state: dict[str, torch.Tensor], folder: Path, stem: str, max_bytes: int,
-                dtype: torch.dtype | None = None) -> list[Path]:
+                dtype: torch.dtype | None = None, metadata: dict[str, str] | None = None) -> list[Path]:
     """``state`` (cast to ``dtype``) as safetensors files ``{stem}-00001.safetensors``, ... of at
     most ``max_bytes`` each, tensors kept whole where they fit and split by rows where they do
-    not (what a machine that returns only small files can carry); :func:`load_shards` reads them."""
+    not, packed largest first (what a machine that returns few, small files can carry);
+    ``metadata`` goes into the first file's header. :func:`load_shards` reads them."""
     file_limit, max_bytes = max_bytes, max_bytes - 256  # the header's fixed part; each entry's is counted below
     pieces: list[tuple[str, torch.Tensor]] = []
     for name, tensor in state.items():
@@ -161,20 +163,23 @@ def save_shards(state: dict[str, torch.Tensor], folder: Path, stem: str, max_byt
             raise ValueError(f"{name}: one row ({row_bytes} bytes) is larger than a shard ({max_bytes} bytes)")
         parts = tensor.split((max_bytes - len(name.encode()) - 128) // row_bytes)
         pieces += [(f"{name}{PART}{k}of{len(parts)}", part.contiguous()) for k, part in enumerate(parts)]
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, tensor in pieces:
+    extra = len(json.dumps(metadata or {}).encode())
+    shards: list[dict[str, torch.Tensor]] = []
+    sizes: list[int] = []
+    for name, tensor in sorted(pieces, key=lambda item: -item[1].numel() * item[1].element_size()):
         nbytes = tensor.numel() * tensor.element_size() + len(name.encode()) + 96  # its header entry, at most
-        if size + nbytes > max_bytes and shards[-1]:
+        fits = [k for k, used in enumerate(sizes) if used + nbytes + (extra if k == 0 else 0) <= max_bytes]
+        if not fits:
             shards.append({})
-            size = 0
-        shards[-1][name] = tensor
-        size += nbytes
+            sizes.append(0)
+            fits = [len(shards) - 1]
+        shards[fits[0]][name] = tensor
+        sizes[fits[0]] += nbytes
     paths = []
     for k, shard in enumerate(shards, 1):
         paths.append(Path(folder) / f"{stem}-{k:05d}.safetensors")
         with atomic_path(paths[-1]) as tmp:
-            save_file(shard, str(tmp))
+            save_file(shard, str(tmp), metadata=metadata if k == 1 else None)
             if tmp.stat().st_size > file_limit:
                 raise ValueError(f"{paths[-1]}: {tmp.stat().st_size} bytes, over the {file_limit} asked for")
     return paths

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import yaml
+from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import Config, TrainConfig
@@ -174,7 +175,11 @@ def install_pretraining(source: Path, folder: Path) -> list[dict]:
     source = Path(source)
     whole = source / "pretrained.safetensors"
     state = load_weights(whole) if whole.exists() else load_shards(source, "pretrained")
-    history = json.loads((source / "pretrain_history.json").read_text())
+    if (source / "pretrain_history.json").exists():
+        history = json.loads((source / "pretrain_history.json").read_text())
+    else:  # the shards carry it in their first file's header
+        with safe_open(str(next(iter(sorted(source.glob("pretrained-*.safetensors"))))), "pt") as shard:
+            history = json.loads((shard.metadata() or {})["pretrain_history"])
     if is_main():
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(folder / "pretrained.safetensors") as tmp:
@@ -185,11 +190,11 @@ def install_pretraining(source: Path, folder: Path) -> list[dict]:
 
 
 def export_pretraining(folder: Path, out: Path, max_bytes: int, dtype: torch.dtype = torch.bfloat16) -> list[Path]:
-    """A finished pretraining's weights as shards of at most ``max_bytes`` in ``dtype``, with its
-    history, into ``out`` (what :func:`install_pretraining` reads)."""
-    paths = save_shards(load_weights(folder / "pretrained.safetensors"), out, "pretrained", max_bytes, dtype)
-    shutil.copyfile(folder / "pretrain_history.json", out / "pretrain_history.json")
-    return paths
+    """A finished pretraining's weights as shards of at most ``max_bytes`` in ``dtype``, its
+    history in the first one's header, into ``out`` (what :func:`install_pretraining` reads)."""
+    history = (folder / "pretrain_history.json").read_text()
+    return save_shards(load_weights(folder / "pretrained.safetensors"), out, "pretrained", max_bytes, dtype,
+                       metadata={"pretrain_history": history})
 
 
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
