@@ -64,7 +64,7 @@ def render(result: dict) -> str:
         lines.append(f"- `{setting}`: the caps gave {'the SAME' if same else 'DIFFERENT'} digits.")
     if result.get("deterministic_cost") is not None:
         lines.append(f"- The deterministic setting's training speed: {result['deterministic_cost']:.2f}x the default's "
-                     "(train rows/s at the machine's own cap; both runs shared the machine with the same other load).")
+                     "(train rows/s, both at the machine's own cap).")
     lines += ["", result["note"], ""]
     return "\n".join(lines)
 
