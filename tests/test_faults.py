@@ -169,3 +169,17 @@ def test_files_from_elsewhere_are_never_unpickled(tmp_path):
     with pytest.raises(CheckpointError):
         load_checkpoint(tmp_path / "state.pt")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_shards_come_back_whole_and_a_missing_one_is_named(tmp_path):
+    from flipctr.training.engine import load_shards, save_shards
+
+    state = {"table": torch.randn(300, 20), "bias": torch.randn(7), "scale": torch.tensor(2.0)}
+    paths = save_shards(state, tmp_path, "pretrained", 8192, torch.bfloat16, metadata={"note": "x"})
+    assert len(paths) >= 2 and all(p.stat().st_size <= 8192 for p in paths)
+    back = load_shards(tmp_path, "pretrained")
+    assert back.keys() == state.keys()
+    assert all(torch.equal(back[k], v.to(torch.bfloat16)) for k, v in state.items())
+    paths[-1].unlink()
+    with pytest.raises(CheckpointError, match="table has parts .* a shard is missing"):
+        load_shards(tmp_path, "pretrained")

@@ -191,21 +191,20 @@ def load_shards(folder: Path, stem: str) -> dict[str, torch.Tensor]:
     if not files:
         raise FileNotFoundError(f"{folder}: no {stem}-*.safetensors shards")
     state: dict[str, torch.Tensor] = {}
-    split: dict[str, dict[int, torch.Tensor]] = {}
+    parts: dict[str, dict[int, torch.Tensor]] = {}
+    counts: dict[str, int] = {}
     for path in files:
         for name, tensor in load_weights(path).items():
             if PART in name:
                 base, part = name.split(PART)
-                k, n = map(int, part.split("of"))
-                split.setdefault(base, {})[k] = tensor
-                split[base]["n"] = n  # type: ignore[assignment]
+                k, counts[base] = map(int, part.split("of"))
+                parts.setdefault(base, {})[k] = tensor
             else:
                 state[name] = tensor
-    for base, parts in split.items():
-        n = parts.pop("n")
-        if sorted(parts) != list(range(n)):
-            raise CheckpointError(f"{folder}: {base} has parts {sorted(parts)} of {n}; a shard is missing")
-        state[base] = torch.cat([parts[k] for k in range(n)])
+    for base, pieces in parts.items():
+        if sorted(pieces) != list(range(counts[base])):
+            raise CheckpointError(f"{folder}: {base} has parts {sorted(pieces)} of {counts[base]}; a shard is missing")
+        state[base] = torch.cat([pieces[k] for k in range(counts[base])])
     return state
 
 
