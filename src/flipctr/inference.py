@@ -36,10 +36,9 @@ from .data.readers import LabelRule, field_values
 from .data.text import tokenize_prompts
 from .models import TEXT_SIDES, build_ctr_model
 from .data.lm_files import hidden_size, load_tokenizer
-from .models.language import LanguageModel
 from .models.text_sides import SideText
 from .training.engine import Runtime, load_weights
-from .training.text_vectors import side_tables
+from .training.text_vectors import frozen_encoder, side_tables
 from .training.trainer import input_names, predict
 from .utils import atomic_path, write_json
 
@@ -118,9 +117,7 @@ class Predictor:
         if "input_ids" in names or "text_cls" in names or sides:
             frozen = None
             if "text_cls" in names or (sides and frozen_sides):
-                frozen = LanguageModel.from_pretrained(model_cfg.plm, model_cfg.plm_attention_mask)
-                frozen.freeze(0)
-                runtime.frozen(frozen)  # as training ran it: weights in the autocast dtype
+                frozen = frozen_encoder(model_cfg, runtime)  # as training ran it: weights in the autocast dtype
             text = TextSide(load_tokenizer(model_cfg.plm), config["max_length"], frozen, sides)
         return cls(model, encoder, config["columns"], config.get("label"), text, runtime)
 

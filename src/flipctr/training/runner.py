@@ -49,16 +49,12 @@ def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
     """:func:`~.text_vectors.side_tables` of ``cfg.model`` on the prepared data (a frozen
     ``cfg.model.plm``'s vectors cached beside it); both empty for models without text sides."""
     from ..data.lm_files import load_tokenizer
-    from .text_vectors import side_tables
+    from .text_vectors import frozen_encoder, side_tables
 
     wanted = model_sides(cfg.model.name, data.name)
     if not wanted:
         return {}, {}
-    frozen = None
-    if cfg.model.plm_trainable_layers == 0:
-        frozen = LanguageModel.from_pretrained(cfg.model.plm, cfg.model.plm_attention_mask)
-        frozen.freeze(0)
-        runtime.frozen(frozen)
+    frozen = frozen_encoder(cfg.model, runtime) if cfg.model.plm_trainable_layers == 0 else None
     return side_tables(data.values(), wanted, load_tokenizer(cfg.model.plm), prompt_length(cfg.data, data.name), frozen,
                        data.folder, cfg.train.eval_batch_size or 256)
 
@@ -91,11 +87,10 @@ class RunData:
         names = input_names(model)
         rd = cls(data, cfg, runtime.device, text="input_ids" in names or "text_cls" in names)
         if "text_cls" in names:
-            from .text_vectors import TextVectors
+            from .text_vectors import TextVectors, frozen_encoder
 
-            lm = LanguageModel.from_pretrained(cfg.model.plm, cfg.model.plm_attention_mask)
-            lm.freeze(0)
-            rd.text_vectors = TextVectors(lm, rd.text, runtime, cfg.train.eval_batch_size or 256)
+            rd.text_vectors = TextVectors(frozen_encoder(cfg.model, runtime), rd.text, runtime,
+                                          cfg.train.eval_batch_size or 256)
         return rd
 
     def split(self, name: str, fit: str, last: int | None = None, spans: bool = False,

@@ -20,6 +20,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from ..config import ModelConfig
 from ..data.prompts import PromptBuilder
 from ..data.text import TokenizedPrompts, tokenize_prompts
 from ..models.language import LanguageModel
@@ -58,6 +59,14 @@ def _save_on_main(path: Path | None, save) -> None:
             with atomic_path(path) as tmp, open(tmp, "wb") as fh:
                 save(fh)
         barrier()
+
+
+def frozen_encoder(model: ModelConfig, runtime: Runtime) -> LanguageModel:
+    """``model.plm`` loaded, frozen and on ``runtime``'s device with its weights in the autocast
+    dtype: as every frozen encoder runs (training's cached vectors, text sides, ``predict``)."""
+    lm = LanguageModel.from_pretrained(model.plm, model.plm_attention_mask)
+    lm.freeze(0)
+    return runtime.frozen(lm)
 
 
 class TextVectors:
