@@ -144,8 +144,7 @@ class PreparedData:
 
     def value_codes(self) -> ValueCodes:
         """Every row's values as codes into each field's distinct values (memory-mapped), in split order."""
-        with cache_file(self.folder / ValueCodes.NAMES_FILE, self.folder):
-            return ValueCodes.load(self.folder)
+        return ValueCodes.load(self.folder)
 
     def values(self) -> pd.DataFrame:
         """The text values of every field, in split order (categorical columns; the whole table in memory)."""

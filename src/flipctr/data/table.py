@@ -14,7 +14,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .errors import DataError
+from .errors import DataError, cache_file
 
 
 @dataclass
@@ -151,13 +151,15 @@ class ValueCodes:
 
     @classmethod
     def load(cls, folder: Path) -> "ValueCodes":
-        """Codes memory-mapped, names read."""
-        table = pq.read_table(folder / cls.NAMES_FILE)
-        fields = json.loads(table.schema.metadata[b"fields"])
+        """Codes memory-mapped, names read (a damaged file of the cache ``folder``: one DataError)."""
+        with cache_file(folder / cls.NAMES_FILE, folder) as path:
+            table = pq.read_table(path)
+            fields = json.loads(table.schema.metadata[b"fields"])
         value = table.column("value").combine_chunks().cast(pa.large_string())
         bounds = np.searchsorted(table.column("field").to_numpy(), np.arange(len(fields) + 1))
-        return cls(fields, np.load(folder / cls.CODES_FILE, mmap_mode="r"),
-                   [value.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])])
+        with cache_file(folder / cls.CODES_FILE, folder) as path:
+            codes = np.load(path, mmap_mode="r")
+        return cls(fields, codes, [value.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])])
 
 
 class RowFile:

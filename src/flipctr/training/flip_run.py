@@ -35,7 +35,7 @@ from ..utils import atomic_path, environment_info, seed_everything, write_json, 
 from .distributed import barrier, is_main, rank_world, resolve_device
 from .engine import autocast_dtype, load_shards, load_weights, save_shards
 from .pretrain import Pretrainer
-from .runner import RunData, pinned, train_run
+from .runner import RunData, fast_paths, pinned, train_run
 from .tracking import setup_logging
 
 log = logging.getLogger("flipctr")
@@ -178,7 +178,7 @@ def install_pretraining(source: Path, folder: Path) -> list[dict]:
     if (source / "pretrain_history.json").exists():
         history = json.loads((source / "pretrain_history.json").read_text())
     else:  # the shards carry it in their first file's header
-        with safe_open(str(next(iter(sorted(source.glob("pretrained-*.safetensors"))))), "pt") as shard:
+        with safe_open(str(sorted(source.glob("pretrained-*.safetensors"))[0]), "pt") as shard:
             history = json.loads((shard.metadata() or {})["pretrain_history"])
     if is_main():
         folder.mkdir(parents=True, exist_ok=True)
@@ -233,9 +233,7 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     if is_main():
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(run_dir / "environment.json", {**environment_info(str(device), autocast_dtype(cfg.train.amp, device)),
-                                                  "profile": profile,
-                                                  "fast_paths": {"plm_attention_mask": LanguageModel.mask_kind(
-                                                      cfg.model.plm_attention_mask, device)},
+                                                  "profile": profile, "fast_paths": fast_paths(cfg, device),
                                                   "world_size": world})
     if not is_main():
         barrier()  # rank 0 builds the caches first

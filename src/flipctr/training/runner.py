@@ -140,6 +140,11 @@ def pinned(cfg: Config) -> Config:
                                pretrain=dataclasses.replace(cfg.pretrain, amp="off"))
 
 
+def fast_paths(cfg: Config, device: torch.device) -> dict[str, str]:
+    """The fast paths a run on ``device`` takes, for its ``environment.json``."""
+    return {"plm_attention_mask": LanguageModel.mask_kind(cfg.model.plm_attention_mask, device)}
+
+
 def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
               model_factory: Callable[[FeatureMap], torch.nn.Module] | None = None,
               encoding: str | None = None, train_rows: int | None = None,
@@ -205,8 +210,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
         write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
         write_json(run_dir / "environment.json", {**environment_info(str(device), runtime.amp_dtype),
                                                   "seed": cfg.train.seed,
-                                                  "fast_paths": {"plm_attention_mask": LanguageModel.mask_kind(
-                                                      cfg.model.plm_attention_mask, device)},
+                                                  "fast_paths": fast_paths(cfg, device),
                                                   "amp": str(runtime.amp_dtype),
                                                   "world_size": rank_world()[1]})
     log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
