@@ -20,7 +20,8 @@ from pathlib import Path
 from flipctr.paper import table2
 from flipctr.profiles import profile_config
 from flipctr.training.flip_run import VARIANTS, run_flip
-from flipctr.utils import environment_info, write_json, write_text
+from flipctr.runtime.environment import environment_info
+from flipctr.utils import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SHORT = {"ml-1m": "ml1m", "bookcrossing": "bx"}

@@ -25,7 +25,8 @@ from flipctr.config import load_config
 from flipctr.models.backbones import MODELS
 from flipctr.paper import table2
 from flipctr.training.runner import train_run
-from flipctr.utils import environment_info, write_json, write_text
+from flipctr.runtime.environment import environment_info
+from flipctr.utils import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 ALL_MODELS = ["afm", "pnn", "widedeep", "dcn", "deepfm", "xdeepfm", "afn", "autoint", "dcnv2"]  # Table 2 order

@@ -24,8 +24,9 @@ from flipctr.data.cache import prepare
 from flipctr.data.text import load_or_build_text
 from flipctr.data.lm_files import load_tokenizer
 from flipctr.models.language import LanguageModel
-from flipctr.training.engine import bf16_supported
-from flipctr.utils import environment_info, write_json, write_text
+from flipctr.runtime.device import bf16_supported
+from flipctr.runtime.environment import environment_info
+from flipctr.utils import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

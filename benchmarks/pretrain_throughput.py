@@ -26,12 +26,13 @@ import torch
 
 from flipctr.data.batching import padding_fraction
 from flipctr.data.cache import prepare, resolve_data_config
-from flipctr.training.distributed import resolve_device
+from flipctr.runtime.device import resolve_device
 from flipctr.profiles import profile_config
 from flipctr.training.flip_run import ENCODING, pretraining_setup
 from flipctr.training.runner import RunData
-from flipctr.training.engine import Runtime, bf16_supported
-from flipctr.utils import environment_info, write_json, write_text
+from flipctr.runtime.device import Runtime, bf16_supported
+from flipctr.runtime.environment import environment_info
+from flipctr.utils import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SETTINGS = {"trained": "paper", "frozen": "cpu"}  # setting -> the profile it is measured in

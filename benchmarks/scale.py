@@ -242,7 +242,7 @@ def pretrain_stage(schema: str, plm: str) -> None:
 
     from flipctr.data.cache import prepare, resolve_data_config
     from flipctr.profiles import profile_config
-    from flipctr.training.engine import Runtime
+    from flipctr.runtime.device import Runtime
     from flipctr.training.flip_run import ENCODING, pretraining_setup
     from flipctr.training.runner import RunData
 
@@ -384,7 +384,8 @@ def main() -> None:
         return print(made)
 
     from flipctr.data.lm_files import resolve_language_model
-    from flipctr.utils import environment_info, write_json, write_text
+    from flipctr.runtime.environment import environment_info
+    from flipctr.utils import write_json, write_text
 
     plm = resolve_language_model(args.plm)  # a folder: the isolated data home below has no models
     args.work.mkdir(parents=True, exist_ok=True)

@@ -25,7 +25,8 @@ import yaml
 
 from flipctr.paper import table2
 from flipctr.tune import Search, run_search
-from flipctr.utils import environment_info, write_json, write_text
+from flipctr.runtime.environment import environment_info
+from flipctr.utils import write_json, write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
 PAPER_LRS = [1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3]  # paper 4.1.4

@@ -18,7 +18,7 @@ from test_flip import _pretrain_split, _tiny_pair  # noqa: E402
 from flipctr.config import PretrainConfig  # noqa: E402
 from flipctr.training import budget  # noqa: E402
 from flipctr.training.pretrain import Pretrainer  # noqa: E402
-from flipctr.training.distributed import init_distributed, leave  # noqa: E402
+from flipctr.runtime.distributed import init_distributed, leave
 
 
 def main() -> None:

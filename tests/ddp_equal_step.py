@@ -11,7 +11,7 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_ddp import deterministic_pair  # noqa: E402
-from flipctr.training.distributed import init_distributed, leave  # noqa: E402
+from flipctr.runtime.distributed import init_distributed, leave
 
 
 def main() -> None:

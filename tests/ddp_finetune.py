@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_ddp import collective_threads, finetune_setup  # noqa: E402
 
 from flipctr.training.trainer import predict  # noqa: E402
-from flipctr.training.distributed import init_distributed, leave  # noqa: E402
+from flipctr.runtime.distributed import init_distributed, leave
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from test_ddp import PRETRAIN_EQUAL, deterministic_pair, distinct_split  # noqa:
 
 from flipctr.config import PretrainConfig  # noqa: E402
 from flipctr.training.pretrain import Pretrainer  # noqa: E402
-from flipctr.training.distributed import init_distributed, leave  # noqa: E402
+from flipctr.runtime.distributed import init_distributed, leave
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ import torch.distributed as dist
 from flipctr.data.text import TokenizedPrompts
 from flipctr.models.language import LanguageModel
 from flipctr.training.text_vectors import TextVectors
-from flipctr.training.distributed import init_distributed, leave  # noqa: E402
+from flipctr.runtime.distributed import init_distributed, leave
 
 
 def main() -> None:

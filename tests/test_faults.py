@@ -17,7 +17,7 @@ import torch
 from flipctr.config import DataConfig
 from flipctr.data.cache import PreparedData, prepare
 from flipctr.data.errors import DataError
-from flipctr.training.engine import CheckpointError, load_checkpoint, load_weights, save_checkpoint, save_weights
+from flipctr.runtime.checkpoints import CheckpointError, load_checkpoint, load_weights, save_checkpoint, save_weights
 from flipctr.utils import atomic_dir
 
 
@@ -172,7 +172,7 @@ def test_files_from_elsewhere_are_never_unpickled(tmp_path):
 
 
 def test_shards_come_back_whole_and_a_missing_one_is_named(tmp_path):
-    from flipctr.training.engine import load_shards, save_shards
+    from flipctr.runtime.checkpoints import load_shards, save_shards
 
     state = {"table": torch.randn(300, 20), "bias": torch.randn(7), "scale": torch.tensor(2.0)}
     paths = save_shards(state, tmp_path, "pretrained", 8192, torch.bfloat16, metadata={"note": "x"})

@@ -378,7 +378,8 @@ def test_a_checkpoint_resumes_whatever_the_device_of_the_runtime(tmp_path):
     checkpoint (weights, optimizer, every random state) without mapping it onto its device first,
     since ``set_rng_state`` takes CPU byte tensors only (a checkpoint loaded onto the GPU failed
     with "RNG state must be a torch.ByteTensor"). The checkpoint has ended, so no step runs."""
-    from flipctr.training.engine import Engine, Runtime, Stage
+    from flipctr.training.engine import Engine, Stage
+    from flipctr.runtime.device import Runtime
 
     class Tiny(Stage):
         def __init__(self, seed: int):
@@ -456,14 +457,14 @@ def test_deterministic_runs_give_the_same_digits_whatever_the_machines_instructi
 def test_the_deterministic_setting_refuses_kernels_fixed_before_it(monkeypatch):
     """A process whose first tensor operation chose other kernels cannot be pinned afterwards:
     one clear error saying how to start it, never a run that only claims to be pinned."""
-    from flipctr import arithmetic
+    from flipctr.runtime import environment
 
-    for name in arithmetic.DETERMINISTIC_ENV:
+    for name in environment.DETERMINISTIC_ENV:
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     try:
         with pytest.raises(RuntimeError, match="ATen's CPU kernels run at AVX512.*ATEN_CPU_CAPABILITY=avx2"):
-            arithmetic.pin_deterministic()
+            environment.pin_deterministic()
     finally:
         torch.use_deterministic_algorithms(False)
         torch.backends.cudnn.deterministic = False

@@ -30,10 +30,11 @@ import torch
 
 from flipctr.data.cache import prepare, resolve_data_config
 from flipctr.profiles import profile_config
-from flipctr.training.distributed import resolve_device
+from flipctr.runtime.device import resolve_device
 from flipctr.training.flip_run import ENCODING, pretraining_setup
 from flipctr.training.runner import RunData, train_run
-from flipctr.utils import environment_info, write_json, write_text
+from flipctr.runtime.environment import environment_info
+from flipctr.utils import write_json, write_text
 
 PATHS = {"eager": ["model.plm_attention_mask=2d"], "fast": ["model.plm_attention_mask=auto"]}
 STAGES = ("pretrain", "plm", "flip", "dcnv2")

@@ -1,6 +1,6 @@
 """flipctr: CTR prediction with ID-based models aligned to pretrained language models (FLIP)."""
 
-__version__ = "0.1.0"
+from ._version import __version__ as __version__
 
 
 def load(run_dir):

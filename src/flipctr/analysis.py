@@ -27,7 +27,7 @@ import yaml
 from .config import Config
 from .data.encoder import MASK_ID, FeatureMap
 from .data.masking import field_mask, mask_tabular, span_token_mask
-from .training.engine import load_weights
+from .runtime.checkpoints import load_weights
 from .utils import atomic_path, write_json
 
 
@@ -63,7 +63,7 @@ def field_alignment(run_dir: str | Path, rows: int = 1000, batch_size: int = 128
     both ICL projections normalised. Needs the run's pretraining with ICL on."""
     from .data.cache import prepare
     from .data.lm_files import load_tokenizer
-    from .training.distributed import resolve_device
+    from .runtime.device import resolve_device
     from .training.flip_run import ENCODING, pretraining_model
     from .training.runner import RunData
 

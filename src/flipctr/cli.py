@@ -10,8 +10,8 @@ from pathlib import Path
 
 from .config import load_config
 from .data.errors import DataError, SourceError
-from .data.sources import SOURCE_CHOICES, SOURCES
 from .data.lm_files import PACKAGED
+from .data.sources import SOURCE_CHOICES, SOURCES
 from .profiles import PROFILE_CHOICES, resolve_profile
 
 
@@ -64,7 +64,6 @@ def cmd_lm_get(args: argparse.Namespace) -> None:
 
 def cmd_data_stats(args: argparse.Namespace) -> None:
     from .data.cache import prepare
-
     from .data.prompts import prompt_length
 
     cfg = _resolve(args, **{"data.dataset": args.name})
@@ -109,7 +108,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .training.distributed import joined
+    from .runtime.distributed import joined
     from .training.runner import train_run
 
     with joined() as (rank, _):
@@ -158,7 +157,7 @@ ABLATIONS = {  # paper Table 5, as switches of the same run
 def cmd_run(args: argparse.Namespace) -> None:
     from .profiles import profile_config
     from .report import render_results
-    from .training.distributed import joined
+    from .runtime.distributed import joined
     from .training.flip_run import METHODS, run_flip
 
     base = load_config(args.config) if args.config else None

@@ -83,7 +83,7 @@ class TrainConfig:
     threads: int | None = None  # torch CPU threads; None keeps torch's default
     amp: str = "auto"  # bf16 autocast: "auto" (where the hardware has fast bf16), "bf16", "off"
     # the same digits on any x86-64 machine with AVX2 (same threads and versions): fp32, kernels
-    # pinned at AVX2, MKL's COMPATIBLE branch, deterministic algorithms (flipctr.arithmetic); for
+    # pinned at AVX2, MKL's COMPATIBLE branch, deterministic algorithms (flipctr.runtime.environment); for
     # the whole process, pretraining included
     deterministic: bool = False
     compile: bool = False  # torch.compile the training step

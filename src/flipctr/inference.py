@@ -27,20 +27,22 @@ import torch
 from torch import nn
 
 from .config import Config, ModelConfig
+from .data.batching import DeviceRows
 from .data.cache import PreparedData
 from .data.encoder import FeatureEncoder
 from .data.errors import DataError
-from .data.batching import DeviceRows
+from .data.lm_files import hidden_size, load_tokenizer
 from .data.prompts import PromptBuilder
 from .data.readers import LabelRule, field_values
 from .data.text import tokenize_prompts
 from .models import TEXT_SIDES, build_ctr_model
-from .data.lm_files import hidden_size, load_tokenizer
 from .models.text_sides import SideText
-from .training.engine import Runtime, load_weights
+from .runtime.checkpoints import load_weights
+from .runtime.device import Runtime
 from .training.text_vectors import frozen_encoder, side_tables
 from .training.trainer import input_names, predict
 from .utils import atomic_path, write_json
+
 
 class Scorer(nn.Module):
     """A CTR model as a function of the id matrix alone: ids (B, F) int -> probabilities (B,)."""

@@ -508,7 +508,10 @@ def _plots(study, folder: Path) -> None:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        from optuna.visualization.matplotlib import plot_optimization_history, plot_param_importances
+        from optuna.visualization.matplotlib import (
+            plot_optimization_history,
+            plot_param_importances,
+        )
     except ImportError:
         log.info("matplotlib not installed: no search plots")
         return

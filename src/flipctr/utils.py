@@ -1,4 +1,4 @@
-"""Small helpers shared by every stage: atomic writes, checksums, seeding, environment facts."""
+"""Small helpers shared by every stage: atomic writes, checksums, where data lives."""
 
 from __future__ import annotations
 
@@ -8,13 +8,10 @@ import hashlib
 import json
 import os
 import platform
-import random
 import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator
-
-import numpy as np
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -116,43 +113,6 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
 def write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text)
-
-
-def seed_everything(seed: int) -> None:
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def environment_info(device: str | None = None, amp_dtype: Any = None) -> dict[str, Any]:
-    """Versions and hardware facts recorded in every run folder, with what decides the run's
-    arithmetic (``amp_dtype``: its autocast dtype, None for fp32)."""
-    import torch
-
-    from . import __version__
-    from .arithmetic import arithmetic_info
-
-    info: dict[str, Any] = {
-        "flipctr": __version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cuda_available": torch.cuda.is_available(),
-    }
-    for name in ("pandas", "sklearn", "transformers"):
-        with contextlib.suppress(ImportError):
-            info[name] = __import__(name).__version__
-    if device is not None:
-        info["device"] = device
-        if device.startswith("cuda") and torch.cuda.is_available():
-            info["gpu"] = torch.cuda.get_device_name(torch.device(device))
-    info["arithmetic"] = arithmetic_info(amp_dtype)
-    return info
 
 
 def data_home() -> Path:

@@ -13,7 +13,6 @@ import pandas as pd
 
 from ..config import DataConfig
 
-
 DEFAULT_MAX_LENGTH = {"ml-1m": 100, "bookcrossing": 100, "goodreads": 180}  # prompt tokens (the paper's)
 
 

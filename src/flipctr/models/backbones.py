@@ -19,9 +19,19 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.encoder import FeatureMap
-from .layers import (CIN, MLP, AttentionalPooling, CrossNetMix, CrossNetV1, CrossNetV2,
-                     InnerProduct, InteractingLayer, LogarithmicTransformation, fm_interaction,
-                     init_weights)
+from .layers import (
+    CIN,
+    MLP,
+    AttentionalPooling,
+    CrossNetMix,
+    CrossNetV1,
+    CrossNetV2,
+    InnerProduct,
+    InteractingLayer,
+    LogarithmicTransformation,
+    fm_interaction,
+    init_weights,
+)
 
 
 @dataclass

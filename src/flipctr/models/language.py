@@ -55,7 +55,6 @@ class LanguageModel(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str, attention_mask: str = "auto") -> "LanguageModel":
         from transformers import AutoModel
-
         from transformers.utils import logging as hf_logging
 
         path = resolve_language_model(name)

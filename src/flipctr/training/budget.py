@@ -13,7 +13,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from .distributed import rank_world
+from ..runtime.distributed import rank_world
 
 clock = time.perf_counter  # module-level so that tests can drive time
 

@@ -24,16 +24,23 @@ from ..config import Config, TrainConfig
 from ..data.batching import DeviceRows
 from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
+from ..data.lm_files import load_tokenizer
 from ..models import LrScales, build_ctr_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
-from ..data.lm_files import load_tokenizer
 from ..models.language import LanguageModel
 from ..models.plm import PLMCTRModel
 from ..paper import table2
 from ..report import render_results
-from ..utils import atomic_path, environment_info, seed_everything, write_json, write_text
-from .distributed import barrier, is_main, rank_world, resolve_device
-from .engine import autocast_dtype, load_shards, load_weights, save_shards
+from ..runtime.checkpoints import (
+    load_shards,
+    load_weights,
+    save_shards,
+    seed_everything,
+)
+from ..runtime.device import autocast_dtype, resolve_device
+from ..runtime.distributed import barrier, is_main, rank_world
+from ..runtime.environment import environment_info
+from ..utils import atomic_path, write_json, write_text
 from .pretrain import Pretrainer
 from .runner import RunData, fast_paths, pinned, train_run
 from .tracking import setup_logging

@@ -10,12 +10,15 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+
 from ..config import PretrainConfig
 from ..data.batching import DeviceRows
+from ..runtime.checkpoints import save_weights
+from ..runtime.device import Runtime
+from ..runtime.distributed import rank_world
 from ..utils import atomic_path, write_json
 from .budget import Budget, agree_any, agree_min
-from .distributed import rank_world
-from .engine import Engine, Runtime, Stage, save_weights, shard_size
+from .engine import Engine, Stage, shard_size
 from .tracking import Tracker
 from .trainer import RowSparseAdamW, use_sparse_embeddings
 

@@ -24,7 +24,6 @@ import numpy as np
 import torch
 import yaml
 
-from ..arithmetic import pin_deterministic
 from ..config import Config
 from ..data.batching import DeviceRows
 from ..data.cache import PreparedData, prepare, resolve_data_config
@@ -34,9 +33,11 @@ from ..data.readers import side_fields
 from ..inference import write_inference_files
 from ..models import TEXT_SIDES, LrScales, build_ctr_model
 from ..models.language import LanguageModel
-from ..utils import environment_info, seed_everything, write_json, write_text
-from .distributed import barrier, is_main, rank_world
-from .engine import Runtime, load_weights, save_weights
+from ..runtime.checkpoints import load_weights, save_weights, seed_everything
+from ..runtime.device import Runtime
+from ..runtime.distributed import barrier, is_main, rank_world
+from ..runtime.environment import environment_info, pin_deterministic
+from ..utils import write_json, write_text
 from .tracking import Tracker, setup_logging
 from .trainer import EpochRecord, Trainer, input_names, resolve_train_config
 
@@ -131,7 +132,7 @@ class RunData:
 
 
 def pinned(cfg: Config) -> Config:
-    """``train.deterministic``: the process's kernels pinned (:mod:`flipctr.arithmetic`) and
+    """``train.deterministic``: the process's kernels pinned (:mod:`flipctr.runtime.environment`) and
     every stage in fp32; else ``cfg`` as it is."""
     if not cfg.train.deterministic:
         return cfg

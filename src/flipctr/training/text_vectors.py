@@ -24,9 +24,9 @@ from ..config import ModelConfig
 from ..data.prompts import PromptBuilder
 from ..data.text import TokenizedPrompts, tokenize_prompts
 from ..models.language import LanguageModel
+from ..runtime.device import Runtime
+from ..runtime.distributed import barrier, gather_rows, is_main, rank_rows
 from ..utils import atomic_path
-from .distributed import barrier, gather_rows, is_main, rank_rows
-from .engine import Runtime
 
 log = logging.getLogger("flipctr")
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .distributed import is_main
+from ..runtime.distributed import is_main
 
 log = logging.getLogger("flipctr")
 

@@ -21,9 +21,10 @@ from torch import nn
 from ..config import TrainConfig
 from ..data.batching import DeviceRows
 from ..models.language import LanguageModel
+from ..runtime.device import Runtime
+from ..runtime.distributed import gather_rows, rank_rows, rank_world
 from .budget import Budget, agree_any
-from .distributed import gather_rows, rank_rows, rank_world
-from .engine import Engine, Runtime, Stage, shard_size
+from .engine import Engine, Stage, shard_size
 from .metrics import ctr_metrics
 from .tracking import Tracker
 

@@ -22,6 +22,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
+
 # Imported before any group exists: its functions take ``group=group.WORLD`` as a default
 # argument, evaluated at import. Imported later (torch._dynamo imports it, e.g. when the first
 # optimizer is built), they would hold the world group past ``destroy_process_group``.
@@ -109,13 +110,3 @@ def _destroy() -> None:
     if sys.getrefcount(world) > 2:  # ``world`` and getrefcount's argument
         warnings.warn(f"the process group is still referenced {sys.getrefcount(world) - 2} times after "
                       "destroy_process_group; its worker threads outlive it", RuntimeWarning, stacklevel=2)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``train.device``: "auto" (CUDA when present, else CPU), "cpu", "cuda", "cuda:1", ...
-    Under torchrun on CUDA each process takes the GPU of its ``LOCAL_RANK``."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and rank_world()[1] > 1:
-        return torch.device("cuda", local_rank())
-    return torch.device(name)

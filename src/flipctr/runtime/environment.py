@@ -20,11 +20,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import platform
 import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+
+from .._version import __version__
 
 # Fixed at a process's first tensor operation (ATen), first MKL call, first oneDNN primitive.
 DETERMINISTIC_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "COMPATIBLE", "ONEDNN_MAX_CPU_ISA": "AVX2",
@@ -107,3 +111,27 @@ def pin_deterministic() -> None:
         start = " ".join(f"{k}={v}" for k, v in DETERMINISTIC_ENV.items())
         raise RuntimeError(f"train.deterministic: {'; '.join(problems)}. These are fixed at a process's first "
                            f"tensor operation, which came before; start the process with {start}")
+
+
+def environment_info(device: str | None = None, amp_dtype: Any = None) -> dict[str, Any]:
+    """Versions and hardware facts recorded in every run folder, with what decides the run's
+    arithmetic (``amp_dtype``: its autocast dtype, None for fp32)."""
+    info: dict[str, Any] = {
+        "flipctr": __version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cuda_available": torch.cuda.is_available(),
+    }
+    for name in ("pandas", "sklearn", "transformers"):
+        with contextlib.suppress(ImportError):
+            info[name] = __import__(name).__version__
+    if device is not None:
+        info["device"] = device
+        if device.startswith("cuda") and torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(torch.device(device))
+    info["arithmetic"] = arithmetic_info(amp_dtype)
+    return info
