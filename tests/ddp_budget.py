@@ -7,7 +7,6 @@ import json
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -15,6 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_ddp import finetune_setup  # noqa: E402
 from test_flip import _pretrain_split, _tiny_pair  # noqa: E402
 
+from flipctr.runtime.device import Runtime
 from flipctr.config import PretrainConfig  # noqa: E402
 from flipctr.training import budget  # noqa: E402
 from flipctr.training.pretrain import Pretrainer  # noqa: E402
@@ -46,7 +46,7 @@ def main() -> None:
 
     cfg = PretrainConfig(lr=1e-2, batch_size=2, epochs=5, progress=False, amp="off", max_seconds=30)
     pretrain_model, _, _ = _tiny_pair()
-    Pretrainer(cfg, torch.device("cpu"), out / "pretrain").fit(pretrain_model, _pretrain_split(), on_step=on_step)
+    Pretrainer(cfg, Runtime.of(cfg, "cpu"), out / "pretrain").fit(pretrain_model, _pretrain_split(), on_step=on_step)
     (out / f"rank{rank}.json").write_text(json.dumps({
         "evals": [e["epoch"] for r in fit.history for e in r.evals], "stopped": fit.stopped, "steps": len(steps)}))
     leave()

@@ -5,13 +5,13 @@ comparison with one process with batch 8."""
 import sys
 from pathlib import Path
 
-import torch
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from test_ddp import PRETRAIN_EQUAL, deterministic_pair, distinct_split  # noqa: E402
 
+from flipctr.runtime.device import Runtime
 from flipctr.config import PretrainConfig  # noqa: E402
 from flipctr.training.pretrain import Pretrainer  # noqa: E402
 from flipctr.runtime.distributed import init_distributed, leave
@@ -20,7 +20,7 @@ from flipctr.runtime.distributed import init_distributed, leave
 def main() -> None:
     init_distributed("gloo")
     cfg = PretrainConfig(lr=1e-3, batch_size=4, epochs=2, progress=False, amp="off")
-    Pretrainer(cfg, torch.device("cpu"), Path(sys.argv[1])).fit(deterministic_pair(**PRETRAIN_EQUAL),
+    Pretrainer(cfg, Runtime.of(cfg, "cpu"), Path(sys.argv[1])).fit(deterministic_pair(**PRETRAIN_EQUAL),
                                                                distinct_split(16))
     print(f"rank {dist.get_rank()} ok", flush=True)
     leave()

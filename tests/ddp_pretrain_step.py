@@ -11,6 +11,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from test_ddp import collective_threads  # noqa: E402
 from test_flip import _pretrain_split, _tiny_pair  # noqa: E402
 
+from flipctr.runtime.device import Runtime
 from flipctr.config import PretrainConfig  # noqa: E402
 from flipctr.training.pretrain import Pretrainer  # noqa: E402
 from flipctr.runtime.distributed import init_distributed, leave
@@ -25,7 +26,7 @@ def main() -> None:
     cfg = PretrainConfig(lr=1e-2, batch_size=4, epochs=1, progress=False, amp="off")
     # 11 rows over 2 ranks: shards padded to 6 rows each, so 2 steps of 4 and 2 rows on every rank
     # (unequal shards would leave one rank a step short and its collectives unmatched)
-    Pretrainer(cfg, torch.device("cpu"), Path(sys.argv[1])).fit(
+    Pretrainer(cfg, Runtime.of(cfg, "cpu"), Path(sys.argv[1])).fit(
         model, _pretrain_split(11), on_step=lambda e, s, loss: losses.append(loss))
     assert len(losses) == 2, losses
     assert not torch.equal(before, backbone.embedding.weight)

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from flipctr.runtime.device import Runtime
 from flipctr.data.text import TokenizedPrompts
 from flipctr.models.language import LanguageModel
 from flipctr.training.text_vectors import TextVectors
@@ -31,7 +32,7 @@ def main() -> None:
     LanguageModel.sentence_vectors = counted
     text = TokenizedPrompts(ref["input_ids"], ref["lengths"], np.zeros((len(ref["lengths"]), 1, 2), np.int32), {},
                             folder / "cache")
-    vectors = TextVectors(lm, text, torch.device("cpu"), batch_size=4)
+    vectors = TextVectors(lm, text, Runtime(torch.device("cpu")), batch_size=4)
     got = vectors(1, 12)
     np.testing.assert_allclose(got, ref["vectors"], atol=1e-5)
     again = vectors(1, 12)  # read back from the cache rank 0 wrote: no second pass

@@ -59,7 +59,7 @@ def test_a_trained_encoder_is_finetuned_end_to_end(name, ml1m_root, tiny_plm, tm
     from flipctr.data.encoder import FeatureMap, FieldInfo
     from flipctr.models import LrScales, build_ctr_model
     from flipctr.models.language import LanguageModel
-    from flipctr.training.trainer import make_optimizer, resolve_train_config
+    from flipctr.training.optim import make_optimizer, resolve_train_config
 
     cfg = tiny_config(epochs=1)
     cfg.model.name, cfg.model.plm = name, str(tiny_plm)  # plm_trainable_layers None: every layer trains

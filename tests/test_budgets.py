@@ -5,10 +5,12 @@ evaluation after which the next would come past its budget."""
 import pytest
 import torch
 
+from flipctr.runtime.device import Runtime
 from flipctr.config import PretrainConfig
 from flipctr.models.backbones import build_model
 from flipctr.training import budget
-from flipctr.training.pretrain import CosineSchedule, Pretrainer
+from flipctr.training.optim import CosineSchedule
+from flipctr.training.pretrain import Pretrainer
 from flipctr.training.trainer import Trainer
 
 from conftest import tiny_config
@@ -43,7 +45,7 @@ def test_pretraining_budget_sizes_the_schedule_and_stops_mid_epoch(clock, tmp_pa
         steps.append((epoch, step))
 
     model, _, _ = _tiny_pair()
-    history = Pretrainer(cfg, torch.device("cpu"), tmp_path).fit(model, _pretrain_split(), on_step=on_step)
+    history = Pretrainer(cfg, Runtime.of(cfg, "cpu"), tmp_path).fit(model, _pretrain_split(), on_step=on_step)
     # measured from step 3 to 13 (1 step/s), 17 s left, 3 % kept: 16 more steps -> 29 in all
     assert len(steps) == 29 and steps[-1] == (3, 4)
     assert [r["steps"] for r in history] == [12, 12, 5]
@@ -52,7 +54,7 @@ def test_pretraining_budget_sizes_the_schedule_and_stops_mid_epoch(clock, tmp_pa
     assert history[-1]["rows"] == 10
     # the stop is checkpointed: resuming trains no further
     model, _, _ = _tiny_pair()
-    again = Pretrainer(cfg, torch.device("cpu"), tmp_path).fit(model, _pretrain_split(), resume=True,
+    again = Pretrainer(cfg, Runtime.of(cfg, "cpu"), tmp_path).fit(model, _pretrain_split(), resume=True,
                                                                on_step=on_step)
     assert len(steps) == 29 and again == history
 
@@ -60,7 +62,7 @@ def test_pretraining_budget_sizes_the_schedule_and_stops_mid_epoch(clock, tmp_pa
 def test_pretraining_within_its_budget_runs_every_epoch(clock, tmp_path):
     cfg = PretrainConfig(lr=1e-2, batch_size=2, epochs=2, progress=False, amp="off", max_seconds=1000)
     model, _, _ = _tiny_pair()
-    history = Pretrainer(cfg, torch.device("cpu"), tmp_path).fit(
+    history = Pretrainer(cfg, Runtime.of(cfg, "cpu"), tmp_path).fit(
         model, _pretrain_split(), on_step=lambda *_: clock.__setitem__(0, clock[0] + 1.0))
     assert [r["steps"] for r in history] == [12, 12] and not any("stopped_by_budget" in r for r in history)
 
@@ -68,7 +70,7 @@ def test_pretraining_within_its_budget_runs_every_epoch(clock, tmp_path):
 def test_finetuning_stops_before_the_evaluation_past_its_budget(clock, monkeypatch):
     cfg = tiny_config(epochs=100, lr=0.05, evals_per_epoch=2, patience=1000, max_seconds=35)
     fmap, train, _ = _toy_splits()
-    trainer = Trainer(cfg.train, torch.device("cpu"))
+    trainer = Trainer(cfg.train, Runtime.of(cfg.train, "cpu"))
     evaluate = trainer.evaluate
 
     def slow_evaluate(model, split):  # each interval up to an evaluation takes 10 s
@@ -87,7 +89,7 @@ def test_a_stage_without_evaluations_checks_its_budget_each_epoch(clock):
     cfg = tiny_config(epochs=10, lr=0.05, max_seconds=35)
     fmap, train, _ = _toy_splits()
     torch.manual_seed(0)
-    result = Trainer(cfg.train, torch.device("cpu")).fit(
+    result = Trainer(cfg.train, Runtime.of(cfg.train, "cpu")).fit(
         build_model(cfg.model, fmap), train, on_epoch_end=lambda r: clock.__setitem__(0, clock[0] + 10.0))
     assert len(result.history) == 4 and result.stopped == "budget"
 
@@ -107,5 +109,5 @@ def test_a_budget_spent_before_the_first_measure_stops_there(clock, tmp_path):
         steps.append(step)
 
     model, _, _ = _tiny_pair()
-    history = Pretrainer(cfg, torch.device("cpu"), tmp_path).fit(model, _pretrain_split(), on_step=on_step)
+    history = Pretrainer(cfg, Runtime.of(cfg, "cpu"), tmp_path).fit(model, _pretrain_split(), on_step=on_step)
     assert len(steps) == 3 and history[-1]["stopped_by_budget"]  # 15 s: the first step past 12

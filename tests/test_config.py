@@ -1,7 +1,7 @@
-from pathlib import Path
 
 import pytest
 
+from flipctr.runtime.device import Runtime
 from flipctr.config import Config, load_config
 
 
@@ -50,10 +50,8 @@ def test_the_auto_profile_is_gpu_where_cuda_is_present(monkeypatch):
 
 
 def test_a_bad_amp_setting_is_named_as_the_user_wrote_it():
-    import torch
 
     from flipctr.config import PretrainConfig
-    from flipctr.training.pretrain import Pretrainer
 
     with pytest.raises(ValueError, match="pretrain.amp must be 'auto', 'bf16' or 'off', not 'fp8'"):
-        Pretrainer(PretrainConfig(amp="fp8"), torch.device("cpu"), Path("unused"))
+        Runtime.of(PretrainConfig(amp="fp8"), "cpu")

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import torch
 
+from flipctr.runtime.device import Runtime
+
 HERE = Path(__file__).parent
 
 
@@ -100,7 +102,7 @@ def finetune_setup(batch_size: int):
     cfg.model.name, cfg.model.batch_norm = "dcnv2", False
     torch.manual_seed(0)
     model = build_model(cfg.model, FeatureMap([FieldInfo("a", 1, 5), FieldInfo("b", 6, 5)], 11, 1, 179))
-    return (model, Trainer(cfg.train, torch.device("cpu")), DeviceRows(labels[:128], {"ids": ids[:128]}),
+    return (model, Trainer(cfg.train, Runtime.of(cfg.train, "cpu")), DeviceRows(labels[:128], {"ids": ids[:128]}),
             DeviceRows(labels[128:], {"ids": ids[128:]}))
 
 
@@ -218,7 +220,7 @@ def test_the_real_pretrainer_under_two_ranks_equals_one_process(tmp_path):
     from flipctr.training.pretrain import Pretrainer
 
     cfg = PretrainConfig(lr=1e-3, batch_size=8, epochs=2, progress=False, amp="off")
-    Pretrainer(cfg, torch.device("cpu"), tmp_path / "one").fit(deterministic_pair(**PRETRAIN_EQUAL), distinct_split(16))
+    Pretrainer(cfg, Runtime.of(cfg, "cpu"), tmp_path / "one").fit(deterministic_pair(**PRETRAIN_EQUAL), distinct_split(16))
     proc = _torchrun(HERE / "ddp_pretrain_equal.py", tmp_path / "two")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     one, two = (load_file(str(tmp_path / name / "pretrained.safetensors")) for name in ("one", "two"))

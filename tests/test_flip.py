@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from flipctr.runtime.device import Runtime
 from flipctr.config import FlipSettings
 from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
 from flipctr.data.masking import FieldMasker, choose_fields, field_mask, span_token_mask
@@ -137,7 +138,7 @@ def _tiny_pair(config: FlipSettings | None = None):
 
 
 def test_sparse_embeddings_leave_the_language_models_embeddings_dense():
-    from flipctr.training.trainer import use_sparse_embeddings
+    from flipctr.training.optim import use_sparse_embeddings
 
     model, backbone, lm = _tiny_pair()
     sparse = {id(p) for p in use_sparse_embeddings(model, "on")}
@@ -276,7 +277,7 @@ def _joint_on_one_informative_side(informative: str, steps_seed: int = 0):
     torch.manual_seed(0)
     model = FlipCTRModel(build_model(tiny_config().model, fmap), None, hidden_size=8, alpha_lr_scale=10.0)
     cfg = TrainConfig(lr=1e-3, batch_size=64, epochs=3, progress=False, amp="off", seed=0)
-    Trainer(cfg, torch.device("cpu")).fit(model, DeviceRows(labels, {"ids": ids.int(), "text_cls": text}))
+    Trainer(cfg, Runtime.of(cfg, "cpu")).fit(model, DeviceRows(labels, {"ids": ids.int(), "text_cls": text}))
     return model
 
 
@@ -291,7 +292,7 @@ def test_alpha_stays_in_unit_interval_and_moves_toward_the_informative_side():
 
 def test_alpha_has_its_own_learning_rate():
     from flipctr.config import TrainConfig
-    from flipctr.training.trainer import make_optimizer
+    from flipctr.training.optim import make_optimizer
 
     _, backbone, lm = _tiny_pair()
     model = FlipCTRModel(backbone, lm, id_lr_scale=20.0, alpha_lr_scale=200.0)
@@ -307,13 +308,12 @@ def test_one_builder_gives_every_caller_the_joint_models_lr_groups(tiny_plm):
     """`flipctr train --model flip` and `flipctr run` build the joint model the same way: the ID
     side at text_finetune.id_lr, α at text_finetune.alpha_lr, the rest at the base lr."""
     from flipctr.models import build_ctr_model
-    from flipctr.models import LrScales
-    from flipctr.training.trainer import make_optimizer
+    from flipctr.training.optim import lr_scales, make_optimizer
 
     cfg = tiny_config(lr=5e-5)
     cfg.model.name, cfg.model.plm = "flip", str(tiny_plm)
     fmap = FeatureMap([FieldInfo(f"f{i}", 1 + 10 * i, 10) for i in range(3)], 31, 1, 100)
-    model = build_ctr_model(cfg.model, fmap, scales=LrScales.from_config(cfg))
+    model = build_ctr_model(cfg.model, fmap, scales=lr_scales(cfg))
     lr_of = {id(p): g["lr"] for g in make_optimizer(model, cfg.train).param_groups for p in g["params"]}
     assert lr_of[id(model.alpha_logit)] == pytest.approx(cfg.text_finetune.alpha_lr)
     assert lr_of[id(model.backbone.embedding.weight)] == pytest.approx(cfg.text_finetune.id_lr)
@@ -339,13 +339,13 @@ def test_pretraining_with_row_sparse_tables_equals_dense_adamw(tmp_path):
 
     from flipctr.config import PretrainConfig
     from flipctr.training.pretrain import Pretrainer
-    from flipctr.training.trainer import RowSparseAdamW
+    from flipctr.training.optim import RowSparseAdamW
 
     cfg = PretrainConfig(lr=1e-2, batch_size=8, epochs=2, progress=False, amp="off", weight_decay=0.1)
     runs = {}
     for mode in ("off", "on"):
         model, _, _ = _tiny_pair()
-        history = Pretrainer(dataclasses.replace(cfg, sparse_embeddings=mode), torch.device("cpu"),
+        history = Pretrainer(dataclasses.replace(cfg, sparse_embeddings=mode), Runtime.of(cfg, "cpu"),
                              tmp_path / mode).fit(model, _pretrain_split())
         runs[mode] = history, load_file(str(tmp_path / mode / "pretrained.safetensors"))
         tables = [m for m in (model.backbone.embedding, model.mtm_head.output)]
@@ -359,7 +359,7 @@ def test_pretraining_with_row_sparse_tables_equals_dense_adamw(tmp_path):
     for name in ("backbone.embedding.weight", "mtm_head.output.weight"):
         torch.testing.assert_close(runs["on"][1][name], runs["off"][1][name], rtol=1e-4, atol=1e-6)
     with pytest.raises(ValueError, match="pretrain.sparse_embeddings must be"):
-        Pretrainer(dataclasses.replace(cfg, sparse_embeddings="yes"), torch.device("cpu"),
+        Pretrainer(dataclasses.replace(cfg, sparse_embeddings="yes"), Runtime.of(cfg, "cpu"),
                    tmp_path / "bad").fit(_tiny_pair()[0], _pretrain_split())
     # odd chunk boundaries: the same update
     emb = torch.nn.Embedding(50, 3, sparse=True)
@@ -386,7 +386,7 @@ def test_pretraining_resume_after_kill_gives_the_same_next_step_loss(tmp_path, d
     cfg = PretrainConfig(lr=1e-2, batch_size=8, epochs=2, progress=False, amp="off")
     full_losses = []
     model, _, _ = _tiny_pair()
-    Pretrainer(cfg, device, tmp_path / "a").fit(
+    Pretrainer(cfg, Runtime.of(cfg, device), tmp_path / "a").fit(
         model, _pretrain_split().to(device), on_step=lambda e, s, loss: full_losses.append((e, s, loss)))
     # the "killed" run dies during epoch 2 (after epoch 1's checkpoint); a new process resumes it
 
@@ -399,12 +399,12 @@ def test_pretraining_resume_after_kill_gives_the_same_next_step_loss(tmp_path, d
 
     model, _, _ = _tiny_pair()
     with pytest.raises(Killed):
-        Pretrainer(cfg, device, tmp_path / "b").fit(model, _pretrain_split().to(device), on_step=kill)
+        Pretrainer(cfg, Runtime.of(cfg, device), tmp_path / "b").fit(model, _pretrain_split().to(device), on_step=kill)
     if device.type == "cuda":
         torch.cuda.manual_seed_all(12345)  # a new process starts from another CUDA state
     resumed_losses = []
     model, _, _ = _tiny_pair()
-    history = Pretrainer(cfg, device, tmp_path / "b").fit(
+    history = Pretrainer(cfg, Runtime.of(cfg, device), tmp_path / "b").fit(
         model, _pretrain_split().to(device), resume=True,
         on_step=lambda e, s, loss: resumed_losses.append((e, s, loss)))
     assert [r["epoch"] for r in history] == [1, 2]
@@ -516,9 +516,9 @@ def test_text_vectors_match_the_encoder_and_are_cached(tiny_plm, tmp_path):
     text = TokenizedPrompts(input_ids, lengths, np.zeros((5, 1, 2), np.int32), {}, tmp_path)
     lm = LanguageModel.from_pretrained(str(tiny_plm))
     with pytest.raises(ValueError, match="frozen"):
-        TextVectors(lm, text, torch.device("cpu"))
+        TextVectors(lm, text, Runtime(torch.device("cpu")))
     lm.freeze(0)
-    vectors = TextVectors(lm, text, torch.device("cpu"), batch_size=2)
+    vectors = TextVectors(lm, text, Runtime(torch.device("cpu")), batch_size=2)
     got = vectors(1, 4)
     expected = torch.stack([lm(torch.from_numpy(input_ids[i:i + 1, :n]).long(), torch.ones(1, n, dtype=torch.long)).cls[0]
                             for i, n in zip(range(1, 4), lengths[1:4])])

@@ -5,6 +5,9 @@ import math
 import numpy as np
 import pytest
 import torch
+
+from flipctr.models.contract import CTRModule
+from flipctr.runtime.device import Runtime
 from safetensors.torch import load_file
 
 from flipctr.cli import main
@@ -35,7 +38,7 @@ def test_early_stopping_restores_best_epoch():
     torch.manual_seed(0)
     model = build_model(cfg.model, fmap)
     snapshots = {}
-    result = Trainer(cfg.train, torch.device("cpu")).fit(
+    result = Trainer(cfg.train, Runtime.of(cfg.train, "cpu")).fit(
         model, train, eval_split=flipped,
         on_epoch_end=lambda r: snapshots.__setitem__(r.epoch, {k: v.clone() for k, v in model.state_dict().items()}))
     aucs = [e["auc"] for r in result.history for e in r.evals]
@@ -52,7 +55,7 @@ def test_evaluations_within_an_epoch_and_fractional_epochs():
     cfg = tiny_config(epochs=2, lr=0.05, evals_per_epoch=4, patience=100)
     fmap, train, _ = _toy_splits()
     torch.manual_seed(0)
-    trainer = Trainer(cfg.train, torch.device("cpu"))
+    trainer = Trainer(cfg.train, Runtime.of(cfg.train, "cpu"))
     result = trainer.fit(build_model(cfg.model, fmap), train, eval_split=train)
     assert [e["epoch"] for r in result.history for e in r.evals] == [0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0]
     part = trainer.fit(build_model(cfg.model, fmap), train, epochs=1.5)
@@ -64,7 +67,7 @@ def test_training_learns_the_toy_task():
     fmap, train, _ = _toy_splits()
     torch.manual_seed(0)
     model = build_model(cfg.model, fmap)
-    result = Trainer(cfg.train, torch.device("cpu")).fit(model, train, eval_split=train)
+    result = Trainer(cfg.train, Runtime.of(cfg.train, "cpu")).fit(model, train, eval_split=train)
     assert result.best_eval["auc"] > 0.95
 
 
@@ -143,7 +146,7 @@ def test_cli_reports_bad_input_in_one_line(tmp_path, monkeypatch, capsys):
 
 
 def test_sparse_embeddings_use_lazy_adam_and_still_learn():
-    from flipctr.training.trainer import make_optimizer
+    from flipctr.training.optim import make_optimizer
 
     cfg = tiny_config(epochs=5, lr=0.05, sparse_embeddings="on")
     fmap, train, _ = _toy_splits()
@@ -153,13 +156,13 @@ def test_sparse_embeddings_use_lazy_adam_and_still_learn():
     assert [type(o).__name__ for o in opt.optimizers] == ["Adam", "SparseAdam"]
     model(ids=train.inputs["ids"][:8]).logits.sum().backward()
     assert model.embedding.weight.grad.is_sparse
-    result = Trainer(cfg.train, torch.device("cpu")).fit(build_model(cfg.model, fmap), train, eval_split=train)
+    result = Trainer(cfg.train, Runtime.of(cfg.train, "cpu")).fit(build_model(cfg.model, fmap), train, eval_split=train)
     assert result.best_eval["auc"] > 0.95
     cfg.train.sparse_embeddings = "auto"  # a 11-row table stays dense
     assert [type(o).__name__ for o in make_optimizer(build_model(cfg.model, fmap), cfg.train).optimizers] == ["Adam"]
 
 
-class _ScaledGroups(torch.nn.Module):
+class _ScaledGroups(CTRModule):
     """An ID model whose first parameter group learns at 10 times the base lr (as FLIP's α)."""
 
     def __init__(self, inner: torch.nn.Module):
@@ -177,14 +180,14 @@ class _ScaledGroups(torch.nn.Module):
 
 def test_the_recorded_and_replayed_lr_is_the_base_lr_whatever_the_groups():
     """A refit replays the selection's per-epoch lr: it must be the base lr, not a scaled group's."""
-    from flipctr.training.trainer import make_optimizer
+    from flipctr.training.optim import make_optimizer
 
     cfg = tiny_config(epochs=3, lr=0.01, reduce_lr_on_plateau=True, reduce_lr_factor=0.5, patience=5)
     fmap, train, flipped = _toy_splits()
     torch.manual_seed(0)
     opt = make_optimizer(_ScaledGroups(build_model(cfg.model, fmap)), cfg.train)
     assert opt.lr == 0.01 and sorted(g["lr"] for g in opt.param_groups) == pytest.approx([0.01, 0.1])
-    trainer = Trainer(cfg.train, torch.device("cpu"))
+    trainer = Trainer(cfg.train, Runtime.of(cfg.train, "cpu"))
     fit = trainer.fit(_ScaledGroups(build_model(cfg.model, fmap)), train, eval_split=flipped)
     assert fit.lr_per_epoch == pytest.approx([0.01, 0.01, 0.005])  # eval AUC falls: the plateau halves it
     seen = []
@@ -197,7 +200,7 @@ def test_compiled_training_step_learns_the_toy_task():
     cfg = tiny_config(epochs=3, lr=0.05, compile=True)
     fmap, train, _ = _toy_splits()
     torch.manual_seed(0)
-    result = Trainer(cfg.train, torch.device("cpu")).fit(build_model(cfg.model, fmap), train, eval_split=train)
+    result = Trainer(cfg.train, Runtime.of(cfg.train, "cpu")).fit(build_model(cfg.model, fmap), train, eval_split=train)
     assert result.best_eval["auc"] > 0.95
 
 
@@ -364,7 +367,7 @@ def test_training_from_the_mapped_cache_equals_training_from_device_tensors(tmp_
         assert isinstance(splits[0].inputs["ids"], MappedArray) == mapped
         torch.manual_seed(0)
         model = build_model(cfg.model, fmap)
-        fit = Trainer(cfg.train, torch.device("cpu")).fit(model, splits[0], eval_split=splits[1])
+        fit = Trainer(cfg.train, Runtime.of(cfg.train, "cpu")).fit(model, splits[0], eval_split=splits[1])
         results.append((fit, model.state_dict()))
     (tensors, weights), (mapped, mapped_weights) = results
     assert mapped.best_eval == tensors.best_eval and [r.train_loss for r in mapped.history] == [

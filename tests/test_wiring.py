@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig
 
+from flipctr.runtime.device import Runtime
 from flipctr.config import FlipSettings
 from flipctr.data.batching import DeviceRows
 from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
@@ -230,7 +231,7 @@ def test_finetuning_loss_is_eq_15_through_the_trainers_step():
     torch.testing.assert_close(out.logits, joint)
     cfg = tiny_config(batch_size=6, epochs=1, lr=1e-3, length_buckets=0)
     split = DeviceRows(labels, {"ids": ids, "input_ids": input_ids, "lengths": torch.full((6,), 15)})
-    result = Trainer(cfg.train, torch.device("cpu")).fit(model, split)
+    result = Trainer(cfg.train, Runtime.of(cfg.train, "cpu")).fit(model, split)
     assert result.history[0].train_loss == pytest.approx(float(expected), rel=1e-5)
 
 

@@ -40,7 +40,7 @@ from .models.text_sides import SideText
 from .runtime.checkpoints import load_weights
 from .runtime.device import Runtime
 from .training.text_vectors import frozen_encoder, side_tables
-from .training.trainer import input_names, predict
+from .training.trainer import predict
 from .utils import atomic_path, write_json
 
 
@@ -115,7 +115,7 @@ class Predictor:
         model.load_state_dict(load_weights(run_dir / "model.safetensors"))
         # the run's precision (runs written before it was saved evaluated in fp32 on CPUs without bf16)
         runtime = Runtime.create("cpu", config.get("amp", "off"))
-        names, text = input_names(model), None
+        names, text = model.input_names, None
         if "input_ids" in names or "text_cls" in names or sides:
             frozen = None
             if "text_cls" in names or (sides and frozen_sides):

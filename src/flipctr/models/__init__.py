@@ -8,9 +8,17 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..config import Config, ModelConfig
+from ..config import ModelConfig
 from ..data.encoder import FeatureMap
+from ..data.lm_files import hidden_size
 from .backbones import MODELS, build_model
+from .contract import CTRModule
+from .ctr_bert import CTRBertModel
+from .flip import FlipCTRModel
+from .language import LanguageModel
+from .morec import MoRecModel
+from .plm import PLMCTRModel
+from .text_sides import SideText
 
 
 def text_encoder(config: ModelConfig, state: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module | None, int]:
@@ -19,9 +27,6 @@ def text_encoder(config: ModelConfig, state: dict[str, torch.Tensor] | None = No
     trainable; or ``(None, hidden size)`` when it is frozen (``plm_trainable_layers=0``): a
     frozen encoder is left out of the CTR models, which read its ``text_cls`` vectors, computed
     once per row range and cached."""
-    from ..data.lm_files import hidden_size
-    from .language import LanguageModel
-
     if config.plm_trainable_layers == 0:
         return None, hidden_size(config.plm)
     language_model = LanguageModel.from_pretrained(config.plm, config.plm_attention_mask)
@@ -39,24 +44,16 @@ TEXT_SIDES = {"morec": {"item": False}, "ctr_bert": {"user": True, "item": True}
 @dataclass(frozen=True)
 class LrScales:
     """Learning rates of a model's parameter groups as multiples of its base lr (the trainer's):
-    the joint FLIP model's ID backbone and α, a language model inside an ID-side model."""
+    the joint FLIP model's ID backbone and α, a language model inside an ID-side model. A run's
+    ratios are decided by :func:`flipctr.training.optim.lr_scales`."""
 
     id: float = 1.0
     alpha: float = 1.0
     text: float = 1.0
 
-    @classmethod
-    def from_config(cls, cfg: Config) -> "LrScales":
-        """The run's ratios: the joint FLIP model trains at ``text_finetune.lr`` with its ID side
-        at ``text_finetune.id_lr`` and α at ``alpha_lr``; a language model inside an ID-side
-        model (MoRec, CTR-BERT) at ``text_finetune.lr``, the rest at ``train.lr`` (default 1e-3,
-        these models' own)."""
-        tf = cfg.text_finetune
-        return cls(id=tf.id_lr / tf.lr, alpha=tf.alpha_lr / tf.lr, text=tf.lr / (cfg.train.lr or 1e-3))
-
 
 def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, sides: dict[str, dict[str, torch.Tensor]] | None = None,
-                    scales: LrScales = LrScales(), text_state: dict[str, torch.Tensor] | None = None) -> nn.Module:
+                    scales: LrScales = LrScales(), text_state: dict[str, torch.Tensor] | None = None) -> CTRModule:
     """The one builder of every CTR model (its lr groups included). An ID backbone by name;
     ``plm``: the language-model-only CTR model; ``flip``: the joint FLIP model over
     ``config.backbone`` and the language model (see :func:`text_encoder`; ``text_state``: the
@@ -67,8 +64,6 @@ def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, sides: dict[st
     ``scales.text`` times the model's lr)."""
     name = config.name.lower()
     if name in TEXT_SIDES:
-        from .text_sides import SideText
-
         needs = list(TEXT_SIDES[name])
         if set(needs) - set(sides or {}):
             raise ValueError(f"{name} needs the text of its sides {needs} (sides)")
@@ -77,24 +72,16 @@ def build_ctr_model(config: ModelConfig, feature_map: FeatureMap, sides: dict[st
         if (language_model is None) == text[needs[0]].trained:
             raise ValueError(f"{name}: a trained encoder reads the sides' tokens, a frozen one their vectors")
         if name == "morec":
-            from .morec import MoRecModel
-
             return MoRecModel(config, feature_map, text["item"], language_model, scales.text)
-        from .ctr_bert import CTRBertModel
-
         return CTRBertModel(config, text["user"], text["item"], language_model, scales.text)
     if name in ("plm", "flip"):
         language_model, hidden_size = text_encoder(config, text_state)
         if name == "plm":
-            from .plm import PLMCTRModel
-
             return PLMCTRModel(language_model, hidden_size)
-        from .flip import FlipCTRModel
-
         backbone = build_model(dataclasses.replace(config, name=config.backbone), feature_map)
         return FlipCTRModel(backbone, language_model, id_lr_scale=scales.id, hidden_size=hidden_size,
                             alpha_lr_scale=scales.alpha)
     return build_model(config, feature_map)
 
 
-__all__ = ["MODELS", "TEXT_SIDES", "LrScales", "build_ctr_model", "build_model", "text_encoder"]
+__all__ = ["MODELS", "TEXT_SIDES", "CTRModule", "LrScales", "build_ctr_model", "build_model", "text_encoder"]

@@ -12,13 +12,12 @@ Every backbone maps global feature ids ``(B, F)`` to
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 from torch import nn
 
 from ..config import ModelConfig
 from ..data.encoder import FeatureMap
+from .contract import CTRModule, CTROutput
 from .layers import (
     CIN,
     MLP,
@@ -34,19 +33,8 @@ from .layers import (
 )
 
 
-@dataclass
-class CTROutput:
-    logits: torch.Tensor  # (B,)
-    representation: torch.Tensor  # (B, H)
-    aux_logits: tuple[torch.Tensor, ...] = ()  # extra heads, each trained with its own BCE (FLIP Eq. 15)
-
-
-class CTRModel(nn.Module):
-    """Base class: the shared embedding table and the encode/logit split."""
-
-    input_names = ("ids",)
-    default_lr = 1e-3
-    default_eval_batch_size = 8192
+class CTRModel(CTRModule):
+    """Base of the ID backbones: the shared embedding table and the encode/logit split."""
 
     def __init__(self, config: ModelConfig, feature_map: FeatureMap):
         super().__init__()

@@ -18,13 +18,13 @@ import torch
 from torch import nn
 
 from ..config import ModelConfig
-from .backbones import CTROutput
+from .contract import CTRModule, CTROutput
 from .language import LanguageModel
 from .layers import MLP, init_weights
 from .text_sides import SideText, text_lr_groups
 
 
-class CTRBertModel(nn.Module):
+class CTRBertModel(CTRModule):
     """``t_u``, ``t_i`` (B, H): the towers' text vectors of each row's user and item
     (:class:`SideText`); ``h = [W_u t_u + b_u ⊕ W_i t_i + b_i]`` (B, 2D); ``logit = wᵀ MLP(h) + b``.
     A trained language model learns at ``text_lr_scale`` times the towers' lr."""

@@ -12,7 +12,6 @@ V text vocabulary, M feature space (global ids), K noise features.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -20,8 +19,9 @@ from torch import nn
 
 from ..config import FlipSettings
 from ..data.masking import FieldMasker, MaskedBatch
-from .backbones import CTRModel, CTROutput
-from .language import LanguageModel, LMOutput
+from .backbones import CTRModel
+from .contract import CTRModule, CTROutput, LMOutput, PretrainOutput
+from .language import LanguageModel
 from .plm import TEXT_INPUTS, TEXT_VECTOR_INPUTS, text_vector
 
 
@@ -182,15 +182,6 @@ class ICLHead(nn.Module):
         return info_nce(z_text, z_tab, self.temperature, slice(offset, offset + len(cls)))
 
 
-@dataclass
-class PretrainOutput:
-    loss: torch.Tensor
-    mlm: torch.Tensor | None = None
-    mtm: torch.Tensor | None = None
-    icl: torch.Tensor | None = None
-    text_fields_lost: torch.Tensor | int = 0
-
-
 class FlipPretrainModel(nn.Module):
     """The ID backbone and the language model with the three alignment heads."""
 
@@ -266,7 +257,7 @@ class FlipPretrainModel(nn.Module):
         return (per_sample / positions.sum(1).clamp_min(1)).sum() / len(input_ids)
 
 
-class FlipCTRModel(nn.Module):
+class FlipCTRModel(CTRModule):
     """Adaptive finetuning (Eq. 13-15): ``logit = α ℓ_ID + (1 − α) ℓ_PLM`` with α learnable;
     the ID and PLM logits are returned too, for their own BCE terms. ``language_model=None``:
     the text side reads precomputed ``text_cls`` vectors (size ``hidden_size``) of a frozen encoder.

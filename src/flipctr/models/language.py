@@ -4,20 +4,13 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from ..data.lm_files import resolve_language_model
-
-
-@dataclass
-class LMOutput:
-    hidden_states: torch.Tensor  # (B, L, H) last layer
-    cls: torch.Tensor  # (B, H) first token ([CLS]) of the last layer: the sentence vector
-
+from .contract import LMOutput
 
 MASK_KINDS = ("auto", "2d", "4d")
 

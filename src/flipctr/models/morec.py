@@ -18,12 +18,13 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..data.encoder import FeatureMap, FieldInfo
-from .backbones import CTRModel, CTROutput, build_model
+from .backbones import CTRModel, build_model
+from .contract import CTRModule, CTROutput
 from .language import LanguageModel
 from .text_sides import SideText, text_lr_groups
 
 
-class MoRecModel(nn.Module):
+class MoRecModel(CTRModule):
     """``item``: the items' text (:class:`SideText`: cached vectors of a frozen encoder, or tokens
     that ``language_model`` encodes); input ``item_index`` (B,) picks each row's item. A trained
     language model learns at ``text_lr_scale`` times the ID side's lr."""

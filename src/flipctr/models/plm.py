@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .backbones import CTROutput
+from .contract import CTRModule, CTROutput
 from .language import LanguageModel
 
 TEXT_INPUTS = ("input_ids", "attention_mask")
@@ -22,7 +22,7 @@ def text_vector(language_model: LanguageModel | None, input_ids: torch.Tensor | 
     return language_model(input_ids, attention_mask).cls
 
 
-class PLMCTRModel(nn.Module):
+class PLMCTRModel(CTRModule):
     default_lr = 5e-5
     default_eval_batch_size = 256
 

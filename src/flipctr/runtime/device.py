@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..config import PretrainConfig, TrainConfig
 from .distributed import local_rank, rank_world
 
 
@@ -65,6 +66,13 @@ class Runtime:
     def create(cls, device: str | torch.device = "auto", amp: str = "auto", setting: str = "train.amp") -> "Runtime":
         device = resolve_device(device) if isinstance(device, str) else device
         return cls(device, autocast_dtype(amp, device, setting))
+
+    @classmethod
+    def of(cls, section: TrainConfig | PretrainConfig, device: str | torch.device | None = None) -> "Runtime":
+        """What a training section asks for: its ``amp`` (an error names ``train.amp`` or
+        ``pretrain.amp``) on ``device`` (None: ``train.device``'s "auto")."""
+        setting = "pretrain.amp" if isinstance(section, PretrainConfig) else "train.amp"
+        return cls.create(device if device is not None else getattr(section, "device", "auto"), section.amp, setting)
 
     @property
     def amp_name(self) -> str:

@@ -20,12 +20,12 @@ import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from ..config import Config, TrainConfig
+from ..config import Config
 from ..data.batching import DeviceRows
 from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
 from ..data.lm_files import load_tokenizer
-from ..models import LrScales, build_ctr_model
+from ..models import build_ctr_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
 from ..models.language import LanguageModel
 from ..models.plm import PLMCTRModel
@@ -37,10 +37,11 @@ from ..runtime.checkpoints import (
     save_shards,
     seed_everything,
 )
-from ..runtime.device import autocast_dtype, resolve_device
+from ..runtime.device import Runtime, autocast_dtype, resolve_device
 from ..runtime.distributed import barrier, is_main, rank_world
 from ..runtime.environment import environment_info
 from ..utils import atomic_path, write_json, write_text
+from .optim import lr_scales, text_finetune_settings
 from .pretrain import Pretrainer
 from .runner import RunData, fast_paths, pinned, train_run
 from .tracking import setup_logging
@@ -109,7 +110,7 @@ def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
     (``benchmarks/pretrain_throughput.py`` measures exactly this)."""
     seed_everything(cfg.pretrain.seed)
     model = pretraining_model(cfg, encoding)
-    pretrainer = Pretrainer(cfg.pretrain, device, folder)
+    pretrainer = Pretrainer(cfg.pretrain, Runtime.of(cfg.pretrain, device), folder)
     if not model.language_model.trainable:
         pretrainer.runtime.frozen(model.language_model)  # weights in the autocast dtype: no per-op casts
     if cfg.pretrain.rows_from == "last":
@@ -141,20 +142,10 @@ def pretrain_once(cfg: Config, folder: Path, data_root: Path | None = None) -> N
     _pretrain(cfg, RunData(data, cfg, device, text=True), data.encoding(ENCODING), device, folder, resume=True)
 
 
-def text_finetune_settings(cfg: Config) -> tuple[TrainConfig, dict]:
-    """The training settings of the models with a language model inside (``text_finetune`` where it
-    differs from ``train``) and their row limits (train_run's ``train_rows`` / ``valid_rows``)."""
-    train = dataclasses.replace(cfg.train, lr=cfg.text_finetune.lr, batch_size=cfg.text_finetune.batch_size,
-                                epochs=cfg.text_finetune.epochs, refit=cfg.text_finetune.refit,
-                                max_seconds=cfg.text_finetune.max_seconds,
-                                eval_batch_size=cfg.train.eval_batch_size or 256)
-    return train, {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
-
-
 def joint_model(cfg: Config, fm: FeatureMap, pretrained: dict[str, torch.Tensor] | None) -> FlipCTRModel:
     """The joint FLIP model (Eq. 13-15), its backbone and language model from the pretraining's
     weights ``pretrained`` (None: as built)."""
-    model = build_ctr_model(dataclasses.replace(cfg.model, name="flip"), fm, scales=LrScales.from_config(cfg),
+    model = build_ctr_model(dataclasses.replace(cfg.model, name="flip"), fm, scales=lr_scales(cfg),
                             text_state=_prefixed(pretrained, "language_model.") if pretrained else None)
     if pretrained is not None:
         model.backbone.load_state_dict(_prefixed(pretrained, "backbone."))

@@ -19,27 +19,11 @@ from ..runtime.distributed import rank_world
 from ..utils import atomic_path, write_json
 from .budget import Budget, agree_any, agree_min
 from .engine import Engine, Stage, shard_size
+from .optim import CosineSchedule, pretraining_optimizer
 from .tracking import Tracker
-from .trainer import RowSparseAdamW, use_sparse_embeddings
 
 log = logging.getLogger("flipctr")
 OBJECTIVES = ("mlm", "mtm", "icl")
-
-
-class CosineSchedule:
-    """lr multiplier: linear warm-up for ``warmup`` steps, then cosine decay to 0 at ``total``.
-
-    ``total`` may be lowered while training (a time budget sizes it to the steps that fit); a
-    callable object's attributes are saved with ``LambdaLR``'s state, so a resume keeps it."""
-
-    def __init__(self, warmup: int, total: int):
-        self.warmup, self.total = warmup, total
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.total - self.warmup)
-        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
 
 class ScheduleSizer:
@@ -92,10 +76,9 @@ class ScheduleSizer:
 class Pretrainer:
     """Runs :class:`~flipctr.models.flip.FlipPretrainModel` over a split of paired inputs."""
 
-    def __init__(self, cfg: PretrainConfig, runtime: Runtime | torch.device, folder: Path):
-        """``runtime``: where and in which precision to compute (a bare device: in ``cfg.amp``'s)."""
-        self.cfg, self.folder = cfg, Path(folder)
-        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime.create(runtime, cfg.amp, "pretrain.amp")
+    def __init__(self, cfg: PretrainConfig, runtime: Runtime, folder: Path):
+        """``runtime``: where and in which precision to compute (:meth:`Runtime.of` ``cfg``)."""
+        self.cfg, self.folder, self.runtime = cfg, Path(folder), runtime
         self.device = self.runtime.device
 
     @property
@@ -158,15 +141,10 @@ class Pretraining(Stage):
         self.model = model.to(self.runtime.device)
         # under DDP the backbone's logit layer (and heads switched off) get no gradient in pretraining
         self.wrapped = self.runtime.wrap(model, find_unused=True)
-        # large ID tables take row-sparse gradients (not under DDP, which reduces dense ones); the
-        # update is AdamW's either way, fused: one pass over every tensor
-        use_sparse_embeddings(model, cfg.sparse_embeddings if rank_world()[1] == 1 else "off", "pretrain.sparse_embeddings")
-        params = [p for p in self.wrapped.parameters() if p.requires_grad]
-        self.optimizer = RowSparseAdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.steps_per_epoch = math.ceil(shard_size(len(data)) / cfg.batch_size)
         self.planned = self.steps_per_epoch * cfg.epochs
-        self.schedule = CosineSchedule(cfg.warmup_steps, self.planned)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.schedule)
+        self.optimizer, self.schedule, self.scheduler = pretraining_optimizer(model, cfg, self.planned,
+                                                                              sparse=rank_world()[1] == 1)
         # masks and NCE noise are drawn alike on every rank for every rank's rows, each rank keeping
         # its own: a row's draws do not depend on the rank that holds it (DDP equals one process)
         self.generators = {"shuffle": torch.Generator().manual_seed(cfg.seed),

@@ -31,15 +31,16 @@ from ..data.encoder import FeatureMap
 from ..data.prompts import prompt_length
 from ..data.readers import side_fields
 from ..inference import write_inference_files
-from ..models import TEXT_SIDES, LrScales, build_ctr_model
+from ..models import TEXT_SIDES, build_ctr_model
 from ..models.language import LanguageModel
 from ..runtime.checkpoints import load_weights, save_weights, seed_everything
 from ..runtime.device import Runtime
 from ..runtime.distributed import barrier, is_main, rank_world
 from ..runtime.environment import environment_info, pin_deterministic
 from ..utils import write_json, write_text
+from .optim import lr_scales, resolve_train_config
 from .tracking import Tracker, setup_logging
-from .trainer import EpochRecord, Trainer, input_names, resolve_train_config
+from .trainer import EpochRecord, Trainer
 
 log = logging.getLogger("flipctr")
 PROTOCOLS = ("clean", "paper")
@@ -85,7 +86,7 @@ class RunData:
     @classmethod
     def for_model(cls, data: PreparedData, cfg: Config, runtime: Runtime, model: torch.nn.Module) -> "RunData":
         """The inputs ``model`` reads; ``text_cls``: the cached vectors of the frozen ``cfg.model.plm``."""
-        names = input_names(model)
+        names = model.input_names
         rd = cls(data, cfg, runtime.device, text="input_ids" in names or "text_cls" in names)
         if "text_cls" in names:
             from .text_vectors import TextVectors, frozen_encoder
@@ -198,7 +199,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
     select_fit = encoding or ("train+valid" if cfg.train.protocol == "paper" else "train")
     refit_fit = encoding or "train+valid"
     sides, side_index = side_texts(data, cfg, runtime)
-    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm, sides=sides, scales=LrScales.from_config(cfg)))
+    factory = model_factory or (lambda fm: build_ctr_model(cfg.model, fm, sides=sides, scales=lr_scales(cfg)))
 
     def new_model(fm: FeatureMap, refit: bool = False) -> torch.nn.Module:
         seed_everything(cfg.train.seed)
@@ -255,7 +256,7 @@ def train_run(cfg: Config, run_dir: str | Path, data_root: Path | None = None,
             metrics["test"] = trainer.evaluate(model, rd.split("test", refit_fit))
         else:
             metrics["test"] = test_select
-    metrics.update(getattr(model, "summary", dict)())
+    metrics.update(model.summary())
     metrics.update(
         encoding=refit_fit if (cfg.train.protocol == "paper" or (cfg.train.refit and not select_only)) else select_fit,
         train_samples_per_second=round(fit.samples_per_second, 1),

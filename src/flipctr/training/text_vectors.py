@@ -72,13 +72,12 @@ def frozen_encoder(model: ModelConfig, runtime: Runtime) -> LanguageModel:
 class TextVectors:
     """``vectors(start, stop) -> (stop - start, H) float32``: ``[CLS]`` of rows [start, stop)."""
 
-    def __init__(self, language_model: LanguageModel, text: TokenizedPrompts, runtime: Runtime | torch.device,
+    def __init__(self, language_model: LanguageModel, text: TokenizedPrompts, runtime: Runtime,
                  batch_size: int = 256, folder: Path | None = None):
         """``runtime``: the device and precision of the run (the encoder's weights in its autocast
-        dtype); a bare device computes in fp32."""
+        dtype)."""
         if language_model.trainable:
             raise ValueError("cached text vectors need a frozen language model (model.plm_trainable_layers=0)")
-        runtime = runtime if isinstance(runtime, Runtime) else Runtime(runtime)
         self.text, self.device, self.batch_size = text, runtime.device, batch_size
         self.hidden_size = language_model.hidden_size
         key = f"{weights_fingerprint(language_model)}-{str(runtime.amp_dtype or torch.float32).split('.')[-1]}"

@@ -20,12 +20,12 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data.batching import DeviceRows
-from ..models.language import LanguageModel
 from ..runtime.device import Runtime
 from ..runtime.distributed import gather_rows, rank_rows, rank_world
 from .budget import Budget, agree_any
 from .engine import Engine, Stage, shard_size
 from .metrics import ctr_metrics
+from .optim import make_optimizer, resolve_train_config
 from .tracking import Tracker
 
 log = logging.getLogger("flipctr")
@@ -60,157 +60,6 @@ class FitResult:
         return [r.lr for r in self.history]
 
 
-def resolve_train_config(cfg: TrainConfig, model: nn.Module) -> TrainConfig:
-    """Fill settings left to the model (``lr``, ``eval_batch_size``) from its class defaults."""
-    return dataclasses.replace(
-        cfg,
-        lr=cfg.lr if cfg.lr is not None else getattr(model, "default_lr", 1e-3),
-        eval_batch_size=cfg.eval_batch_size or getattr(model, "default_eval_batch_size", 8192))
-
-
-class Optimizers:
-    """Several optimizers stepped as one: lazy (sparse) Adam for embedding tables whose
-    gradients are sparse, and Adam/AdamW for everything else."""
-
-    def __init__(self, optimizers: list[torch.optim.Optimizer]):
-        self.optimizers = optimizers
-
-    @property
-    def param_groups(self) -> list[dict]:
-        return [g for opt in self.optimizers for g in opt.param_groups]
-
-    @property
-    def lr(self) -> float:
-        """The base lr: a group with its own ``lr_scale`` runs at that multiple of it."""
-        group = self.param_groups[0]
-        return group["lr"] / group.get("lr_scale", 1.0)
-
-    def set_lr(self, lr: float) -> None:
-        """Set the base lr; groups with their own ``lr_scale`` keep their ratio to it."""
-        for group in self.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        for opt in self.optimizers:
-            opt.zero_grad(set_to_none=set_to_none)
-
-    def step(self) -> None:
-        for opt in self.optimizers:
-            opt.step()
-
-    def state_dict(self) -> list[dict]:
-        return [opt.state_dict() for opt in self.optimizers]
-
-    def load_state_dict(self, states: list[dict]) -> None:
-        for opt, state in zip(self.optimizers, states):
-            opt.load_state_dict(state)
-
-
-class RowSparseAdamW(torch.optim.AdamW):
-    """AdamW (fused) that also takes row-sparse gradients (``nn.Embedding(sparse=True)``) and
-    updates those tables exactly as it updates a dense gradient: every row's moments and weight
-    decay, the rows outside the batch with a zero gradient. The dense gradient exists one chunk
-    of ``chunk_rows`` rows at a time, not as a second copy of the table: at millions of features
-    (GoodReads) the gradients of the ID embedding and the MTM output table are GBs. The update
-    runs the same elementwise kernel on row ranges: given the same gradient the weights equal
-    plain AdamW's bit for bit (a sparse backward sums a row's repeated gradients in another
-    order: the last bits may differ). The state is AdamW's (``step``, ``exp_avg``,
-    ``exp_avg_sq``): checkpoints are alike."""
-
-    def __init__(self, params, chunk_rows: int = 1 << 16, **kwargs):
-        super().__init__(params, fused=True, **kwargs)
-        self.chunk_rows = chunk_rows
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        sparse = [p for group in self.param_groups for p in group["params"] if p.grad is not None and p.grad.is_sparse]
-        held = {p: p.grad for p in sparse}
-        for p in sparse:  # the parent steps the dense ones
-            p.grad = None
-        try:
-            loss = super().step(closure)
-        finally:
-            for p, grad in held.items():
-                p.grad = grad
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p in held:
-                    self._sparse_step(p, held[p], group)
-        return loss
-
-    def _sparse_step(self, p: torch.Tensor, grad: torch.Tensor, group: dict) -> None:
-        from torch.optim.adam import adam
-
-        state = self.state[p]
-        if not state:
-            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        grad = grad.coalesce()  # rows sorted, each once
-        rows, values = grad.indices()[0], grad.values()
-        starts = list(range(0, len(p), self.chunk_rows))
-        cuts = torch.searchsorted(rows, torch.tensor([*starts, len(p)], device=rows.device)).tolist()
-        beta1, beta2 = group["betas"]
-        for i, start in enumerate(starts):
-            stop = min(start + self.chunk_rows, len(p))
-            dense = torch.zeros((stop - start, *p.shape[1:]), dtype=p.dtype, device=p.device)
-            dense.index_copy_(0, rows[cuts[i]:cuts[i + 1]] - start, values[cuts[i]:cuts[i + 1]])
-            # a copy of the step per call: the kernel counts it up before it uses it
-            adam([p[start:stop]], [dense], [state["exp_avg"][start:stop]], [state["exp_avg_sq"][start:stop]], [],
-                 [state["step"].clone()], fused=True, decoupled_weight_decay=True, amsgrad=False, beta1=beta1,
-                 beta2=beta2, lr=group["lr"], weight_decay=group["weight_decay"], eps=group["eps"], maximize=False)
-        state["step"] += 1
-
-
-def use_sparse_embeddings(model: nn.Module, mode: str, setting: str = "train.sparse_embeddings") -> list[nn.Parameter]:
-    """Switch large ID embedding tables to sparse gradients; returns their weights.
-
-    ``mode``: "on", "off", or "auto" (tables of at least 100,000 rows: a dense gradient and
-    Adam update of every row each step would dominate the step time). A language model's own
-    embeddings (word, position, type) stay dense: they are finetuned with AdamW like the rest
-    of the encoder."""
-    if mode not in ("auto", "on", "off"):
-        raise ValueError(f"{setting} must be 'auto', 'on' or 'off', not {mode!r}")
-    in_text = {id(m) for lm in model.modules() if isinstance(lm, LanguageModel) for m in lm.modules()}
-    tables = []
-    for module in model.modules():
-        if isinstance(module, nn.Embedding) and module.weight.requires_grad and id(module) not in in_text:
-            module.sparse = mode == "on" or (mode == "auto" and module.num_embeddings >= 100_000)
-            if module.sparse:
-                tables.append(module.weight)
-    return tables
-
-
-def make_optimizer(model: nn.Module, cfg: TrainConfig) -> Optimizers:
-    if cfg.optimizer not in ("adam", "adamw"):
-        raise ValueError(f"train.optimizer must be 'adam' or 'adamw', not {cfg.optimizer!r}")
-    sparse = {id(p) for p in use_sparse_embeddings(model, cfg.sparse_embeddings)}
-    dense = [p for p in model.parameters() if p.requires_grad and id(p) not in sparse]
-    cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
-    # models may ask for their own lr ratio on some parameters (the joint FLIP model's ID side)
-    scale = {id(p): g["lr_scale"] for g in getattr(model, "lr_groups", list)() for p in g["params"]}
-    tables = [p for p in model.parameters() if id(p) in sparse]
-
-    def grouped(params: list[nn.Parameter]) -> list[dict]:
-        by_scale: dict[float, list] = {}
-        for p in params:
-            by_scale.setdefault(scale.get(id(p), 1.0), []).append(p)
-        return [{"params": ps, "lr_scale": s} for s, ps in by_scale.items()]
-
-    # the fused kernel updates every tensor in one pass: ~25 % more rows/s on CPU
-    optimizers = [cls(grouped(dense), lr=cfg.lr, weight_decay=cfg.weight_decay, fused=True)] if dense else []
-    if tables:
-        optimizers.append(torch.optim.SparseAdam(grouped(tables), lr=cfg.lr))
-    result = Optimizers(optimizers)
-    result.set_lr(cfg.lr)
-    return result
-
-
-def input_names(model: nn.Module) -> tuple[str, ...]:
-    """The inputs a model's forward takes (``model.input_names``; ID models take ``ids``)."""
-    return tuple(getattr(model, "input_names", ("ids",)))
-
-
 @torch.no_grad()
 def predict(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtime: Runtime | None = None) -> np.ndarray:
     """Probabilities for every row of ``split``, in ``runtime``'s precision (default fp32 on the
@@ -221,7 +70,7 @@ def predict(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtime
     row to the longest prompt), and put back in order."""
     model.eval()
     runtime = runtime or Runtime(split.labels.device)
-    names, device, out = input_names(model), split.labels.device, []
+    names, device, out = model.input_names, split.labels.device, []
     share = rank_rows(len(split))
     lengths = split.host("lengths")
     by_length = None if lengths is None else torch.argsort(lengths[share], stable=True)
@@ -245,10 +94,9 @@ def evaluate(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtim
 class Trainer:
     """Mini-batch BCE training of a CTR model with optional early stopping on an eval split."""
 
-    def __init__(self, cfg: TrainConfig, runtime: Runtime | torch.device):
-        """``runtime``: where and in which precision to compute (a bare device: in ``cfg.amp``'s)."""
-        self.cfg = cfg
-        self.runtime = runtime if isinstance(runtime, Runtime) else Runtime.create(runtime, cfg.amp)
+    def __init__(self, cfg: TrainConfig, runtime: Runtime):
+        """``runtime``: where and in which precision to compute (:meth:`Runtime.of` ``cfg``)."""
+        self.cfg, self.runtime = cfg, runtime
         self.device = self.runtime.device
 
     def evaluate(self, model: nn.Module, split: DeviceRows) -> dict[str, float]:
@@ -304,7 +152,7 @@ class Finetuning(Stage):
         self.optimizer = make_optimizer(model, cfg)
         self.wrapped = self.runtime.wrap(model)
         self.generators = {"shuffle": torch.Generator(device="cpu").manual_seed(cfg.seed)}
-        self.names, self.batch_size, self.length_buckets = input_names(model), cfg.batch_size, cfg.length_buckets
+        self.names, self.batch_size, self.length_buckets = model.input_names, cfg.batch_size, cfg.length_buckets
         self.max_seconds, self.desc, self.progress = cfg.max_seconds, "epoch", cfg.progress
         self.reduce_lr = cfg.reduce_lr_on_plateau and eval_split is not None and lr_schedule is None
         self.last_epoch_auc = -math.inf
@@ -384,7 +232,7 @@ class Finetuning(Stage):
         if self.tracker is not None:
             self.tracker.scalars((epoch - 1) * self.steps_per_epoch + step + 1,
                                  {"valid/auc": metrics["auc"], "valid/logloss": metrics["logloss"],
-                                  **{f"model/{k}": v for k, v in getattr(self.model, "summary", dict)().items()}})
+                                  **{f"model/{k}": v for k, v in self.model.summary().items()}})
         if result.best_eval is None or metrics["auc"] > result.best_eval["auc"]:
             result.best_epoch, result.best_eval, self.bad_evals = at, metrics, 0
             self.best_state = copy.deepcopy(self.model.state_dict())
