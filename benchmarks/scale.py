@@ -267,7 +267,8 @@ def compare_stage(dataset: str, plm: str, method: str) -> None:
     from flipctr.config import DataConfig
     from flipctr.data.cache import prepare
     from flipctr.data.lm_files import load_tokenizer
-    from flipctr.data.prompts import PromptBuilder, prompt_length
+    from flipctr.data.prompts import PromptBuilder
+    from flipctr.data.datasets import prompt_length
     from flipctr.data.text import build_text_cache, tokenize_prompts
 
     data = prepare(DataConfig(dataset))

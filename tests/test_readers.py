@@ -137,10 +137,10 @@ def test_bookcrossing_wrong_delimiter_names_file(tmp_path):
 def test_custom_csv_is_read_in_blocks_as_pandas_reads_it(tmp_path, monkeypatch, high_cardinality):
     """A CSV log parsed a block at a time, its fields encoded per block or in partitions: the same
     text as pandas gives (quoted separators and line breaks, empty -> "unknown"), in file order."""
-    from flipctr.data import readers
+    from flipctr.data import formats
 
-    monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 512)  # ~40 blocks, values first seen in later ones
-    monkeypatch.setattr(readers, "HIGH_CARDINALITY", high_cardinality)
+    monkeypatch.setattr(formats, "CSV_BLOCK_BYTES", 512)  # ~40 blocks, values first seen in later ones
+    monkeypatch.setattr(formats, "HIGH_CARDINALITY", high_cardinality)
     rng = np.random.default_rng(0)
     n = 800
     frame = pd.DataFrame({"uid": rng.integers(0, 300, n).astype(str), "click": rng.integers(0, 2, n),
@@ -264,10 +264,10 @@ def test_custom_parquet_values_are_categorical_text_as_str_would_give(tmp_path, 
     (missing -> "unknown"), and the same ids as encoding the plain text."""
     import pyarrow.parquet as pq
 
-    from flipctr.data import readers
+    from flipctr.data import formats
     from flipctr.data.encoder import FeatureEncoder
 
-    monkeypatch.setattr(readers, "LARGE_DICTIONARY_BYTES", large_dictionary)
+    monkeypatch.setattr(formats, "LARGE_DICTIONARY_BYTES", large_dictionary)
 
     frame = pd.DataFrame({"uid": ["a", "b", None, "a", "c", "b"], "n": [1, 2, 2, 3, 1, 1],
                           "x": [0.5, None, 2.0, 0.5, 1.0, 2.0], "click": [1, 0, 1, 1, 0, 0]})
@@ -304,9 +304,9 @@ def test_custom_integer_order_column_keeps_every_digit(tmp_path):
 def test_custom_csv_with_a_bad_row_in_a_later_block_is_one_clear_error(tmp_path, monkeypatch):
     """A row with an extra column, parsed in the reading thread many blocks in: one DataError
     naming the file (not a hang, not an arrow error)."""
-    from flipctr.data import readers
+    from flipctr.data import formats
 
-    monkeypatch.setattr(readers, "CSV_BLOCK_BYTES", 512)
+    monkeypatch.setattr(formats, "CSV_BLOCK_BYTES", 512)
     lines = ["uid,click", *(f"u{i},{i % 2}" for i in range(600)), "u600,1,surplus", *(f"u{i},1" for i in range(601, 700))]
     (tmp_path / "log.csv").write_text("\n".join(lines) + "\n")
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({"file": "log.csv", "fields": {"user ID": "uid"}, "label": "click"}))

@@ -8,7 +8,7 @@ import pytest
 from flipctr.config import DataConfig
 from flipctr.data.cache import prepare
 from flipctr.data.sources import is_present
-from flipctr.paper import BX_FIELD_FEATURES, TABLE1
+from flipctr.data.datasets import DATASETS
 
 
 def _need(name):
@@ -29,11 +29,11 @@ def test_bookcrossing_counts():
     _need("bookcrossing")
     data = prepare(DataConfig("bookcrossing"))
     stats = data.stats()
-    assert stats["samples"] == TABLE1["bookcrossing"]["samples"]  # 1,031,171
+    assert stats["samples"] == DATASETS["bookcrossing"].paper_samples  # 1,031,171
     assert stats["fields"] == 8 and stats["order"] == "shuffle (seed 42)"
     assert 0.30 < stats["positive_rate"] < 0.33
     ours = stats["features_per_field_all_samples"]
-    for field, paper in BX_FIELD_FEATURES.items():  # location: 405 after clean-ups (README)
+    for field, paper in DATASETS["bookcrossing"].paper_field_features.items():  # location: 405 after clean-ups (README)
         assert ours[field] == paper or (field == "location" and 400 <= ours[field] <= paper), field
 
 

@@ -32,11 +32,11 @@ def test_both_layouts_hold_the_same_seeded_log(tmp_path):
 def test_ucsd_interactions_read_in_many_blocks_as_in_one(tmp_path, monkeypatch):
     """The interactions file parsed ~100 blocks at a time (the next in a thread): the same table
     as in one block, times included."""
-    from flipctr.data import readers
+    from flipctr.data import formats
 
     folder = scale.generate_ucsd(3000, tmp_path, seed=5)
     whole = read_goodreads(folder)
-    monkeypatch.setattr(readers, "JSON_BLOCK_BYTES", 4096)
+    monkeypatch.setattr(formats, "JSON_BLOCK_BYTES", 4096)
     blocks = read_goodreads(folder)
     pd.testing.assert_frame_equal(whole.values.astype(object), blocks.values.astype(object))
     pd.testing.assert_frame_equal(whole.time, blocks.time)

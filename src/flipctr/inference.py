@@ -31,9 +31,10 @@ from .data.batching import DeviceRows
 from .data.cache import PreparedData
 from .data.encoder import FeatureEncoder
 from .data.errors import DataError
+from .data.formats import field_values
 from .data.lm_files import hidden_size, load_tokenizer
 from .data.prompts import PromptBuilder
-from .data.readers import LabelRule, field_values
+from .data.schema import LabelRule
 from .data.text import tokenize_prompts
 from .models import TEXT_SIDES, build_ctr_model
 from .models.text_sides import SideText

