@@ -28,8 +28,8 @@ from pathlib import Path
 
 from flipctr.paper import table2
 from flipctr.profiles import profile_config
-from flipctr.training.flip_run import METHODS, run_flip
-from flipctr.training.runner import train_run
+from flipctr.runs.flip import METHODS, run_flip
+from flipctr.runs.protocol import train_run
 from flipctr.runtime.environment import environment_info
 from flipctr.utils import write_json, write_text
 from id_models import _mean_std, metric_cells  # benchmarks/ is the script's folder

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from flipctr.paper import table2
 from flipctr.profiles import profile_config
-from flipctr.training.flip_run import VARIANTS, run_flip
+from flipctr.runs.flip import VARIANTS, run_flip
 from flipctr.runtime.environment import environment_info
 from flipctr.utils import write_json, write_text
 

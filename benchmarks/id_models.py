@@ -24,7 +24,7 @@ import yaml
 from flipctr.config import load_config
 from flipctr.models.backbones import MODELS
 from flipctr.paper import table2
-from flipctr.training.runner import train_run
+from flipctr.runs.protocol import train_run
 from flipctr.runtime.environment import environment_info
 from flipctr.utils import write_json, write_text
 

@@ -28,8 +28,8 @@ from flipctr.data.batching import padding_fraction
 from flipctr.data.cache import prepare, resolve_data_config
 from flipctr.runtime.device import resolve_device
 from flipctr.profiles import profile_config
-from flipctr.training.flip_run import ENCODING, pretraining_setup
-from flipctr.training.runner import RunData
+from flipctr.runs.flip import ENCODING, pretraining_setup
+from flipctr.runs.protocol import RunData
 from flipctr.runtime.device import Runtime, bf16_supported
 from flipctr.runtime.environment import environment_info
 from flipctr.utils import write_json, write_text

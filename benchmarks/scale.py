@@ -243,8 +243,8 @@ def pretrain_stage(schema: str, plm: str) -> None:
     from flipctr.data.cache import prepare, resolve_data_config
     from flipctr.profiles import profile_config
     from flipctr.runtime.device import Runtime
-    from flipctr.training.flip_run import ENCODING, pretraining_setup
-    from flipctr.training.runner import RunData
+    from flipctr.runs.flip import ENCODING, pretraining_setup
+    from flipctr.runs.protocol import RunData
 
     cfg = profile_config("cpu", [f"data.dataset={schema}", f"model.plm={plm}", "pretrain.epochs=1",
                                  f"pretrain.batch_size={PRETRAIN_BATCH}", f"pretrain.rows={PRETRAIN_STEPS * PRETRAIN_BATCH}",

@@ -24,7 +24,7 @@ from pathlib import Path
 import yaml
 
 from flipctr.paper import table2
-from flipctr.tune import Search, run_search
+from flipctr.runs.tune import Search, run_search
 from flipctr.runtime.environment import environment_info
 from flipctr.utils import write_json, write_text
 

@@ -19,7 +19,7 @@ def _sets(settings):
 
 
 def test_alignment_and_embedding_figures_of_a_run(ml1m_root, tiny_plm, tmp_path, monkeypatch):
-    from flipctr.analysis import field_alignment
+    from flipctr.runs.analysis import field_alignment
     from flipctr.cli import main
 
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
@@ -48,7 +48,7 @@ def test_alignment_and_embedding_figures_of_a_run(ml1m_root, tiny_plm, tmp_path,
 
 
 def test_embedding_projection_of_a_rank_one_table(tmp_path):
-    from flipctr.analysis import embedding_projection
+    from flipctr.runs.analysis import embedding_projection
 
     fmap = FeatureMap([FieldInfo("a", 1, 3), FieldInfo("b", 4, 2)], 6, 1, 10)
     (tmp_path / "run" / "scratch").mkdir(parents=True)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from flipctr.data.cache import PreparedData
-from flipctr.training.runner import evaluate_run, train_run
+from flipctr.runs.protocol import evaluate_run, train_run
 
 from conftest import assert_predicts_as_evaluated, tiny_config
 

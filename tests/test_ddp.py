@@ -137,7 +137,7 @@ def test_flipctr_train_under_torchrun_writes_one_run_folder(ml1m_root, tmp_path,
     assert json.loads((folder / "environment.json").read_text())["world_size"] == 2
     metrics = json.loads((folder / "metrics.json").read_text())
     # the saved model, re-evaluated by one process, gives the test AUC the two ranks gathered
-    from flipctr.training.runner import evaluate_run
+    from flipctr.runs.protocol import evaluate_run
 
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
     assert evaluate_run(folder)["test"]["auc"] == pytest.approx(metrics["test"]["auc"], abs=1e-6)

@@ -10,7 +10,7 @@ from flipctr.runtime.device import Runtime
 from flipctr.config import FlipSettings
 from flipctr.data.encoder import MASK_ID, FeatureMap, FieldInfo
 from flipctr.data.masking import FieldMasker, choose_fields, field_mask, span_token_mask
-from flipctr.inference import Scorer
+from flipctr.runs.inference import Scorer
 from flipctr.models.backbones import build_model
 from flipctr.models.flip import (FlipCTRModel, FlipPretrainModel, MTMHead, info_nce,
                                  nce_loss)
@@ -421,7 +421,7 @@ def test_flip_run_end_to_end_on_tiny_data(ml1m_root, tiny_plm, tmp_path, monkeyp
     import json
 
     from flipctr.cli import main
-    from flipctr.training.runner import evaluate_run
+    from flipctr.runs.protocol import evaluate_run
 
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
     tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.epochs=2",
@@ -456,7 +456,7 @@ def test_flip_run_end_to_end_on_tiny_data(ml1m_root, tiny_plm, tmp_path, monkeyp
     for variant in ("flip_plm", "flip", "flip_id"):  # text models build the prompts as in training
         assert_predicts_as_evaluated(tmp_path / "run" / variant, ml1m_root, report["results"][variant])
     # a FLIP run folder reports as its four finetuned models
-    from flipctr.report import find_runs, group_runs
+    from flipctr.runs.report import find_runs, group_runs
 
     rows = group_runs(find_runs([tmp_path / "run"]))
     assert [r["model"] for r in rows] == ["dcnv2", "FLIP_ID", "FLIP_PLM", "FLIP"]
@@ -479,7 +479,7 @@ def test_flip_run_ablation_without_pretraining(ml1m_root, tiny_plm, tmp_path, mo
     import json
 
     from flipctr.cli import main
-    from flipctr.training import flip_run
+    from flipctr.runs import flip as flip_run
 
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
     trained = []
@@ -549,7 +549,7 @@ def test_flip_run_cpu_profile_with_frozen_encoder(ml1m_root, tiny_plm, tmp_path,
     from safetensors.torch import load_file
 
     from flipctr.cli import main
-    from flipctr.training import flip_run
+    from flipctr.runs import flip as flip_run
 
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
     starts = []
@@ -581,7 +581,7 @@ def test_flip_run_cpu_profile_with_frozen_encoder(ml1m_root, tiny_plm, tmp_path,
     assert main([*args, "--resume"]) == 0
     resumed = json.loads((tmp_path / "run" / "results.json").read_text())
     assert resumed["results"] == report["results"] and resumed["wall_seconds"] == report["wall_seconds"] > 0
-    from flipctr.training.runner import evaluate_run
+    from flipctr.runs.protocol import evaluate_run
 
     again = evaluate_run(tmp_path / "run" / "flip", data_root=ml1m_root)
     assert again["test"] == pytest.approx(report["results"]["flip"]["test"])
@@ -649,7 +649,7 @@ def test_ctrl_is_the_shared_pretraining_with_icl_alone(ml1m_root, tiny_plm, tmp_
     import json
 
     from flipctr.cli import main
-    from flipctr.report import find_runs
+    from flipctr.runs.report import find_runs
     from flipctr.training import pretrain
 
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
@@ -761,7 +761,7 @@ def test_a_pretraining_carried_as_shards_finetunes_as_one_run(ml1m_root, tiny_pl
     from safetensors.torch import load_file
 
     from flipctr.cli import main
-    from flipctr.training.flip_run import export_pretraining
+    from flipctr.runs.flip import export_pretraining
 
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
     tiny = ["model.embedding_dim=4", "model.dnn_hidden=[8]", "model.cross_layers=1", "train.epochs=1",

@@ -10,7 +10,7 @@ import yaml
 import flipctr
 from flipctr.cli import main
 from flipctr.data.errors import DataError
-from flipctr.training.runner import evaluate_run, train_run
+from flipctr.runs.protocol import evaluate_run, train_run
 
 from conftest import tiny_config
 

@@ -112,7 +112,7 @@ def test_language_model_cls_and_freezing(tiny_plm):
 
 def test_plm_ctr_model_trains_through_the_same_runner(ml1m_root, tiny_plm, tmp_path):
     from conftest import tiny_config
-    from flipctr.training.runner import evaluate_run, train_run
+    from flipctr.runs.protocol import evaluate_run, train_run
 
     cfg = tiny_config(epochs=1, batch_size=16)
     cfg.model.name, cfg.model.plm = "plm", str(tiny_plm)

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from flipctr.cli import main
 from flipctr.data.batching import DeviceRows
 from flipctr.models.backbones import build_model
-from flipctr.training.runner import evaluate_run, train_run
+from flipctr.runs.protocol import evaluate_run, train_run
 from flipctr.training.trainer import Trainer
 
 from conftest import tiny_config
@@ -209,7 +209,7 @@ def test_run_data_splits_last_rows_and_seeded_samples(ml1m_root):
 
     from flipctr.config import DataConfig
     from flipctr.data.cache import prepare
-    from flipctr.training.runner import RunData
+    from flipctr.runs.protocol import RunData
 
     data = prepare(DataConfig("ml-1m"), ml1m_root)
     rd = RunData(data, tiny_config(), torch.device("cpu"), text=False)
@@ -232,7 +232,8 @@ class _SplitSpy:
     """Records which splits a run asks for and what the trainer does with them, in order."""
 
     def __init__(self, monkeypatch):
-        from flipctr.training import runner, trainer
+        from flipctr.runs import protocol as runner
+        from flipctr.training import trainer
 
         self.events, self.fits = [], []
         original_split, original_fit = runner.RunData.split, trainer.Trainer.fit

@@ -70,7 +70,7 @@ def test_resume_without_a_study_is_an_error(ml1m_root, tmp_path, monkeypatch, ca
 
 KILLER = """
 import os, signal, sys
-import flipctr.tune as tune
+import flipctr.runs.tune as tune
 real = tune.train_run
 calls = []
 
@@ -176,7 +176,7 @@ def test_workers_share_one_study(ml1m_root, tmp_path, monkeypatch):
 
 def test_a_flip_search_pretrains_once_and_tunes_the_joint_models_finetuning(ml1m_root, tiny_plm, tmp_path,
                                                                              monkeypatch, capsys):
-    import flipctr.training.flip_run as flip_run
+    import flipctr.runs.flip as flip_run
 
     monkeypatch.setenv("FLIPCTR_DATA", str(ml1m_root))
     pretrainings = []

@@ -330,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     results = json.loads((run_dir / "results.json").read_text()) if (run_dir / "results.json").exists() else {}
     if args.stage == "pretrain" and (run_dir / "pretrain" / "pretrained.safetensors").exists():
         sys.path.insert(0, str(ROOT / "src"))  # flipctr runs from src there, not installed
-        from flipctr.training.flip_run import export_pretraining
+        from flipctr.runs.flip import export_pretraining
 
         shards = export_pretraining(run_dir / "pretrain", out, int(args.shard_mib * 2**20))
         log("oneshot", f"pretrained weights into OUT: {', '.join(p.name for p in shards)} and pretrain_history.json")

@@ -31,8 +31,8 @@ import torch
 from flipctr.data.cache import prepare, resolve_data_config
 from flipctr.profiles import profile_config
 from flipctr.runtime.device import resolve_device
-from flipctr.training.flip_run import ENCODING, pretraining_setup
-from flipctr.training.runner import RunData, train_run
+from flipctr.runs.flip import ENCODING, pretraining_setup
+from flipctr.runs.protocol import RunData, train_run
 from flipctr.runtime.environment import environment_info
 from flipctr.utils import write_json, write_text
 

@@ -4,7 +4,7 @@ from ._version import __version__ as __version__
 
 
 def load(run_dir):
-    """The trained model of a run folder, ready for ``.predict(frame)`` (see ``flipctr.inference``)."""
-    from .inference import load as _load
+    """The trained model of a run folder, ready for ``.predict(frame)`` (see ``flipctr.runs.inference``)."""
+    from .runs.inference import load as _load
 
     return _load(run_dir)

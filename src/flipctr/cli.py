@@ -110,7 +110,7 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 def cmd_train(args: argparse.Namespace) -> None:
     from .runtime.distributed import joined
-    from .training.runner import train_run
+    from .runs.protocol import train_run
 
     with joined() as (rank, _):
         cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model, "model.plm": args.plm})
@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 
 def cmd_tune(args: argparse.Namespace) -> None:
-    from .tune import Search, run_search
+    from .runs.tune import Search, run_search
 
     if args.method == "flip" and args.model:
         raise ValueError("--method flip tunes the joint FLIP model (its backbone: --set model.backbone=NAME), "
@@ -157,9 +157,9 @@ ABLATIONS = {  # paper Table 5, as switches of the same run
 
 def cmd_run(args: argparse.Namespace) -> None:
     from .profiles import profile_config
-    from .report import render_results
+    from .runs.report import render_results
     from .runtime.distributed import joined
-    from .training.flip_run import METHODS, run_flip
+    from .runs.flip import METHODS, run_flip
 
     base = load_config(args.config) if args.config else None
     overrides = [*METHODS[args.method].overrides(), *ABLATIONS[args.ablation], *args.overrides]
@@ -181,7 +181,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> None:
-    from .training.runner import evaluate_run
+    from .runs.protocol import evaluate_run
 
     print(json.dumps(evaluate_run(args.run_dir), indent=2))
 
@@ -190,7 +190,7 @@ def cmd_predict(args: argparse.Namespace) -> None:
     import numpy as np
     import pandas as pd
 
-    from .inference import Predictor, read_frame
+    from .runs.inference import Predictor, read_frame
     from .training.metrics import ctr_metrics
     from .utils import atomic_path
 
@@ -217,14 +217,14 @@ def cmd_predict(args: argparse.Namespace) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> None:
-    from .inference import Predictor
+    from .runs.inference import Predictor
 
     path = Predictor.load(args.run_dir).export_onnx(args.out)
     print(f"ONNX model written to {path}")
 
 
 def cmd_report(args: argparse.Namespace) -> None:
-    from .report import render_table, write_report
+    from .runs.report import render_table, write_report
 
     rows = write_report(args.run_dirs, args.out)
     print(render_table(rows))
@@ -232,7 +232,7 @@ def cmd_report(args: argparse.Namespace) -> None:
 
 
 def cmd_figure(args: argparse.Namespace) -> None:
-    from . import analysis
+    from .runs import analysis
 
     if args.figure == "alignment":
         result, plot = analysis.field_alignment(args.run_dir, rows=args.rows), analysis.plot_alignment

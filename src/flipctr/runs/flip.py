@@ -30,21 +30,16 @@ from ..models.flip import FlipCTRModel, FlipPretrainModel
 from ..models.language import LanguageModel
 from ..models.plm import PLMCTRModel
 from ..paper import table2
-from ..report import render_results
-from ..runtime.checkpoints import (
-    load_shards,
-    load_weights,
-    save_shards,
-    seed_everything,
-)
+from .report import render_results
+from ..runtime.checkpoints import load_shards, load_weights, save_shards, seed_everything
 from ..runtime.device import Runtime, autocast_dtype, resolve_device
 from ..runtime.distributed import barrier, is_main, rank_world
 from ..runtime.environment import environment_info
 from ..utils import atomic_path, write_json, write_text
-from .optim import lr_scales, text_finetune_settings
-from .pretrain import Pretrainer
-from .runner import RunData, fast_paths, pinned, train_run
-from .tracking import setup_logging
+from ..training.optim import lr_scales, text_finetune_settings
+from ..training.pretrain import Pretrainer
+from .protocol import RunData, fast_paths, pinned, train_run
+from ..training.tracking import setup_logging
 
 log = logging.getLogger("flipctr")
 VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
@@ -156,7 +151,7 @@ def finetune_flip(cfg: Config, pretrain_dir: Path, run_dir: Path, data_root: Pat
                   resume: bool = False, **options) -> dict:
     """The joint FLIP model finetuned from the pretraining in ``pretrain_dir`` into ``run_dir``, as
     ``flipctr run`` finetunes its ``flip`` variant (``text_finetune`` settings, the pretraining's
-    encoding); ``options`` go to :func:`~.runner.train_run` (e.g. a search's ``select_only``)."""
+    encoding); ``options`` go to :func:`~.protocol.train_run` (e.g. a search's ``select_only``)."""
     if cfg.text_finetune.joint_init != "pretrained":
         raise ValueError("finetuning FLIP alone starts from the pretraining: text_finetune.joint_init=pretrained")
     pretrained = load_weights(Path(pretrain_dir) / "pretrained.safetensors")

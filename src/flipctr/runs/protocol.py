@@ -29,7 +29,7 @@ from ..data.batching import DeviceRows
 from ..data.cache import PreparedData, prepare, resolve_data_config
 from ..data.datasets import prompt_length, side_fields
 from ..data.encoder import FeatureMap
-from ..inference import write_inference_files
+from .inference import write_inference_files
 from ..models import TEXT_SIDES, build_ctr_model
 from ..models.language import LanguageModel
 from ..runtime.checkpoints import load_weights, save_weights, seed_everything
@@ -37,9 +37,9 @@ from ..runtime.device import Runtime
 from ..runtime.distributed import barrier, is_main, rank_world
 from ..runtime.environment import environment_info, pin_deterministic
 from ..utils import write_json, write_text
-from .optim import lr_scales, resolve_train_config
-from .tracking import Tracker, setup_logging
-from .trainer import EpochRecord, Trainer
+from ..training.optim import lr_scales, resolve_train_config
+from ..training.tracking import Tracker, setup_logging
+from ..training.trainer import EpochRecord, Trainer
 
 log = logging.getLogger("flipctr")
 PROTOCOLS = ("clean", "paper")
@@ -50,7 +50,7 @@ def side_texts(data: PreparedData, cfg: Config, runtime: Runtime
     """:func:`~.text_vectors.side_tables` of ``cfg.model`` on the prepared data (a frozen
     ``cfg.model.plm``'s vectors cached beside it); both empty for models without text sides."""
     from ..data.lm_files import load_tokenizer
-    from .text_vectors import frozen_encoder, side_tables
+    from ..training.text_vectors import frozen_encoder, side_tables
 
     wanted = model_sides(cfg.model.name, data.name)
     if not wanted:
@@ -88,7 +88,7 @@ class RunData:
         names = model.input_names
         rd = cls(data, cfg, runtime.device, text="input_ids" in names or "text_cls" in names)
         if "text_cls" in names:
-            from .text_vectors import TextVectors, frozen_encoder
+            from ..training.text_vectors import TextVectors, frozen_encoder
 
             rd.text_vectors = TextVectors(frozen_encoder(cfg.model, runtime), rd.text, runtime,
                                           cfg.train.eval_batch_size or 256)

@@ -24,11 +24,11 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from .config import Config
-from .data.encoder import MASK_ID, FeatureMap
-from .data.masking import field_mask, mask_tabular, span_token_mask
-from .runtime.checkpoints import load_weights
-from .utils import atomic_path, write_json
+from ..config import Config
+from ..data.encoder import MASK_ID, FeatureMap
+from ..data.masking import field_mask, mask_tabular, span_token_mask
+from ..runtime.checkpoints import load_weights
+from ..utils import atomic_path, write_json
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -61,11 +61,11 @@ def field_alignment(run_dir: str | Path, rows: int = 1000, batch_size: int = 128
     """Fig. 5 on ``rows`` seeded validation rows: ``{"fields", "similarity" (F x F), "rows"}``,
     similarity[f][g] = mean_i <z_text(x_i with field f masked), z_tab(x_i with field g masked)>,
     both ICL projections normalised. Needs the run's pretraining with ICL on."""
-    from .data.cache import prepare
-    from .data.lm_files import load_tokenizer
-    from .runtime.device import resolve_device
-    from .training.flip_run import ENCODING, pretraining_model
-    from .training.runner import RunData
+    from ..data.cache import prepare
+    from ..data.lm_files import load_tokenizer
+    from ..runtime.device import resolve_device
+    from .flip import ENCODING, pretraining_model
+    from .protocol import RunData
 
     run_dir = Path(run_dir)
     cfg = _run_config(run_dir)
@@ -194,7 +194,7 @@ def sweep(cfg: Config, runs: Path, grid: dict[str, list[float]], variants: tuple
     :data:`SWEEP_SETTINGS`), the others at ``cfg``'s values. Points are folders of ``runs`` named
     by all three settings, so a point shared by two curves runs once, and a finished one is read
     back (``--resume``). The reported model is the last of ``variants``."""
-    from .training.flip_run import run_flip
+    from .flip import run_flip
 
     unknown = set(grid) - set(SWEEP_SETTINGS)
     if unknown:

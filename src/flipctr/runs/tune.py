@@ -40,9 +40,9 @@ from typing import Any
 
 import yaml
 
-from .config import Config, apply_dict, load_config
-from .training.runner import train_run
-from .utils import atomic_path, write_json, write_text
+from ..config import Config, apply_dict, load_config
+from .protocol import train_run
+from ..utils import atomic_path, write_json, write_text
 
 log = logging.getLogger("flipctr")
 STUDY = "flipctr-tune"
@@ -161,7 +161,7 @@ class Search:
     def base_config(self) -> Config:
         if self.profile is None:
             return load_config(self.config_file, self.overrides)
-        from .profiles import profile_config
+        from ..profiles import profile_config
 
         return profile_config(self.profile, [*self.fixed(), *self.overrides],
                               load_config(self.config_file) if self.config_file else None)
@@ -326,7 +326,7 @@ def train(search: Search, cfg: Config, folder: Path, data_root: Path | None, **o
     """A trial's (or the best's) training run: an ID model's, or FLIP's finetuning on the search's
     pretraining."""
     if search.method == "flip":
-        from .training.flip_run import finetune_flip
+        from .flip import finetune_flip
 
         return finetune_flip(cfg, search.folder / "pretrain", folder, data_root, **options)
     return train_run(cfg, folder, data_root, **options)
@@ -387,7 +387,7 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
     _optuna()  # Optuna missing: one clear error, before any work
     from tqdm.auto import tqdm
 
-    from .training.tracking import setup_logging
+    from ..training.tracking import setup_logging
 
     base = search.base_config()
     space = load_space(search.space_file, base)
@@ -414,7 +414,7 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
             recover_interrupted(study, search)
         write_text(folder / "search.yaml", yaml.safe_dump(dataclasses.asdict(search), sort_keys=False))
         if search.method == "flip":
-            from .training.flip_run import pretrain_once
+            from .flip import pretrain_once
 
             pretrain_once(base, folder / "pretrain", data_root)
         log.info("search: %d trials (%s sampler, %s pruner), %d done; space %s", search.trials, search.sampler,

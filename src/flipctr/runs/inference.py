@@ -26,23 +26,23 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .config import Config, ModelConfig
-from .data.batching import DeviceRows
-from .data.cache import PreparedData
-from .data.encoder import FeatureEncoder
-from .data.errors import DataError
-from .data.formats import field_values
-from .data.lm_files import hidden_size, load_tokenizer
-from .data.prompts import PromptBuilder
-from .data.schema import LabelRule
-from .data.text import tokenize_prompts
-from .models import TEXT_SIDES, build_ctr_model
-from .models.text_sides import SideText
-from .runtime.checkpoints import load_weights
-from .runtime.device import Runtime
-from .training.text_vectors import frozen_encoder, side_tables
-from .training.trainer import predict
-from .utils import atomic_path, write_json
+from ..config import Config, ModelConfig
+from ..data.batching import DeviceRows
+from ..data.cache import PreparedData
+from ..data.encoder import FeatureEncoder
+from ..data.errors import DataError
+from ..data.formats import field_values
+from ..data.lm_files import hidden_size, load_tokenizer
+from ..data.prompts import PromptBuilder
+from ..data.schema import LabelRule
+from ..data.text import tokenize_prompts
+from ..models import TEXT_SIDES, build_ctr_model
+from ..models.text_sides import SideText
+from ..runtime.checkpoints import load_weights
+from ..runtime.device import Runtime
+from ..training.text_vectors import frozen_encoder, side_tables
+from ..training.trainer import predict
+from ..utils import atomic_path, write_json
 
 
 class Scorer(nn.Module):

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import yaml
 
-from .paper import table2
-from .utils import atomic_path, write_text
+from ..paper import table2
+from ..utils import atomic_path, write_text
 
 VARIANT_NAMES = {"scratch": "from scratch", "flip_id": "FLIP_ID", "flip_plm": "FLIP_PLM", "flip": "FLIP"}
 # settings that do not change what a run computes, or that tell seeds apart
