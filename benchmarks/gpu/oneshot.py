@@ -170,7 +170,7 @@ def check_preflight(run_dir: Path, expect_device: str) -> list[str]:
             env = json.loads(environment.read_text())
             if not str(env.get("device", "")).startswith(expect_device):
                 problems.append(f"{variant}: ran on {env.get('device')!r}, not {expect_device}")
-            if expect_device == "cuda" and env.get("amp") != "torch.bfloat16":
+            if expect_device == "cuda" and env.get("amp") != "bf16":
                 problems.append(f"{variant}: autocast {env.get('amp')!r}, not bf16")
         else:
             problems.append(f"{variant}: no environment.json")

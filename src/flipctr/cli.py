@@ -1,5 +1,8 @@
 """Command line: ``flipctr data get|stats|prepare``, ``flipctr lm get``, ``flipctr train``, ``flipctr tune``, ``flipctr run``,
-``flipctr evaluate``, ``flipctr predict``, ``flipctr export``, ``flipctr report``."""
+``flipctr evaluate``, ``flipctr predict``, ``flipctr export``, ``flipctr report``.
+
+It only parses arguments and calls the library. Each command imports what it runs when it runs,
+so that ``flipctr --help`` and ``flipctr data get`` start without loading torch."""
 
 from __future__ import annotations
 
@@ -109,8 +112,8 @@ def cmd_data_prepare(args: argparse.Namespace) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> None:
-    from .runtime.distributed import joined
     from .runs.protocol import train_run
+    from .runtime.distributed import joined
 
     with joined() as (rank, _):
         cfg = _resolve(args, **{"data.dataset": args.dataset, "model.name": args.model, "model.plm": args.plm})
@@ -157,9 +160,9 @@ ABLATIONS = {  # paper Table 5, as switches of the same run
 
 def cmd_run(args: argparse.Namespace) -> None:
     from .profiles import profile_config
+    from .runs.flip import METHODS, run_flip
     from .runs.report import render_results
     from .runtime.distributed import joined
-    from .runs.flip import METHODS, run_flip
 
     base = load_config(args.config) if args.config else None
     overrides = [*METHODS[args.method].overrides(), *ABLATIONS[args.ablation], *args.overrides]

@@ -27,8 +27,15 @@ import yaml
 from ..config import Config
 from ..data.encoder import MASK_ID, FeatureMap
 from ..data.masking import field_mask, mask_tabular, span_token_mask
+from ..data.cache import prepare
+from ..data.lm_files import load_tokenizer
 from ..runtime.checkpoints import load_weights
+from ..runtime.device import resolve_device
+from ..runtime.folder import RunFolder
 from ..utils import atomic_path, write_json
+from .flip import ENCODING, pretraining_model, run_flip
+from .inputs import RunData
+from .report import variant_name
 
 
 def _save_figure(fig, path: Path) -> None:
@@ -48,30 +55,17 @@ def _pyplot():
     return plt
 
 
-def _run_config(run_dir: Path) -> Config:
-    path = run_dir / "config.yaml"
-    if not path.exists():
-        raise FileNotFoundError(f"{run_dir}: no config.yaml (not a `flipctr run` folder)")
-    return Config.from_dict(yaml.safe_load(path.read_text()))
-
-
 @torch.no_grad()
 def field_alignment(run_dir: str | Path, rows: int = 1000, batch_size: int = 128, seed: int = 0,
                     data_root: Path | None = None) -> dict:
     """Fig. 5 on ``rows`` seeded validation rows: ``{"fields", "similarity" (F x F), "rows"}``,
     similarity[f][g] = mean_i <z_text(x_i with field f masked), z_tab(x_i with field g masked)>,
     both ICL projections normalised. Needs the run's pretraining with ICL on."""
-    from ..data.cache import prepare
-    from ..data.lm_files import load_tokenizer
-    from ..runtime.device import resolve_device
-    from .flip import ENCODING, pretraining_model
-    from .protocol import RunData
-
-    run_dir = Path(run_dir)
-    cfg = _run_config(run_dir)
-    weights = run_dir / "pretrain" / "pretrained.safetensors"
+    folder = RunFolder(run_dir)
+    cfg = folder.read_config()
+    weights = folder.pretrain.pretrained
     if not weights.exists():
-        raise FileNotFoundError(f"{run_dir}: no pretrain/pretrained.safetensors (the run did not pretrain)")
+        raise FileNotFoundError(f"{run_dir}: no {weights.relative_to(folder.path)} (the run did not pretrain)")
     if not cfg.flip.icl:
         raise ValueError(f"{run_dir}: pretrained without ICL; the alignment figure compares its projections")
     device = resolve_device(cfg.train.device)
@@ -120,48 +114,46 @@ def plot_alignment(result: dict, path: Path) -> None:
     _save_figure(fig, path)
 
 
-# the ID backbones of a run folder: (variant, weights file, prefix of the embedding table's key)
-EMBEDDING_SOURCES = (("scratch", "scratch/model.safetensors", ""),
-                     ("pretrained", "pretrain/pretrained.safetensors", "backbone."),
-                     ("flip_id", "flip_id/model.safetensors", ""))
+def embedding_sources(run: RunFolder) -> list[tuple[str, Path, str]]:
+    """The ID backbones of a FLIP run folder: (variant, weights file, prefix of the embedding
+    table's key)."""
+    return [("scratch", run.variant("scratch").model, ""), ("pretrained", run.pretrain.pretrained, "backbone."),
+            ("flip_id", run.variant("flip_id").model, "")]
 
 
-def _feature_map(run_dir: Path) -> FeatureMap:
-    for folder in ("pretrain", "scratch", "flip_id"):
-        if (run_dir / folder / "feature_map.json").exists():
-            return FeatureMap.load(run_dir / folder / "feature_map.json")
-    raise FileNotFoundError(f"{run_dir}: no feature_map.json in pretrain/, scratch/ or flip_id/")
+def _feature_map(run: RunFolder) -> FeatureMap:
+    for folder in (run.pretrain, run.variant("scratch"), run.variant("flip_id")):
+        if folder.feature_map.exists():
+            return FeatureMap.load(folder.feature_map)
+    raise FileNotFoundError(f"{run.path}: no feature_map.json in pretrain/, scratch/ or flip_id/")
 
 
 def embedding_projection(run_dirs: list[str | Path], max_points: int = 20000, seed: int = 0) -> dict:
     """Fig. 6: per backbone found in ``run_dirs`` (from scratch, pretrained, FLIP_ID), the
     feature embeddings (mask id left out) projected on the top two right singular vectors,
     at most ``max_points`` rows (a seeded sample), and the share of each of the top singular values."""
-    from .report import variant_name
-
     panels = []
-    for run_dir in map(Path, run_dirs):
-        fmap = _feature_map(run_dir)
-        results = run_dir / "results.json"  # how the run names its models (CTRL's ID model is not FLIP_ID)
-        report = json.loads(results.read_text()) if results.exists() else {}
+    for run in map(RunFolder, run_dirs):
+        fmap = _feature_map(run)
+        report = run.read_results()  # how the run names its models (CTRL's ID model is not FLIP_ID)
         field_of = np.full(fmap.num_features, -1)
         for index, info in enumerate(fmap.fields):
             field_of[info.offset:info.offset + info.size] = index
-        for variant, file, prefix in EMBEDDING_SOURCES:
-            if not (run_dir / file).exists():
+        for variant, file, prefix in embedding_sources(run):
+            if not file.exists():
                 continue
-            table = load_weights(run_dir / file)[f"{prefix}embedding.weight"].float()
+            table = load_weights(file)[f"{prefix}embedding.weight"].float()
             keep = np.flatnonzero(field_of >= 0)
             _, s, vh = torch.linalg.svd(table[keep], full_matrices=False)
             points = (table[keep] @ vh[:2].T).numpy()
             sample = np.sort(np.random.default_rng(seed).permutation(len(keep))[:max_points])
             name = variant if variant == "pretrained" else variant_name(variant, report)
-            panels.append({"run": run_dir.name, "model": name, "fields": fmap.field_names,
+            panels.append({"run": run.path.name, "model": name, "fields": fmap.field_names,
                            "points": points[sample].round(5).tolist(), "field": field_of[keep][sample].tolist(),
                            "singular_value_share": (s / s.sum())[:8].numpy().round(4).tolist()})
     if not panels:
         raise FileNotFoundError(f"no backbone weights in {[str(p) for p in run_dirs]} "
-                                f"(looked for {[f for _, f, _ in EMBEDDING_SOURCES]})")
+                                f"(looked for {[str(f) for r in map(RunFolder, run_dirs) for _, f, _ in embedding_sources(r)]})")
     return {"panels": panels}
 
 
@@ -194,8 +186,6 @@ def sweep(cfg: Config, runs: Path, grid: dict[str, list[float]], variants: tuple
     :data:`SWEEP_SETTINGS`), the others at ``cfg``'s values. Points are folders of ``runs`` named
     by all three settings, so a point shared by two curves runs once, and a finished one is read
     back (``--resume``). The reported model is the last of ``variants``."""
-    from .flip import run_flip
-
     unknown = set(grid) - set(SWEEP_SETTINGS)
     if unknown:
         raise ValueError(f"unknown sweep settings {sorted(unknown)}; choose from {sorted(SWEEP_SETTINGS)}")

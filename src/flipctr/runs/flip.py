@@ -14,9 +14,9 @@ import logging
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
-import yaml
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -25,20 +25,20 @@ from ..data.batching import DeviceRows
 from ..data.cache import prepare, resolve_data_config
 from ..data.encoder import MASK_ID, FeatureMap
 from ..data.lm_files import load_tokenizer
-from ..models import build_ctr_model
+from ..models import CTRModule, build_ctr_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
 from ..models.language import LanguageModel
-from ..models.plm import PLMCTRModel
 from ..paper import table2
 from .report import render_results
 from ..runtime.checkpoints import load_shards, load_weights, save_shards, seed_everything
-from ..runtime.device import Runtime, autocast_dtype, resolve_device
-from ..runtime.distributed import barrier, is_main, rank_world
-from ..runtime.environment import environment_info
-from ..utils import atomic_path, write_json, write_text
+from ..runtime.device import Runtime, resolve_device
+from ..runtime.distributed import barrier, is_main
+from ..runtime.folder import PRETRAINED, RunFolder
+from ..utils import atomic_path, write_json
 from ..training.optim import lr_scales, text_finetune_settings
 from ..training.pretrain import Pretrainer
-from .protocol import RunData, fast_paths, pinned, train_run
+from .inputs import RunData
+from .protocol import pinned, start_run, train_run
 from ..training.tracking import setup_logging
 
 log = logging.getLogger("flipctr")
@@ -81,9 +81,9 @@ def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 def finetuned_weights(folder: Path, stage: str) -> dict[str, torch.Tensor]:
     """A finetuned run's weights at ``stage``: "selected" (trained on train only, picked on
     valid) or "final" (after the refit; the selected ones when the run did not refit)."""
-    path = folder / "model-selected.safetensors"
+    path = RunFolder(folder).selected_model
     if stage == "final" or not path.exists():
-        path = folder / "model.safetensors"
+        path = RunFolder(folder).model
     return load_weights(path)
 
 
@@ -123,7 +123,7 @@ def _pretrain(cfg: Config, rd: RunData, encoding, device: torch.device, folder: 
              cfg.pretrain.rows_from if cfg.pretrain.rows else "all", cfg.pretrain.epochs)
     history = pretrainer.fit(model, split, resume=resume)
     if is_main():
-        encoding.feature_map.save(folder / "feature_map.json")
+        encoding.feature_map.save(RunFolder(folder).feature_map)
     barrier()  # rank 0 has written the weights
     return history
 
@@ -154,7 +154,7 @@ def finetune_flip(cfg: Config, pretrain_dir: Path, run_dir: Path, data_root: Pat
     encoding); ``options`` go to :func:`~.protocol.train_run` (e.g. a search's ``select_only``)."""
     if cfg.text_finetune.joint_init != "pretrained":
         raise ValueError("finetuning FLIP alone starts from the pretraining: text_finetune.joint_init=pretrained")
-    pretrained = load_weights(Path(pretrain_dir) / "pretrained.safetensors")
+    pretrained = load_weights(RunFolder(pretrain_dir).pretrained)
     train, rows = text_finetune_settings(cfg)
     variant = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, name="flip"), train=train)
     return train_run(variant, run_dir, data_root, model_factory=lambda fm: joint_model(cfg, fm, pretrained),
@@ -165,19 +165,18 @@ def install_pretraining(source: Path, folder: Path) -> list[dict]:
     """A pretraining made elsewhere, into ``folder`` as :func:`_pretrain` leaves one: ``source``
     holds its weights (``pretrained.safetensors``, or the shards :func:`export_pretraining`
     wrote, in any dtype: installed as fp32) and ``pretrain_history.json``. Returns the history."""
-    source = Path(source)
-    whole = source / "pretrained.safetensors"
-    state = load_weights(whole) if whole.exists() else load_shards(source, "pretrained")
-    if (source / "pretrain_history.json").exists():
-        history = json.loads((source / "pretrain_history.json").read_text())
+    source, target = RunFolder(source), RunFolder(folder)
+    state = load_weights(source.pretrained) if source.pretrained.exists() else load_shards(source.path, PRETRAINED)
+    if source.pretrain_history.exists():
+        history = json.loads(source.pretrain_history.read_text())
     else:  # the shards carry it in their first file's header
-        with safe_open(str(sorted(source.glob("pretrained-*.safetensors"))[0]), "pt") as shard:
+        with safe_open(str(sorted(source.path.glob(f"{PRETRAINED}-*.safetensors"))[0]), "pt") as shard:
             history = json.loads((shard.metadata() or {})["pretrain_history"])
     if is_main():
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / "pretrained.safetensors") as tmp:
+        target.create()
+        with atomic_path(target.pretrained) as tmp:
             save_file({k: v.float().contiguous() for k, v in state.items()}, str(tmp))
-        write_json(folder / "pretrain_history.json", history)
+        write_json(target.pretrain_history, history)
     barrier()
     return history
 
@@ -185,9 +184,9 @@ def install_pretraining(source: Path, folder: Path) -> list[dict]:
 def export_pretraining(folder: Path, out: Path, max_bytes: int, dtype: torch.dtype = torch.bfloat16) -> list[Path]:
     """A finished pretraining's weights as shards of at most ``max_bytes`` in ``dtype``, its
     history in the first one's header, into ``out`` (what :func:`install_pretraining` reads)."""
-    history = (folder / "pretrain_history.json").read_text()
-    return save_shards(load_weights(folder / "pretrained.safetensors"), out, "pretrained", max_bytes, dtype,
-                       metadata={"pretrain_history": history})
+    folder = RunFolder(folder)
+    return save_shards(load_weights(folder.pretrained), out, PRETRAINED, max_bytes, dtype,
+                       metadata={"pretrain_history": folder.pretrain_history.read_text()})
 
 
 def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIANTS, resume: bool = False,
@@ -197,7 +196,27 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     the ID model finetuned alone, reported as CTRL) and "ptab" (token-level MLM of the prompts,
     then the language model finetuned, reported as PTab) are baselines run through the same loop.
     ``pretrain_only``: stop after the pretraining (the results list no model); ``pretrained_from``:
-    a pretraining made elsewhere (:func:`install_pretraining`) instead of pretraining here."""
+    a pretraining made elsewhere (:func:`install_pretraining`) instead of pretraining here.
+    Returns the report of ``results.json`` (None on ranks other than 0)."""
+    recipe = _checked_recipe(cfg, variants, method)
+    run = FlipRun(dataclasses.replace(pinned(cfg), data=resolve_data_config(cfg.data)), RunFolder(run_dir),
+                  variants, recipe, method, profile, data_root)
+    run.write_results()  # the run's settings and budgets, before anything is trained
+    run.pretrain(resume, pretrain_only, pretrained_from)
+    if not pretrain_only:
+        for variant in variants:
+            run.finetune(variant, resume)
+            run.write_results()
+    report = run.write_results()
+    if not is_main():
+        return None
+    if not pretrain_only:
+        log.info("\n%s", render_results(report))
+    return report
+
+
+def _checked_recipe(cfg: Config, variants: tuple[str, ...], method: str) -> Method:
+    """The method's recipe, after checking that ``cfg`` and ``variants`` are what it runs."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {sorted(METHODS)}")
     recipe = METHODS[method]
@@ -208,143 +227,146 @@ def run_flip(cfg: Config, run_dir: str | Path, variants: tuple[str, ...] = VARIA
     if recipe.trains_text and cfg.model.plm_trainable_layers == 0:
         raise ValueError(f"{recipe.title} pretrains the language model alone: model.plm_trainable_layers=0 "
                          "(a frozen encoder) would leave it nothing to learn")
-    cfg = dataclasses.replace(pinned(cfg), data=resolve_data_config(cfg.data))
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     unknown = set(variants) - set(VARIANTS)
     if unknown:
         raise ValueError(f"unknown variants {sorted(unknown)}; choose from {VARIANTS}")
     if cfg.pretrain.rows_from not in ("last", "random"):
         raise ValueError(f"pretrain.rows_from must be 'last' or 'random', not {cfg.pretrain.rows_from!r}")
-    # under torchrun every stage is data-parallel (each rank a shard of every batch); rank 0 alone writes
-    world = rank_world()[1]
-    if is_main():
-        setup_logging(run_dir)
-    device = resolve_device(cfg.train.device)
-    if cfg.train.threads:
-        torch.set_num_threads(cfg.train.threads)
-    if is_main():
-        write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-        write_json(run_dir / "environment.json", {**environment_info(str(device), autocast_dtype(cfg.train.amp, device)),
-                                                  "profile": profile, "fast_paths": fast_paths(cfg, device),
-                                                  "world_size": world})
-    if not is_main():
-        barrier()  # rank 0 builds the caches first
-    data = prepare(cfg.data, data_root)
-    encoding = data.encoding(ENCODING)
-    backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
-    text_rd = RunData(data, cfg, device, text=True) if set(variants) & {"flip_id", "flip_plm", "flip"} else None
-    prompts = text_rd.text.report if text_rd else None  # truncation of the prompts at data.max_length
-    if is_main():
-        barrier()
-    pretrained: dict[str, torch.Tensor] | None = None
-    pretrain_seconds = 0.0
-    results: dict[str, dict] = {}
+    if cfg.text_finetune.joint_init not in ("pretrained", "finetuned"):
+        raise ValueError(f"text_finetune.joint_init must be 'pretrained' or 'finetuned', "
+                         f"not {cfg.text_finetune.joint_init!r}")
+    if (cfg.text_finetune.joint_init == "finetuned" and "flip" in variants
+            and not {"flip_id", "flip_plm"} <= set(variants)):
+        raise ValueError("text_finetune.joint_init=finetuned needs the flip_id and flip_plm variants")
+    return recipe
 
-    def write_results() -> dict:
+
+class FlipRun:
+    """One ``flipctr run``: the data and encoding all its stages share, the pretraining, the
+    finetuned models' results so far. Under torchrun every stage is data-parallel (each rank a
+    shard of every batch); rank 0 alone writes."""
+
+    def __init__(self, cfg: Config, folder: RunFolder, variants: tuple[str, ...], recipe: Method, method: str,
+                 profile: str | None, data_root: Path | None):
+        self.cfg, self.folder, self.variants, self.recipe, self.method = cfg, folder, variants, recipe, method
+        self.profile, self.data_root = profile, data_root
+        folder.create()
+        if is_main():
+            setup_logging(folder.log)
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        start_run(cfg, folder, Runtime.of(cfg.train, self.device), profile=profile)
+        if not is_main():
+            barrier()  # rank 0 builds the caches first
+        self.data = prepare(cfg.data, data_root)
+        self.encoding = self.data.encoding(ENCODING)
+        texts = set(variants) & {"flip_id", "flip_plm", "flip"}
+        self.text_inputs = RunData(self.data, cfg, self.device, text=True) if texts else None
+        if is_main():
+            barrier()
+        self.pretrained: dict[str, torch.Tensor] | None = None
+        self.pretrain_seconds = 0.0
+        self.results: dict[str, dict] = {}
+
+    def write_results(self) -> dict:
         """``results.{json,md}`` of the models finished so far (written before pretraining, then
         after each model: a run killed on a lent machine still leaves its table); ``complete``
         once all are in."""
+        cfg, results, recipe = self.cfg, self.results, self.recipe
         report = {
-            "dataset": data.name, "profile": profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
-            "pretrained": pretrained is not None, "pretrain_seconds": round(pretrain_seconds, 1),
-            "flip": dataclasses.asdict(cfg.flip), "prompts": prompts,
+            "dataset": self.data.name, "profile": self.profile, "backbone": cfg.model.backbone, "plm": cfg.model.plm,
+            "pretrained": self.pretrained is not None, "pretrain_seconds": round(self.pretrain_seconds, 1),
+            "flip": dataclasses.asdict(cfg.flip),
+            # truncation of the prompts at data.max_length
+            "prompts": self.text_inputs.text.report if self.text_inputs else None,
             # the stages' own times, those an earlier call ran included (a resumed run reads them back);
             # a FLIP_ID that is the scratch run (no pretraining, "note") is not counted twice
-            "wall_seconds": round(pretrain_seconds + sum(r["wall_seconds"] for r in results.values()
-                                                         if "note" not in r), 1),
-            "complete": set(results) == set(variants), "variants": list(variants),
+            "wall_seconds": round(self.pretrain_seconds + sum(r["wall_seconds"] for r in results.values()
+                                                              if "note" not in r), 1),
+            "complete": set(results) == set(self.variants), "variants": list(self.variants),
             "refit": {"id": cfg.train.refit, "text": cfg.text_finetune.refit},
             "max_seconds": {"pretrain": cfg.pretrain.max_seconds, "train": cfg.train.max_seconds,
                             "text_finetune": cfg.text_finetune.max_seconds},
             "results": results,
-            "method": method, "title": recipe.title,
+            "method": self.method, "title": recipe.title,
             "names": {v: recipe.reported[v][0] for v in results if v in recipe.reported},
-            "paper": {v: table2(data.name, cfg.model.backbone if v == "scratch" else recipe.reported.get(v, (v, v))[1])
+            "paper": {v: table2(self.data.name,
+                                cfg.model.backbone if v == "scratch" else recipe.reported.get(v, (v, v))[1])
                       for v in results},
         }
         if is_main():
-            write_json(run_dir / "results.json", report)
-            write_text(run_dir / "results.md", render_results(report))
+            self.folder.write_results(report, render_results(report))
         return report
 
-    write_results()  # the run's settings and budgets, before anything is trained
-    wants_pretrain = cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
-    if pretrained_from is not None:
-        history = install_pretraining(pretrained_from, run_dir / "pretrain")
-        if is_main():
-            encoding.feature_map.save(run_dir / "pretrain" / "feature_map.json")
-        pretrained = load_weights(run_dir / "pretrain" / "pretrained.safetensors")
-        pretrain_seconds = sum(record["seconds"] for record in history)
-    elif wants_pretrain and (pretrain_only or set(variants) & {"flip_id", "flip_plm", "flip"}):
-        history = _pretrain(cfg, text_rd, encoding, device, run_dir / "pretrain", resume)
-        pretrained = load_weights(run_dir / "pretrain" / "pretrained.safetensors")
+    def pretrain(self, resume: bool, pretrain_only: bool, pretrained_from: Path | None) -> None:
+        """The pretraining the finetuned models start from: installed from ``pretrained_from``,
+        or run here (resumed with ``resume``) when its objectives are on and a model needs it."""
+        cfg, folder = self.cfg, self.folder.pretrain
+        if pretrained_from is not None:
+            history = install_pretraining(pretrained_from, folder.path)
+            if is_main():
+                self.encoding.feature_map.save(folder.feature_map)
+        elif (cfg.pretrain.epochs > 0 and (cfg.flip.mlm or cfg.flip.mtm or cfg.flip.icl)
+              and (pretrain_only or set(self.variants) & {"flip_id", "flip_plm", "flip"})):
+            history = _pretrain(cfg, self.text_inputs, self.encoding, self.device, folder.path, resume)
+        else:
+            return
+        self.pretrained = load_weights(folder.pretrained)
         # its epochs' time, those of an earlier call included (a resumed or finished pretraining)
-        pretrain_seconds = sum(record["seconds"] for record in history)
-    if pretrain_only:
-        return write_results() if is_main() else None
+        self.pretrain_seconds = sum(record["seconds"] for record in history)
 
-    def backbone(fmap: FeatureMap, load: bool) -> torch.nn.Module:
-        model = build_ctr_model(backbone_cfg, fmap)
-        if load and pretrained is not None:
-            model.load_state_dict(_prefixed(pretrained, "backbone."))
-        return model
+    def finetune(self, variant: str, resume: bool) -> None:
+        """One finetuned model into its folder (read back where an earlier call finished it)."""
+        done = self.folder.variant(variant)
+        if resume and done.finished:
+            log.info("%s: finished earlier, read from %s", variant, done.metrics)
+            self.results[variant] = {k: v for k, v in done.read_metrics().items() if k != "history"}
+        elif variant == "flip_id" and self.pretrained is None and "scratch" in self.results:
+            # without pretraining FLIP_ID is the backbone from scratch: the same run, not a second one
+            if is_main():
+                shutil.copytree(self.folder.variant("scratch").path, done.path, dirs_exist_ok=True)
+            self.results[variant] = {**self.results["scratch"], "note": "no pretraining: the scratch run"}
+        else:
+            variant_cfg, factory, options = self.plan(variant)
+            metrics = train_run(variant_cfg, done.path, self.data_root, **{"model_factory": factory, **options},
+                                encoding=ENCODING, resume=resume)
+            if is_main():
+                setup_logging(self.folder.log)  # train_run pointed the log at the variant's folder
+            self.results[variant] = {k: v for k, v in metrics.items() if k != "history"}
 
-    text_train, rows = text_finetune_settings(cfg)
-    plm_cfg, flip_cfg = (dataclasses.replace(cfg.model, name=name) for name in ("plm", "flip"))
+    def plan(self, variant: str) -> tuple[Config, Callable[[FeatureMap], CTRModule], dict]:
+        """How ``variant`` is finetuned: its configuration, its model factory, train_run's options."""
+        cfg, pretrained = self.cfg, self.pretrained
+        backbone_cfg = dataclasses.replace(cfg.model, name=cfg.model.backbone)
+        if variant in ("scratch", "flip_id"):
+            def backbone(fm: FeatureMap) -> CTRModule:
+                model = build_ctr_model(backbone_cfg, fm)
+                if variant == "flip_id" and pretrained is not None:
+                    model.load_state_dict(_prefixed(pretrained, "backbone."))
+                return model
 
-    def plm_model(fm: FeatureMap) -> PLMCTRModel:
-        return build_ctr_model(plm_cfg, fm, text_state=_prefixed(pretrained, "language_model.") if pretrained else None)
+            return dataclasses.replace(cfg, model=backbone_cfg), backbone, {}
+        text_train, rows = text_finetune_settings(cfg)
+        if variant == "flip_plm":
+            plm_cfg = dataclasses.replace(cfg.model, name="plm")
+            state = _prefixed(pretrained, "language_model.") if pretrained else None
+            return (dataclasses.replace(cfg, model=plm_cfg, train=text_train),
+                    lambda fm: build_ctr_model(plm_cfg, fm, text_state=state), rows)
+        joint = {}
+        if cfg.text_finetune.joint_init == "finetuned":
+            joint = {"model_factory": lambda fm: self.finetuned_joint_model(fm, "selected"),
+                     "refit_factory": lambda fm: self.finetuned_joint_model(fm, "final")}
+        flip_cfg = dataclasses.replace(cfg.model, name="flip")
+        return (dataclasses.replace(cfg, model=flip_cfg, train=text_train),
+                lambda fm: joint_model(cfg, fm, pretrained), {**rows, **joint})
 
-    def flip_model(fm: FeatureMap, stage: str | None = None) -> FlipCTRModel:
-        """From the pretrained backbone and language model; ``stage`` "selected"/"final": from
-        that stage of the finetuned FLIP_ID and FLIP_PLM instead."""
-        if stage is None:
-            return joint_model(cfg, fm, pretrained)
-        model = joint_model(cfg, fm, None)
-        model.backbone.load_state_dict(finetuned_weights(run_dir / "flip_id", stage))
-        plm = finetuned_weights(run_dir / "flip_plm", stage)
+    def finetuned_joint_model(self, fm: FeatureMap, stage: str) -> FlipCTRModel:
+        """The joint model from ``stage`` ("selected"/"final") of the finetuned FLIP_ID and FLIP_PLM."""
+        model = joint_model(self.cfg, fm, None)
+        model.backbone.load_state_dict(finetuned_weights(self.folder.variant("flip_id").path, stage))
+        plm = finetuned_weights(self.folder.variant("flip_plm").path, stage)
         model.plm_head.load_state_dict(_prefixed(plm, "head."))
         if model.language_model is not None:
             model.language_model.load_state_dict(_prefixed(plm, "language_model."))
         return model
-
-    joint = {}
-    if cfg.text_finetune.joint_init == "finetuned":
-        if "flip" in variants and not {"flip_id", "flip_plm"} <= set(variants):
-            raise ValueError("text_finetune.joint_init=finetuned needs the flip_id and flip_plm variants")
-        joint = {"model_factory": lambda fm: flip_model(fm, "selected"),
-                 "refit_factory": lambda fm: flip_model(fm, "final")}
-    elif cfg.text_finetune.joint_init != "pretrained":
-        raise ValueError(f"text_finetune.joint_init must be 'pretrained' or 'finetuned', "
-                         f"not {cfg.text_finetune.joint_init!r}")
-    plans = {
-        "scratch": (dataclasses.replace(cfg, model=backbone_cfg), lambda fm: backbone(fm, load=False), {}),
-        "flip_id": (dataclasses.replace(cfg, model=backbone_cfg), lambda fm: backbone(fm, load=True), {}),
-        "flip_plm": (dataclasses.replace(cfg, model=plm_cfg, train=text_train), plm_model, rows),
-        "flip": (dataclasses.replace(cfg, model=flip_cfg, train=text_train), flip_model, {**rows, **joint}),
-    }
-
-    for variant in variants:
-        done = run_dir / variant / "metrics.json"
-        if resume and done.exists():  # finished by an earlier call
-            log.info("%s: finished earlier, read from %s", variant, done)
-            results[variant] = {k: v for k, v in json.loads(done.read_text()).items() if k != "history"}
-        elif variant == "flip_id" and pretrained is None and "scratch" in results:
-            # without pretraining FLIP_ID is the backbone from scratch: the same run, not a second one
-            if is_main():
-                shutil.copytree(run_dir / "scratch", run_dir / "flip_id", dirs_exist_ok=True)
-            results[variant] = {**results["scratch"], "note": "no pretraining: the scratch run"}
-        else:
-            variant_cfg, factory, options = plans[variant]
-            metrics = train_run(variant_cfg, run_dir / variant, data_root, **{"model_factory": factory, **options},
-                                encoding=ENCODING, resume=resume)
-            if is_main():
-                setup_logging(run_dir)  # train_run pointed the log at the variant's folder
-            results[variant] = {k: v for k, v in metrics.items() if k != "history"}
-        write_results()
-    report = write_results()
-    if not is_main():
-        return None
-    log.info("\n%s", render_results(report))
-    return report

@@ -40,6 +40,7 @@ from ..models import TEXT_SIDES, build_ctr_model
 from ..models.text_sides import SideText
 from ..runtime.checkpoints import load_weights
 from ..runtime.device import Runtime
+from ..runtime.folder import ENCODING_FILES, RunFolder
 from ..training.text_vectors import frozen_encoder, side_tables
 from ..training.trainer import predict
 from ..utils import atomic_path, write_json
@@ -56,19 +57,19 @@ class Scorer(nn.Module):
         return torch.sigmoid(self.model(ids=ids).logits)
 
 
-def write_inference_files(run_dir: Path, cfg: Config, data: PreparedData, encoding: str, runtime: Runtime,
+def write_inference_files(folder: RunFolder, cfg: Config, data: PreparedData, encoding: str, runtime: Runtime,
                           max_length: int | None, sides: dict[str, tuple[str, list[str]]]) -> None:
     """What :func:`load` reads beside the weights: ``config.json`` (model and data settings, the
     input column of every field and of the label, a text-side model's ``sides``, the precision it
     was evaluated in, which scoring replays, the prompts' ``max_length``) and the encoding the
     model was trained with (``feature_map.json``, ``vocab.parquet``, ``counts.npy``)."""
     columns, label = data.input_columns()
-    write_json(run_dir / "config.json", {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
+    write_json(folder.inference_config, {"model": dataclasses.asdict(cfg.model), "data": dataclasses.asdict(cfg.data),
                                          "encoding": encoding, "amp": runtime.amp_name, "fields": data.fields,
                                          "columns": columns, "label": label.to_dict(), "max_length": max_length,
                                          "sides": sides})
-    for name in ("feature_map.json", "vocab.parquet", "counts.npy"):
-        with atomic_path(run_dir / name) as tmp:
+    for name in ENCODING_FILES:
+        with atomic_path(folder.path / name) as tmp:
             shutil.copyfile(data.encoding_folder(encoding) / name, tmp)
 
 
@@ -96,12 +97,11 @@ class Predictor:
 
     @classmethod
     def load(cls, run_dir: str | Path) -> "Predictor":
-        run_dir = Path(run_dir)
-        config_path = run_dir / "config.json"
-        if not config_path.exists():
+        folder = RunFolder(run_dir)
+        if not folder.inference_config.exists():
             raise DataError(f"{run_dir}: no config.json; not a finished run folder (or one written before "
                             "flipctr saved its encoding with the model: train it again)")
-        config = json.loads(config_path.read_text())
+        config = folder.read_inference_config()
         model_cfg = ModelConfig(**config["model"])
         sides = {side: (key, fields) for side, (key, fields) in config.get("sides", {}).items()}
         if model_cfg.name in TEXT_SIDES and not sides:
@@ -111,9 +111,9 @@ class Predictor:
         frozen_sides = model_cfg.plm_trainable_layers == 0
         placeholder = ({"vectors": torch.zeros(1, hidden_size(model_cfg.plm))} if frozen_sides else
                        {"tokens": torch.zeros(1, 1, dtype=torch.int64), "lengths": torch.ones(1, dtype=torch.int64)})
-        encoder = FeatureEncoder.load(run_dir)
+        encoder = FeatureEncoder.load(folder.path)
         model = build_ctr_model(model_cfg, encoder.feature_map, sides={side: placeholder for side in sides})
-        model.load_state_dict(load_weights(run_dir / "model.safetensors"))
+        model.load_state_dict(load_weights(folder.model))
         # the run's precision (runs written before it was saved evaluated in fp32 on CPUs without bf16)
         runtime = Runtime.create("cpu", config.get("amp", "off"))
         names, text = model.input_names, None

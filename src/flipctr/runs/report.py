@@ -13,9 +13,10 @@ import json
 import statistics
 from pathlib import Path
 
-import yaml
+import pandas as pd
 
 from ..paper import table2
+from ..runtime.folder import RunFolder
 from ..utils import atomic_path, write_text
 
 VARIANT_NAMES = {"scratch": "from scratch", "flip_id": "FLIP_ID", "flip_plm": "FLIP_PLM", "flip": "FLIP"}
@@ -33,33 +34,33 @@ def variant_name(variant: str, report: dict) -> str:
 def find_runs(paths: list[Path]) -> list[dict]:
     """One record per finished model under ``paths``: dataset, model, seed, metrics, history."""
     runs = []
-    for path in map(Path, paths):
-        if (path / "results.json").exists():  # a FLIP run: its finetuned models
-            report = json.loads((path / "results.json").read_text())
+    for folder in map(RunFolder, paths):
+        if folder.results.exists():  # a FLIP run: its finetuned models
+            report = folder.read_results()
             for variant in report["results"]:
-                run = _read(path / variant)
+                run = _read(folder.variant(variant))
                 name = report["backbone"] if variant == "scratch" else variant_name(variant, report)
                 runs.append({**run, "model": name, "paper": report["paper"].get(variant),
-                             "identity": f"{run['identity']}|{variant}|{_identity(path)}"})
-        elif (path / "metrics.json").exists():
-            run = _read(path)
+                             "identity": f"{run['identity']}|{variant}|{_identity(folder)}"})
+        elif folder.finished:
+            run = _read(folder)
             runs.append({**run, "paper": table2(run["dataset"], run["model"])})
         else:
-            raise FileNotFoundError(f"{path}: neither metrics.json nor results.json (not a finished run folder)")
+            raise FileNotFoundError(f"{folder.path}: neither metrics.json nor results.json "
+                                    "(not a finished run folder)")
     return runs
 
 
-def _identity(folder: Path) -> str:
-    cfg = yaml.safe_load((folder / "config.yaml").read_text())
+def _identity(folder: RunFolder) -> str:
+    cfg = folder.read_config_dict()
     kept = {f"{s}.{k}": v for s, section in cfg.items() if isinstance(section, dict)
             for k, v in section.items() if (s, k) not in _NOT_IDENTITY}
     return json.dumps(kept, sort_keys=True, default=str)
 
 
-def _read(folder: Path) -> dict:
-    metrics = json.loads((folder / "metrics.json").read_text())
-    cfg = yaml.safe_load((folder / "config.yaml").read_text())
-    return {"folder": str(folder), "dataset": metrics.get("dataset", cfg["data"]["dataset"]),
+def _read(folder: RunFolder) -> dict:
+    metrics, cfg = folder.read_metrics(), folder.read_config_dict()
+    return {"folder": str(folder.path), "dataset": metrics.get("dataset", cfg["data"]["dataset"]),
             "model": metrics.get("model", cfg["model"]["name"]), "seed": cfg["train"]["seed"],
             "protocol": metrics["protocol"], "selected_on": metrics["selected_on"], "test": metrics["test"],
             "valid": metrics.get("valid"), "history": metrics.get("history", []), "identity": _identity(folder)}
@@ -105,8 +106,6 @@ def render_table(rows: list[dict]) -> str:
 
 def write_report(paths: list[Path], out: Path) -> list[dict]:
     """``report.md``, ``report.csv``, ``test_auc.png`` and ``curves.png`` of the runs in ``paths``."""
-    import pandas as pd
-
     runs = find_runs(paths)
     rows = group_runs(runs)
     out.mkdir(parents=True, exist_ok=True)

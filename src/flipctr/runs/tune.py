@@ -30,19 +30,27 @@ import fcntl
 import json
 import logging
 import math
+import multiprocessing as mp
 import os
 import re
 import signal
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
+from tqdm.auto import tqdm
 
 from ..config import Config, apply_dict, load_config
-from .protocol import train_run
+from ..profiles import profile_config
+from ..runtime.folder import RunFolder
+from ..training.tracking import setup_logging
 from ..utils import atomic_path, write_json, write_text
+from .flip import finetune_flip, pretrain_once
+from .protocol import train_run
 
 log = logging.getLogger("flipctr")
 STUDY = "flipctr-tune"
@@ -161,7 +169,6 @@ class Search:
     def base_config(self) -> Config:
         if self.profile is None:
             return load_config(self.config_file, self.overrides)
-        from ..profiles import profile_config
 
         return profile_config(self.profile, [*self.fixed(), *self.overrides],
                               load_config(self.config_file) if self.config_file else None)
@@ -310,7 +317,7 @@ class Objective:
         try:
             metrics = train(self.search, cfg, folder, self.data_root, on_epoch_end=report, select_only=True)
         except optuna.TrialPruned:
-            (folder / "checkpoint-train.pt").unlink(missing_ok=True)  # never resumed: a new trial starts anew
+            RunFolder(folder).checkpoint("train").unlink(missing_ok=True)  # never resumed: a new trial starts anew
             log.info("trial %d pruned after %d evaluations", trial.number, evaluations)
             raise
         except KeyboardInterrupt:  # Ctrl-C or a kill (SIGTERM): Optuna fails the trial; a resume runs it again
@@ -326,8 +333,6 @@ def train(search: Search, cfg: Config, folder: Path, data_root: Path | None, **o
     """A trial's (or the best's) training run: an ID model's, or FLIP's finetuning on the search's
     pretraining."""
     if search.method == "flip":
-        from .flip import finetune_flip
-
         return finetune_flip(cfg, search.folder / "pretrain", folder, data_root, **options)
     return train_run(cfg, folder, data_root, **options)
 
@@ -335,7 +340,6 @@ def train(search: Search, cfg: Config, folder: Path, data_root: Path | None, **o
 def _worker(search: Search, space: list[Param], data_root: Path | None, threads: int | None, worker: int) -> None:
     """A process of ``--workers``: trials of the shared study until the search is done."""
     _optuna()  # Optuna missing: one clear error
-    import torch
 
     if threads:
         torch.set_num_threads(threads)
@@ -385,9 +389,7 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
     """Run a search, or go on with its study where one exists (``resume``: only then), write its
     outputs and refit the best trial; returns the summary that ``tune.json`` holds."""
     _optuna()  # Optuna missing: one clear error, before any work
-    from tqdm.auto import tqdm
 
-    from ..training.tracking import setup_logging
 
     base = search.base_config()
     space = load_space(search.space_file, base)
@@ -408,14 +410,12 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
     lock = RunDirLock(folder)
     previous = signal.signal(signal.SIGTERM, _interrupt)  # a kill stops the trial as Ctrl-C does
     try:
-        setup_logging(folder)
+        setup_logging(folder / "train.log")
         study = open_study(search, space, create=not resume)
         if search.storage is None:
             recover_interrupted(study, search)
         write_text(folder / "search.yaml", yaml.safe_dump(dataclasses.asdict(search), sort_keys=False))
         if search.method == "flip":
-            from .flip import pretrain_once
-
             pretrain_once(base, folder / "pretrain", data_root)
         log.info("search: %d trials (%s sampler, %s pruner), %d done; space %s", search.trials, search.sampler,
                  search.pruner, finished(study), {p.key: p.to_dict() for p in space})
@@ -432,7 +432,7 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
         else:
             _run_workers(search, space, workers, data_root, bar, study)
         bar.close()
-        setup_logging(folder)  # the trials logged into their own folders
+        setup_logging(folder / "train.log")  # the trials logged into their own folders
         return finish(study, search, space, data_root)
     finally:
         signal.signal(signal.SIGTERM, previous)
@@ -444,9 +444,6 @@ def _interrupt(signum, frame) -> None:
 
 
 def _run_workers(search: Search, space: list[Param], workers: int, data_root: Path | None, bar, study) -> None:
-    import multiprocessing as mp
-    import time
-
     threads = max(1, (os.cpu_count() or 1) // workers)
     context = mp.get_context("spawn")
     procs = [context.Process(target=_worker, args=(search, space, data_root, threads, i)) for i in range(workers)]

@@ -16,6 +16,7 @@ from ..data.batching import DeviceRows
 from ..runtime.checkpoints import save_weights
 from ..runtime.device import Runtime
 from ..runtime.distributed import rank_world
+from ..runtime.folder import RunFolder
 from ..utils import atomic_path, write_json
 from .budget import Budget, agree_any, agree_min
 from .engine import Engine, Stage, shard_size
@@ -77,26 +78,19 @@ class Pretrainer:
     """Runs :class:`~flipctr.models.flip.FlipPretrainModel` over a split of paired inputs."""
 
     def __init__(self, cfg: PretrainConfig, runtime: Runtime, folder: Path):
-        """``runtime``: where and in which precision to compute (:meth:`Runtime.of` ``cfg``)."""
-        self.cfg, self.folder, self.runtime = cfg, Path(folder), runtime
+        """``runtime``: where and in which precision to compute (:meth:`Runtime.of` ``cfg``);
+        ``folder``: where the pretraining's files go (:class:`~flipctr.runtime.folder.RunFolder`)."""
+        self.cfg, self.folder, self.runtime = cfg, RunFolder(folder), runtime
         self.device = self.runtime.device
-
-    @property
-    def weights_path(self) -> Path:
-        return self.folder / "pretrained.safetensors"
-
-    @property
-    def state_path(self) -> Path:
-        return self.folder / "pretrain_state.pt"
 
     def fit(self, model: torch.nn.Module, data: DeviceRows, resume: bool = False,
             on_step: Callable[[int, int, float], None] | None = None) -> list[dict]:
         """Pretrain for ``cfg.epochs``; with ``resume`` continue from the last saved epoch. After
         each epoch (rank 0): the engine's checkpoint, the weights as ``pretrained.safetensors``
         and the history as ``pretrain_history.json``."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        self.folder.create()
         stage = Pretraining(self, model, data, on_step)
-        Engine(self.runtime).fit(stage, data, self.state_path, resume)
+        Engine(self.runtime).fit(stage, data, self.folder.pretrain_state, resume)
         stage.tracker.close()
         if rank_world()[0] == 0:
             self._plot(stage.history)
@@ -121,7 +115,7 @@ class Pretrainer:
         ax.set_title("FLIP pretraining")
         ax.legend()
         fig.tight_layout()
-        with atomic_path(self.folder / "pretrain_losses.png") as tmp:
+        with atomic_path(self.folder.pretrain_plot) as tmp:
             fig.savefig(tmp, format="png", dpi=100)
         plt.close(fig)
 
@@ -154,7 +148,7 @@ class Pretraining(Stage):
         self.batch_size, self.length_buckets, self.epochs = cfg.batch_size, cfg.length_buckets, cfg.epochs
         self.max_seconds, self.progress = cfg.max_seconds, cfg.progress
         self.history: list[dict] = []
-        self.tracker = Tracker(owner.folder / "tensorboard")
+        self.tracker = Tracker(owner.folder.tensorboard)
         self.host_rows = data.host_rows if "value_spans" in data.inputs else None
         self.cuda = self.runtime.device.type == "cuda"
 
@@ -234,6 +228,6 @@ class Pretraining(Stage):
                                                            ("loss", *OBJECTIVES, "lr", "samples_per_second")
                                                            if k in record})
         if rank_world()[0] == 0:
-            save_weights(self.model, self.owner.weights_path)
-            write_json(self.owner.folder / "pretrain_history.json", self.history)
+            save_weights(self.model, self.owner.folder.pretrained)
+            write_json(self.owner.folder.pretrain_history, self.history)
         return done

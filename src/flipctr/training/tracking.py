@@ -1,5 +1,5 @@
-"""What a run records: its ``train.log`` (:func:`setup_logging`) and TensorBoard event files beside
-it (``tensorboard --logdir RUN_DIR``).
+"""What a run records: its log (:func:`setup_logging`) and TensorBoard event files beside it
+(``tensorboard --logdir RUN_DIR``).
 
 Written by rank 0 only. Without the ``tensorboard`` package (``pip install flipctr[tensorboard]``)
 (or with one that fails to load) the run says so once in its log and writes no event files.
@@ -16,12 +16,13 @@ from ..runtime.distributed import is_main
 log = logging.getLogger("flipctr")
 
 
-def setup_logging(run_dir: Path) -> None:
+def setup_logging(log_file: Path) -> None:
+    """The ``flipctr`` log to ``log_file`` (a run folder's ``train.log``) and to stderr."""
     log.setLevel(logging.INFO)
     for handler in list(log.handlers):
         log.removeHandler(handler)
     fmt = logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler(sys.stderr)):
+    for handler in (logging.FileHandler(log_file), logging.StreamHandler(sys.stderr)):
         handler.setFormatter(fmt)
         log.addHandler(handler)
     log.propagate = False
