@@ -19,7 +19,8 @@ from pathlib import Path
 
 from flipctr.paper import table2
 from flipctr.profiles import profile_config
-from flipctr.runs.flip import VARIANTS, run_flip
+from flipctr.runs.flip import run_flip
+from flipctr.runs.recipes import VARIANTS
 from flipctr.runtime.environment import environment_info
 from flipctr.utils import write_json, write_text
 

@@ -17,6 +17,9 @@ from .data.errors import DataError, SourceError
 from .data.lm_files import PACKAGED
 from .data.sources import SOURCE_CHOICES
 from .profiles import PROFILE_CHOICES, resolve_profile
+from .runs.recipes import ABLATIONS, METHODS, VARIANTS
+
+DATASET_HELP = f"{', '.join(DATASETS)}, or a custom schema .yaml"
 
 
 def _config_args(parser: argparse.ArgumentParser) -> None:
@@ -146,21 +149,9 @@ def cmd_tune(args: argparse.Namespace) -> None:
     print(f"the best settings again: {summary['rerun']}")
 
 
-ABLATIONS = {  # paper Table 5, as switches of the same run
-    "none": [],
-    "no-mlm": ["flip.mlm=false"],
-    "no-mtm": ["flip.mtm=false"],
-    "no-icl": ["flip.icl=false"],
-    "no-mlm-mtm": ["flip.mlm=false", "flip.mtm=false"],
-    "no-pretraining": ["pretrain.epochs=0"],
-    "token-masking": ["flip.token_level_masking=true"],
-    "no-joint-reconstruction": ["flip.joint_reconstruction=false"],
-}
-
-
 def cmd_run(args: argparse.Namespace) -> None:
     from .profiles import profile_config
-    from .runs.flip import METHODS, run_flip
+    from .runs.flip import run_flip
     from .runs.report import render_results
     from .runtime.distributed import joined
 
@@ -256,9 +247,15 @@ def cmd_figure(args: argparse.Namespace) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="flipctr", description=__doc__)
+    parser = argparse.ArgumentParser(prog="flipctr", description=__doc__.split("\n\n")[0])
     verbs = parser.add_subparsers(dest="verb", required=True)
+    for add in (_data_commands, _training_commands, _run_command, _run_folder_commands, _figure_commands):
+        add(verbs)
+    return parser
 
+
+def _data_commands(verbs) -> None:
+    """``data get|stats|prepare`` and ``lm get``."""
     data = verbs.add_parser("data", help="fetch raw data, print dataset statistics")
     data_verbs = data.add_subparsers(dest="data_verb", required=True)
     get = data_verbs.add_parser("get", help="put a dataset's raw files into $FLIPCTR_DATA/raw/NAME")
@@ -271,12 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     get.add_argument("--no-verify", action="store_true", help="accept files whose sha256 differs")
     get.set_defaults(func=cmd_data_get)
     stats = data_verbs.add_parser("stats", help="prepare (cache) a dataset and print its statistics as JSON")
-    stats.add_argument("name", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    stats.add_argument("name", help=DATASET_HELP)
     _config_args(stats)
     stats.set_defaults(func=cmd_data_stats)
     prep = data_verbs.add_parser("prepare", help="build a dataset's caches (encoded table; tokenized prompts "
                                  "with --plm) and print where they are as JSON")
-    prep.add_argument("name", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    prep.add_argument("name", help=DATASET_HELP)
     prep.add_argument("--plm", help="also tokenize the prompts for this language model (name or folder)")
     _config_args(prep)
     prep.set_defaults(func=cmd_data_prepare)
@@ -289,8 +286,11 @@ def build_parser() -> argparse.ArgumentParser:
     lm_get.add_argument("--force", action="store_true")
     lm_get.set_defaults(func=cmd_lm_get)
 
+
+def _training_commands(verbs) -> None:
+    """``train`` and ``tune``."""
     train = verbs.add_parser("train", help="train an ID-based CTR model and write a run folder")
-    train.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    train.add_argument("--dataset", help=DATASET_HELP)
     train.add_argument("--model", help="dcnv2, dcn, deepfm, widedeep, afm, pnn, xdeepfm, autoint, afn, "
                                        "plm (language model only), morec (backbone + item text) or ctr_bert "
                                        "(user and item text towers); with model.plm_trainable_layers=0 the "
@@ -303,7 +303,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     tune = verbs.add_parser("tune", help="search settings on validation with Optuna (resumable, parallel), then "
                                          "refit the best on train+valid and test it once")
-    tune.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    tune.add_argument("--dataset", help=DATASET_HELP)
     tune.add_argument("--model", help="the model to tune (as flipctr train --model); not with --method flip")
     tune.add_argument("--method", choices=["id", "flip"], default="id",
                       help="id: a model trained alone; flip: the joint FLIP model's finetuning, on one pretraining "
@@ -327,17 +327,20 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(tune)
     tune.set_defaults(func=cmd_tune)
 
+
+def _run_command(verbs) -> None:
+    """``run``: FLIP end to end."""
     run = verbs.add_parser("run", help="FLIP end to end: pretrain, then finetune the backbone from scratch, "
                                          "FLIP_ID, FLIP_PLM and FLIP; writes results.{json,md}")
-    run.add_argument("--dataset", help="ml-1m, bookcrossing, goodreads, or a custom schema .yaml")
+    run.add_argument("--dataset", help=DATASET_HELP)
     run.add_argument("--profile", choices=PROFILE_CHOICES, default="auto",
                      help="auto (default): gpu where CUDA is present, else cpu")
     run.add_argument("--run-dir", type=Path, required=True)
     run.add_argument("--backbone", help="ID backbone (default dcnv2)")
     run.add_argument("--plm", help="language model (default minilm-l6)")
-    run.add_argument("--variants", nargs="+", choices=["scratch", "flip_id", "flip_plm", "flip"])
+    run.add_argument("--variants", nargs="+", choices=VARIANTS)
     run.add_argument("--ablation", choices=sorted(ABLATIONS), default="none", help="paper Table 5 variants")
-    run.add_argument("--method", choices=["flip", "ctrl", "ptab"], default="flip",
+    run.add_argument("--method", choices=list(METHODS), default="flip",
                      help="ctrl: the CTRL baseline (ICL-only alignment, then the ID model alone); ptab: the PTab "
                           "baseline (token-level MLM of the prompts, then the language model alone; needs a "
                           "trained encoder)")
@@ -350,6 +353,9 @@ def build_parser() -> argparse.ArgumentParser:
     _config_args(run)
     run.set_defaults(func=cmd_run)
 
+
+def _run_folder_commands(verbs) -> None:
+    """``evaluate``, ``predict``, ``export`` and ``report``: what a finished run folder is used for."""
     evaluate = verbs.add_parser("evaluate", help="evaluate a finished run folder's model on its test split")
     evaluate.add_argument("--run-dir", type=Path, required=True)
     evaluate.set_defaults(func=cmd_evaluate)
@@ -372,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("--out", type=Path, required=True)
     report.set_defaults(func=cmd_report)
 
+
+def _figure_commands(verbs) -> None:
+    """``figure alignment|embeddings|sweep``: the paper's analyses."""
     figure = verbs.add_parser("figure", help="the paper's analyses of a flipctr run folder (Figs. 3-6) as PNG + JSON")
     figures = figure.add_subparsers(dest="figure", required=True)
     align = figures.add_parser("alignment", help="Fig. 5: similarity of text with field f masked and table with "
@@ -385,7 +394,7 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--run-dir", type=Path, required=True, help="one sub-folder per point; finished ones are read back")
     sweep.add_argument("--dataset")
     sweep.add_argument("--profile", choices=PROFILE_CHOICES, default="auto")
-    sweep.add_argument("--variants", nargs="+", default=["flip_id"], choices=["scratch", "flip_id", "flip_plm", "flip"],
+    sweep.add_argument("--variants", nargs="+", default=["flip_id"], choices=VARIANTS,
                        help="finetuned per point; the last is plotted")
     sweep.add_argument("--text-mask", nargs="+", type=float, help="text mask ratios (paper: 0.15 0.3 0.6)")
     sweep.add_argument("--tab-mask", nargs="+", type=float, help="table mask ratios (paper: 0.15 0.3 0.6)")
@@ -394,7 +403,6 @@ def build_parser() -> argparse.ArgumentParser:
     for sub in (align, embed, sweep):
         sub.add_argument("--out", type=Path, required=True, help="the PNG; its numbers go beside it as .json")
         sub.set_defaults(func=cmd_figure)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:

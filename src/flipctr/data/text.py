@@ -132,6 +132,23 @@ def _whole_prompts(builder: PromptBuilder, pieces: PieceTokenizer, codes: np.nda
     return tokenize_prompts(builder.build(table), tokenizer, max_length)
 
 
+def _pieces_reproduce(builder: PromptBuilder, pieces: PieceTokenizer, values: ValueCodes, tokenizer,
+                      content: np.ndarray, max_length: int, pad: int, seed: int) -> tuple[bool, int]:
+    """Whether prompts assembled from their values' tokens equal the tokenizer's own (ids,
+    lengths, value spans) on a seeded sample of rows and the 20 longest; and how many were checked."""
+    rows = len(values)
+    rng = np.random.default_rng(seed)
+    longest = np.argpartition(content, -20)[-20:] if rows > 20 else np.arange(rows)
+    check = np.unique(np.concatenate([rng.choice(rows, min(CHECK_ROWS, rows), replace=False), longest]))
+    sample = np.ascontiguousarray(values.codes[check])
+    whole = _whole_prompts(builder, pieces, sample, tokenizer, max_length)
+    ids, lengths, spans = pieces.assemble(sample, max_length, max_length, pad)
+    width = whole.input_ids.shape[1]
+    same = (pieces.right and np.array_equal(ids[:, :width], whole.input_ids) and (ids[:, width:] == pad).all()
+            and np.array_equal(lengths, whole.lengths) and np.array_equal(spans, whole.value_spans))
+    return bool(same), int(len(check))
+
+
 def build_text_cache(folder: Path, values: pd.DataFrame | ValueCodes, builder: PromptBuilder, tokenizer,
                      max_length: int | None, seed: int = 0) -> dict:
     """Write ``input_ids.npy``, ``lengths.npy``, ``value_spans.npy`` and return the report, for
@@ -158,19 +175,11 @@ def build_text_cache(folder: Path, values: pd.DataFrame | ValueCodes, builder: P
     if max_length is None:
         p99 = int(np.ceil(np.percentile(content + specials, 99))) if rows else specials
         max_length, chosen = min(encoder_max_length(tokenizer), p99), "99th percentile of the data"
-    rng = np.random.default_rng(seed)
-    longest = np.argpartition(content, -20)[-20:] if rows > 20 else np.arange(rows)
-    check = np.unique(np.concatenate([rng.choice(rows, min(CHECK_ROWS, rows), replace=False), longest]))
-    sample = np.ascontiguousarray(values.codes[check])
-    whole = _whole_prompts(builder, pieces, sample, tokenizer, max_length)
-    ids, lengths, spans = pieces.assemble(sample, max_length, max_length, pad)
-    width = whole.input_ids.shape[1]
-    method = "pieces"
-    if not (pieces.right and np.array_equal(ids[:, :width], whole.input_ids) and (ids[:, width:] == pad).all()
-            and np.array_equal(lengths, whole.lengths) and np.array_equal(spans, whole.value_spans)):
-        method = "whole prompts"
+    reproduced, checked = _pieces_reproduce(builder, pieces, values, tokenizer, content, max_length, pad, seed)
+    method = "pieces" if reproduced else "whole prompts"
+    if not reproduced:
         log.info("text cache: assembling prompts from their values' tokens does not reproduce this tokenizer "
-                 "(checked on %d rows); every prompt is tokenized whole", len(check))
+                 "(checked on %d rows); every prompt is tokenized whole", checked)
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.int32
     if method == "pieces":
         lengths = np.minimum(content, max_length - specials).astype(np.int32) + specials
@@ -196,7 +205,7 @@ def build_text_cache(folder: Path, values: pd.DataFrame | ValueCodes, builder: P
         cut.path.replace(input_ids.path)
     np.save(folder / "lengths.npy", lengths)
     report = truncation_report(lengths, (value_spans.read(a, b) for a, b in chunks), fields, max_length)
-    report.update(method=method, max_length_from=chosen, checked_rows=int(len(check)),
+    report.update(method=method, max_length_from=chosen, checked_rows=checked,
                   distinct_values=dict(zip(fields, (len(n) for n in values.names), strict=True)),
                   tokens_p99_untruncated=float(np.percentile(content + specials, 99)) if rows else 0.0,
                   seconds=round(time.perf_counter() - tick, 1))

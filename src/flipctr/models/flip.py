@@ -19,6 +19,7 @@ from torch import nn
 
 from ..config import FlipSettings
 from ..data.masking import FieldMasker, MaskedBatch
+from ..runtime.distributed import rank_world
 from .backbones import CTRModel
 from .contract import CTRModule, CTROutput, LMOutput, PretrainOutput
 from .language import LanguageModel
@@ -57,14 +58,6 @@ def take(table: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return table.index_select(0, index.reshape(-1)).view(*index.shape, *table.shape[1:])
 
 
-def _rank_world() -> tuple[int, int]:
-    """(rank, world size) of the process group, (0, 1) outside one (a model reads no training
-    module: this is the one place the heads ask)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
 class _GatherRows(torch.autograd.Function):
     """All-gather with a gradient: forward, every rank's ``(n, ...)`` rows concatenated in rank
     order, ``(world * n, ...)``; backward, each rank's slice of every rank's gradient, summed
@@ -92,7 +85,7 @@ def gather_with_grad(z: torch.Tensor) -> tuple[torch.Tensor, int]:
     """Every rank's rows under DDP, in rank order, the gradient flowing back to their owners
     (:class:`_GatherRows`), and the offset of this rank's rows; ``(z, 0)`` outside DDP.
     Each rank must hold the same number of rows (the pretraining shards are padded to it)."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world == 1:
         return z, 0
     return _GatherRows.apply(z.contiguous()), rank * len(z)
@@ -156,7 +149,7 @@ class MTMHead(nn.Module):
         target = targets.gather(1, fields).long()  # (B, m)
         # under DDP every rank draws the global batch's noise (rank r holds its rows r, r + world, ...)
         # and keeps its own rows: a row's noise does not depend on the rank that holds it
-        rank, world = _rank_world()
+        rank, world = rank_world()
         noise = self.sample_noise(target.numel() * world, k, generator).to(target.device)
         noise = noise.view(len(target) * world, target.shape[1], k)[rank::world]
         target_scores = (h * self.output(target)).sum(-1) + take(self.bias, target)

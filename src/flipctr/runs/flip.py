@@ -12,7 +12,6 @@ import dataclasses
 import json
 import logging
 import shutil
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -39,39 +38,11 @@ from ..training.optim import lr_scales, text_finetune_settings
 from ..training.pretrain import Pretrainer
 from .inputs import RunData
 from .protocol import pinned, start_run, train_run
+from .recipes import METHODS, VARIANTS, Method
 from ..training.tracking import setup_logging
 
 log = logging.getLogger("flipctr")
-VARIANTS = ("scratch", "flip_id", "flip_plm", "flip")
 ENCODING = "train+valid"
-
-
-@dataclass(frozen=True)
-class Method:
-    """A recipe of the one pretraining loop and finetuning runner (``flipctr run --method``): the
-    objectives it fixes, the finetuned variants it may report, and their names there (the
-    paper's Table 2 row, where it is not the variant's own)."""
-
-    title: str
-    objectives: dict[str, bool]
-    variants: tuple[str, ...]
-    reported: dict[str, tuple[str, str]] = field(default_factory=dict)  # variant -> (name, Table 2 key)
-    trains_text: bool = False  # its pretraining trains the language model alone: a frozen one is refused
-
-    def overrides(self) -> list[str]:
-        return [f"flip.{key}={str(value).lower()}" for key, value in self.objectives.items()]
-
-
-METHODS = {
-    "flip": Method("FLIP", {}, VARIANTS),
-    # CTRL: instance-level contrastive alignment alone, then the ID model finetuned alone
-    "ctrl": Method("CTRL", {"mlm": False, "mtm": False, "icl": True}, ("scratch", "flip_id"),
-                   {"flip_id": ("CTRL", "ctrl")}),
-    # PTab: token-level MLM of the prompts (the text alone), then the language model finetuned for CTR
-    "ptab": Method("PTab", {"mlm": True, "mtm": False, "icl": False, "joint_reconstruction": False,
-                            "token_level_masking": True}, ("flip_plm",), {"flip_plm": ("PTab", "ptab")},
-                   trains_text=True),
-}
 
 
 def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
