@@ -29,7 +29,7 @@ from flipctr.data.cache import prepare, resolve_data_config
 from flipctr.runtime.device import resolve_device
 from flipctr.profiles import profile_config
 from flipctr.runs.flip import ENCODING, pretraining_setup
-from flipctr.runs.protocol import RunData
+from flipctr.runs.inputs import ModelInputs
 from flipctr.runtime.device import Runtime, bf16_supported
 from flipctr.runtime.environment import environment_info
 from flipctr.utils import write_json, write_text
@@ -68,7 +68,7 @@ def bare_encoder(model, split, cfg, device: torch.device, dtype: torch.dtype | N
     return len(split) / seconds
 
 
-def measure(setting: str, precision: str, args, data, rd: RunData, device: torch.device) -> dict:
+def measure(setting: str, precision: str, args, data, rd: ModelInputs, device: torch.device) -> dict:
     cfg = profile_config(SETTINGS[setting], [
         f"data.dataset={args.dataset}", f"pretrain.batch_size={args.batch_size}",
         f"pretrain.rows={args.batch_size * args.steps}", "pretrain.rows_from=random", "pretrain.epochs=2",
@@ -108,7 +108,7 @@ def main() -> None:
     base = profile_config("cpu", [f"data.dataset={args.dataset}", f"model.plm={args.plm}"])
     base = dataclasses.replace(base, data=resolve_data_config(base.data))
     data = prepare(base.data)
-    rd = RunData(data, base, device, text=True)
+    rd = ModelInputs(data, base, device, text=True)
     rows, skipped = [], []
     for setting in args.settings:
         for precision in ("fp32", "bf16"):

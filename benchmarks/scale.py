@@ -244,7 +244,7 @@ def pretrain_stage(schema: str, plm: str) -> None:
     from flipctr.profiles import profile_config
     from flipctr.runtime.device import Runtime
     from flipctr.runs.flip import ENCODING, pretraining_setup
-    from flipctr.runs.protocol import RunData
+    from flipctr.runs.inputs import ModelInputs
 
     cfg = profile_config("cpu", [f"data.dataset={schema}", f"model.plm={plm}", "pretrain.epochs=1",
                                  f"pretrain.batch_size={PRETRAIN_BATCH}", f"pretrain.rows={PRETRAIN_STEPS * PRETRAIN_BATCH}",
@@ -252,7 +252,7 @@ def pretrain_stage(schema: str, plm: str) -> None:
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     data = prepare(cfg.data)
     runtime = Runtime.create("cpu", cfg.pretrain.amp)
-    rd = RunData(data, cfg, runtime.device, text=True)
+    rd = ModelInputs(data, cfg, runtime.device, text=True)
     with tempfile.TemporaryDirectory() as tmp:
         model, split, pretrainer = pretraining_setup(cfg, rd, data.encoding(ENCODING), runtime.device, Path(tmp))
         tick = time.perf_counter()

@@ -209,10 +209,10 @@ def test_run_data_splits_last_rows_and_seeded_samples(ml1m_root):
 
     from flipctr.config import DataConfig
     from flipctr.data.cache import prepare
-    from flipctr.runs.protocol import RunData
+    from flipctr.runs.inputs import ModelInputs
 
     data = prepare(DataConfig("ml-1m"), ml1m_root)
-    rd = RunData(data, tiny_config(), torch.device("cpu"), text=False)
+    rd = ModelInputs(data, tiny_config(), torch.device("cpu"), text=False)
     start, stop = data.sizes.bounds("train+valid")
     ids = data.encoding("train+valid").ids
     last = rd.split("train+valid", "train+valid", last=50)
@@ -236,7 +236,7 @@ class _SplitSpy:
         from flipctr.training import trainer
 
         self.events, self.fits = [], []
-        original_split, original_fit = runner.RunData.split, trainer.Trainer.fit
+        original_split, original_fit = runner.ModelInputs.split, trainer.Trainer.fit
         original_evaluate = trainer.Trainer.evaluate
         spy = self
 
@@ -255,7 +255,7 @@ class _SplitSpy:
             spy.events.append(("evaluate", split.name))
             return original_evaluate(trainer_self, model, split)
 
-        monkeypatch.setattr(runner.RunData, "split", split)
+        monkeypatch.setattr(runner.ModelInputs, "split", split)
         monkeypatch.setattr(trainer.Trainer, "fit", fit)
         monkeypatch.setattr(trainer.Trainer, "evaluate", evaluate)
 

@@ -32,7 +32,8 @@ from flipctr.data.cache import prepare, resolve_data_config
 from flipctr.profiles import profile_config
 from flipctr.runtime.device import resolve_device
 from flipctr.runs.flip import ENCODING, pretraining_setup
-from flipctr.runs.protocol import RunData, train_run
+from flipctr.runs.inputs import ModelInputs
+from flipctr.runs.protocol import train_run
 from flipctr.runtime.environment import environment_info
 from flipctr.utils import write_json, write_text
 
@@ -77,7 +78,7 @@ def config(args, path: str, stage: str):
 def pretrain(args, path: str, device: torch.device, profile: bool) -> dict:
     cfg = config(args, path, "pretrain")
     data = prepare(cfg.data)
-    rd = RunData(data, cfg, device, text=True)
+    rd = ModelInputs(data, cfg, device, text=True)
     syncs = SyncCounter(device)
     with tempfile.TemporaryDirectory() as tmp:
         model, split, pretrainer = pretraining_setup(cfg, rd, data.encoding(ENCODING), device, Path(tmp))

@@ -38,7 +38,6 @@ class CTRModule(nn.Module):
     ``item_index``)."""
 
     input_names: tuple[str, ...] = ("ids",)
-    default_lr: float = 1e-3  # train.lr when unset (training.optim.resolve_train_config)
     default_eval_batch_size: int = 8192
 
     def lr_groups(self) -> list[dict]:

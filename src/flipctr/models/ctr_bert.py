@@ -30,7 +30,6 @@ class CTRBertModel(CTRModule):
     A trained language model learns at ``text_lr_scale`` times the towers' lr."""
 
     input_names = ("user_index", "item_index")
-    default_lr = 1e-3
     default_eval_batch_size = 8192
 
     def __init__(self, config: ModelConfig, user: SideText, item: SideText,

@@ -259,7 +259,6 @@ class FlipCTRModel(CTRModule):
     (``alpha_lr_scale`` times the base lr): at a language model's lr (5e-5) it would barely move.
     """
 
-    default_lr = 5e-5
     default_eval_batch_size = 256
 
     def __init__(self, backbone: CTRModel, language_model: LanguageModel | None, alpha: float = 0.5,

@@ -30,7 +30,6 @@ class MoRecModel(CTRModule):
     language model learns at ``text_lr_scale`` times the ID side's lr."""
 
     input_names = ("ids", "item_index")
-    default_lr = 1e-3
     default_eval_batch_size = 8192
 
     def __init__(self, config: ModelConfig, feature_map: FeatureMap, item: SideText,

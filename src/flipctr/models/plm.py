@@ -23,7 +23,6 @@ def text_vector(language_model: LanguageModel | None, input_ids: torch.Tensor | 
 
 
 class PLMCTRModel(CTRModule):
-    default_lr = 5e-5
     default_eval_batch_size = 256
 
     def __init__(self, language_model: LanguageModel | None, hidden_size: int | None = None):

@@ -34,7 +34,7 @@ from ..runtime.device import resolve_device
 from ..runtime.folder import RunFolder
 from ..utils import atomic_path, write_json
 from .flip import ENCODING, pretraining_model, run_flip
-from .inputs import RunData
+from .inputs import ModelInputs
 from .report import variant_name
 
 
@@ -74,7 +74,7 @@ def field_alignment(run_dir: str | Path, rows: int = 1000, batch_size: int = 128
     model = pretraining_model(cfg, encoding)
     model.load_state_dict(load_weights(weights))
     model.to(device).eval()
-    split = RunData(data, cfg, device, text=True).split("valid", ENCODING, spans=True, sample=rows, seed=seed)
+    split = ModelInputs(data, cfg, device, text=True).split("valid", ENCODING, spans=True, sample=rows, seed=seed)
     text_mask = load_tokenizer(cfg.model.plm).mask_token_id
     n_fields = model.backbone.num_fields
     fields = torch.arange(n_fields, device=device)

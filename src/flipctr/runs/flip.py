@@ -36,7 +36,7 @@ from ..runtime.folder import PRETRAINED, RunFolder
 from ..utils import atomic_path, write_json
 from ..training.optim import lr_scales, text_finetune_settings
 from ..training.pretrain import Pretrainer
-from .inputs import RunData
+from .inputs import ModelInputs
 from .protocol import pinned, start_run, train_run
 from .recipes import METHODS, VARIANTS, Method
 from ..training.tracking import setup_logging
@@ -70,7 +70,7 @@ def pretraining_model(cfg: Config, encoding) -> FlipPretrainModel:
                              lm.encoder.config.vocab_size, tokenizer.cls_token_id, tokenizer.sep_token_id)
 
 
-def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
+def pretraining_setup(cfg: Config, rd: ModelInputs, encoding, device: torch.device,
                       folder: Path) -> tuple[FlipPretrainModel, DeviceRows, Pretrainer]:
     """The pretraining model, its train+valid rows and the loop, as ``cfg`` says
     (``benchmarks/pretrain_throughput.py`` measures exactly this)."""
@@ -86,7 +86,7 @@ def pretraining_setup(cfg: Config, rd: RunData, encoding, device: torch.device,
     return model, split, pretrainer
 
 
-def _pretrain(cfg: Config, rd: RunData, encoding, device: torch.device, folder: Path, resume: bool) -> list[dict]:
+def _pretrain(cfg: Config, rd: ModelInputs, encoding, device: torch.device, folder: Path, resume: bool) -> list[dict]:
     """FLIP pretraining into ``folder`` (resumed from its last epoch with ``resume``; a finished one
     is read back): the weights, and the encoding the backbone's ids follow (figures read it)."""
     model, split, pretrainer = pretraining_setup(cfg, rd, encoding, device, folder)
@@ -105,7 +105,7 @@ def pretrain_once(cfg: Config, folder: Path, data_root: Path | None = None) -> N
     cfg = dataclasses.replace(cfg, data=resolve_data_config(cfg.data))
     device = resolve_device(cfg.train.device)
     data = prepare(cfg.data, data_root)
-    _pretrain(cfg, RunData(data, cfg, device, text=True), data.encoding(ENCODING), device, folder, resume=True)
+    _pretrain(cfg, ModelInputs(data, cfg, device, text=True), data.encoding(ENCODING), device, folder, resume=True)
 
 
 def joint_model(cfg: Config, fm: FeatureMap, pretrained: dict[str, torch.Tensor] | None) -> FlipCTRModel:
@@ -233,7 +233,7 @@ class FlipRun:
         self.data = prepare(cfg.data, data_root)
         self.encoding = self.data.encoding(ENCODING)
         texts = set(variants) & {"flip_id", "flip_plm", "flip"}
-        self.text_inputs = RunData(self.data, cfg, self.device, text=True) if texts else None
+        self.text_inputs = ModelInputs(self.data, cfg, self.device, text=True) if texts else None
         if is_main():
             barrier()
         self.pretrained: dict[str, torch.Tensor] | None = None

@@ -36,7 +36,7 @@ from ..data.lm_files import hidden_size, load_tokenizer
 from ..data.prompts import PromptBuilder
 from ..data.schema import LabelRule
 from ..data.text import tokenize_prompts
-from ..models import TEXT_SIDES, build_ctr_model
+from ..models import TEXT_SIDES, CTRModule, build_ctr_model
 from ..models.text_sides import SideText
 from ..runtime.checkpoints import load_weights
 from ..runtime.device import Runtime
@@ -49,7 +49,7 @@ from ..utils import atomic_path, write_json
 class Scorer(nn.Module):
     """A CTR model as a function of the id matrix alone: ids (B, F) int -> probabilities (B,)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: CTRModule):
         super().__init__()
         self.model = model
 
@@ -88,7 +88,7 @@ class TextSide:
 class Predictor:
     """A trained CTR model with its encoding: scores rows given as a DataFrame."""
 
-    def __init__(self, model: nn.Module, encoder: FeatureEncoder, columns: dict[str, str], label: dict | None,
+    def __init__(self, model: CTRModule, encoder: FeatureEncoder, columns: dict[str, str], label: dict | None,
                  text: TextSide | None = None, runtime: Runtime | None = None):
         """``runtime``: the precision the run evaluated in (its ``config.json``), replayed here so
         that scores equal the run's; computed on the CPU."""

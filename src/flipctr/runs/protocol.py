@@ -26,7 +26,7 @@ from ..training.optim import lr_scales, resolve_train_config
 from ..training.tracking import Tracker, setup_logging
 from ..training.trainer import EpochRecord, FitResult, Trainer
 from .inference import write_inference_files
-from .inputs import RunData, model_sides, side_texts
+from .inputs import ModelInputs, model_sides, side_texts
 
 log = logging.getLogger("flipctr")
 PROTOCOLS = ("clean", "paper")
@@ -131,7 +131,7 @@ class ProtocolRun:
         log.info("%s: %d train / %d valid / %d test samples, %d fields; model %s on %s, protocol %s",
                  data.name, data.sizes.train, data.sizes.valid, data.sizes.test, len(data.fields),
                  cfg.model.name, self.runtime.device, cfg.train.protocol)
-        self.inputs = RunData.for_model(data, cfg, self.runtime, self.model)
+        self.inputs = ModelInputs.for_model(data, cfg, self.runtime, self.model)
         self.inputs.side_index = side_index
         self.trainer = Trainer(cfg.train, self.runtime)
         self.tracker = Tracker(folder.tensorboard)
@@ -223,7 +223,7 @@ def evaluate_run(run_dir: str | Path, data_root: Path | None = None) -> dict:
     model = build_ctr_model(cfg.model, FeatureMap.load(folder.feature_map), sides=sides)
     model.load_state_dict(load_weights(folder.model))
     model.to(runtime.device)
-    inputs = RunData.for_model(data, cfg, runtime, model)
+    inputs = ModelInputs.for_model(data, cfg, runtime, model)
     inputs.side_index = side_index
     trainer = Trainer(cfg.train, runtime)
     encoding = saved.get("encoding", "train")

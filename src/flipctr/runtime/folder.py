@@ -1,23 +1,12 @@
-"""The one place that knows a run folder's layout: training writes it, inference, reports,
-figures and searches read it, all through :class:`RunFolder`.
+"""The one place that knows a run folder's layout (:class:`RunFolder`, whose attributes are its
+files): training writes it, inference, reports, figures and searches read it.
 
-A training run (``flipctr train``, each model of ``flipctr run``, each trial of ``flipctr tune``)::
-
-    config.yaml                  the resolved configuration
-    environment.json             versions, device, precision, seed, what decides the digits
-    train.log, tensorboard/      the log and the TensorBoard event files
-    metrics.json                 the protocol's metrics (written last: the run is finished)
-    model.safetensors            the final weights (after the refit where there is one)
-    model-selected.safetensors   the weights picked on validation (clean protocol, before the refit)
-    checkpoint-<stage>.pt        each training stage's last epoch, until the run is finished
-    config.json, feature_map.json, vocab.parquet, counts.npy
-                                 what scoring new rows needs beside the weights (``flipctr.load``)
-
-A FLIP run (``flipctr run``) holds ``config.yaml``, ``environment.json``, ``train.log``,
-``results.{json,md}``, its pretraining in ``pretrain/`` and one training run per model
-(``scratch/``, ``flip_id/``, ``flip_plm/``, ``flip/``). A pretraining folder holds
-``pretrained.safetensors``, ``pretrain_history.json``, ``pretrain_state.pt`` (its checkpoint),
-``pretrain_losses.png``, ``feature_map.json`` and ``tensorboard/``.
+Three kinds share it. A training run (``flipctr train``, each model of ``flipctr run``, each trial
+of ``flipctr tune``) holds its configuration, environment, log, metrics (written last: the run is
+finished), weights, its stages' checkpoints until it is finished, and what scoring new rows
+needs (``flipctr.load``). A FLIP run (``flipctr run``) holds its configuration, environment, log
+and results, its pretraining in ``pretrain/`` and one training run per finetuned model. A
+pretraining holds its weights, history, checkpoint, loss plot and the encoding's layout.
 """
 
 from __future__ import annotations
@@ -37,6 +26,10 @@ PRETRAINED = "pretrained"  # a pretraining's weights: pretrained.safetensors, or
 STAGES = ("train", "refit")  # the training stages that checkpoint (selection, refit)
 
 
+def _file(name: str, doc: str) -> property:
+    return property(lambda folder: folder.path / name, doc=f"``{name}``: {doc}")
+
+
 class RunFolder:
     """A run folder (see the module's docstring): where each of its files is, and how the
     configuration, environment, metrics and results are written and read back."""
@@ -47,81 +40,38 @@ class RunFolder:
     def __repr__(self) -> str:
         return f"RunFolder({str(self.path)!r})"
 
-    # -- a training run --------------------------------------------------------------------
-    @property
-    def config(self) -> Path:
-        return self.path / "config.yaml"
-
-    @property
-    def environment(self) -> Path:
-        return self.path / "environment.json"
-
-    @property
-    def log(self) -> Path:
-        return self.path / "train.log"
-
-    @property
-    def tensorboard(self) -> Path:
-        return self.path / "tensorboard"
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / "metrics.json"
-
-    @property
-    def model(self) -> Path:
-        return self.path / "model.safetensors"
-
-    @property
-    def selected_model(self) -> Path:
-        return self.path / "model-selected.safetensors"
+    # a training run
+    config = _file("config.yaml", "the resolved configuration")
+    environment = _file("environment.json", "versions, device, precision, seed, what decides the digits")
+    log = _file("train.log", "the log")
+    tensorboard = _file("tensorboard", "TensorBoard's event files")
+    metrics = _file("metrics.json", "the protocol's metrics, written last")
+    model = _file("model.safetensors", "the final weights")
+    selected_model = _file("model-selected.safetensors", "the weights picked on validation, before the refit")
+    inference_config = _file("config.json", "what scoring new rows needs beside the weights and the encoding")
+    feature_map = _file("feature_map.json", "the encoding's layout (of a pretraining too)")
+    # a FLIP run
+    results = _file("results.json", "each finetuned model's metrics, the paper's beside them")
+    results_markdown = _file("results.md", "the same as a table")
+    # a pretraining
+    pretrained = _file(f"{PRETRAINED}.safetensors", "the pretrained weights")
+    pretrain_history = _file("pretrain_history.json", "the losses, lr and time of each epoch")
+    pretrain_state = _file("pretrain_state.pt", "the checkpoint a pretraining resumes from")
+    pretrain_plot = _file("pretrain_losses.png", "the losses per epoch")
 
     def checkpoint(self, stage: str) -> Path:
+        """A training stage's checkpoint (``train``: selection, ``refit``), until the run is finished."""
         return self.path / f"checkpoint-{stage}.pt"
 
     @property
-    def inference_config(self) -> Path:
-        return self.path / "config.json"
-
-    @property
-    def feature_map(self) -> Path:
-        return self.path / "feature_map.json"
-
-    # -- a FLIP run ------------------------------------------------------------------------
-    @property
-    def results(self) -> Path:
-        return self.path / "results.json"
-
-    @property
-    def results_markdown(self) -> Path:
-        return self.path / "results.md"
-
-    @property
     def pretrain(self) -> "RunFolder":
+        """A FLIP run's pretraining."""
         return RunFolder(self.path / "pretrain")
 
     def variant(self, name: str) -> "RunFolder":
         """The training run of one finetuned model (``scratch``, ``flip_id``, ``flip_plm``, ``flip``)."""
         return RunFolder(self.path / name)
 
-    # -- a pretraining ---------------------------------------------------------------------
-    @property
-    def pretrained(self) -> Path:
-        return self.path / f"{PRETRAINED}.safetensors"
-
-    @property
-    def pretrain_history(self) -> Path:
-        return self.path / "pretrain_history.json"
-
-    @property
-    def pretrain_state(self) -> Path:
-        return self.path / "pretrain_state.pt"
-
-    @property
-    def pretrain_plot(self) -> Path:
-        return self.path / "pretrain_losses.png"
-
-    # -- writing and reading ---------------------------------------------------------------
     def create(self) -> "RunFolder":
         self.path.mkdir(parents=True, exist_ok=True)
         return self
@@ -140,9 +90,6 @@ class RunFolder:
 
     def write_environment(self, info: dict[str, Any]) -> None:
         write_json(self.environment, info)
-
-    def read_environment(self) -> dict[str, Any]:
-        return json.loads(self.environment.read_text())
 
     @property
     def finished(self) -> bool:

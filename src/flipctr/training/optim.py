@@ -1,7 +1,7 @@
 """The learning-rate policy of every stage, in one place, and the optimizers that apply it.
 
-- ID models train at ``train.lr`` (None: the model's ``default_lr``, 1e-3 ID models, 5e-5
-  language models), replayed per epoch by the refit (:class:`~.trainer.FitResult`'s
+- a CTR model trains at ``train.lr`` (None: :func:`default_lr`, 1e-3 for ID-side models, 5e-5
+  where the language model is the CTR model), replayed per epoch by the refit (:class:`~.trainer.FitResult`'s
   ``lr_per_epoch``), lowered on a plateau with ``train.reduce_lr_on_plateau``;
 - models with a language model inside train with ``text_finetune`` (:func:`text_finetune_settings`);
   their parameter groups keep fixed ratios to that lr (:func:`lr_scales`: FLIP's ID side and α, a
@@ -23,7 +23,9 @@ from torch.optim.adam import adam
 from ..config import Config, PretrainConfig, TrainConfig
 from ..models import LrScales
 from ..models.contract import CTRModule
+from ..models.flip import FlipCTRModel
 from ..models.language import LanguageModel
+from ..models.plm import PLMCTRModel
 
 
 def text_finetune_settings(cfg: Config) -> tuple[TrainConfig, dict]:
@@ -36,20 +38,32 @@ def text_finetune_settings(cfg: Config) -> tuple[TrainConfig, dict]:
     return train, {"train_rows": cfg.text_finetune.train_rows, "valid_rows": cfg.text_finetune.valid_rows}
 
 
+ID_MODEL_LR = 1e-3
+LANGUAGE_MODEL_LR = 5e-5
+
+
+def default_lr(model: CTRModule) -> float:
+    """``train.lr`` when it is not set: a language model's where the CTR model finetunes one as a
+    whole (FLIP_PLM, FLIP), an ID model's for the others (MoRec and CTR-BERT included: their
+    language model's own ratio is :func:`lr_scales`' ``text``)."""
+    return LANGUAGE_MODEL_LR if isinstance(model, (PLMCTRModel, FlipCTRModel)) else ID_MODEL_LR
+
+
 def lr_scales(cfg: Config) -> LrScales:
     """The run's ratios: the joint FLIP model trains at ``text_finetune.lr`` with its ID side
     at ``text_finetune.id_lr`` and α at ``alpha_lr``; a language model inside an ID-side
     model (MoRec, CTR-BERT) at ``text_finetune.lr``, the rest at ``train.lr`` (default 1e-3,
     these models' own)."""
     tf = cfg.text_finetune
-    return LrScales(id=tf.id_lr / tf.lr, alpha=tf.alpha_lr / tf.lr, text=tf.lr / (cfg.train.lr or 1e-3))
+    return LrScales(id=tf.id_lr / tf.lr, alpha=tf.alpha_lr / tf.lr, text=tf.lr / (cfg.train.lr or ID_MODEL_LR))
 
 
 def resolve_train_config(cfg: TrainConfig, model: CTRModule) -> TrainConfig:
-    """Fill settings left to the model (``lr``, ``eval_batch_size``) from its class defaults."""
+    """Fill the settings left to the model: ``lr`` (:func:`default_lr`) and ``eval_batch_size``
+    (the model's own)."""
     return dataclasses.replace(
         cfg,
-        lr=cfg.lr if cfg.lr is not None else model.default_lr,
+        lr=cfg.lr if cfg.lr is not None else default_lr(model),
         eval_batch_size=cfg.eval_batch_size or model.default_eval_batch_size)
 
 

@@ -13,6 +13,7 @@ import torch
 
 from ..config import PretrainConfig
 from ..data.batching import DeviceRows
+from ..models.flip import FlipPretrainModel
 from ..runtime.checkpoints import save_weights
 from ..runtime.device import Runtime
 from ..runtime.distributed import rank_world
@@ -83,7 +84,7 @@ class Pretrainer:
         self.cfg, self.folder, self.runtime = cfg, RunFolder(folder), runtime
         self.device = self.runtime.device
 
-    def fit(self, model: torch.nn.Module, data: DeviceRows, resume: bool = False,
+    def fit(self, model: FlipPretrainModel, data: DeviceRows, resume: bool = False,
             on_step: Callable[[int, int, float], None] | None = None) -> list[dict]:
         """Pretrain for ``cfg.epochs``; with ``resume`` continue from the last saved epoch. After
         each epoch (rank 0): the engine's checkpoint, the weights as ``pretrained.safetensors``
@@ -128,7 +129,7 @@ class Pretraining(Stage):
     names = ("ids", "input_ids", "attention_mask", "value_spans")
     name, desc = "pretraining", "pretrain"
 
-    def __init__(self, owner: Pretrainer, model: torch.nn.Module, data: DeviceRows,
+    def __init__(self, owner: Pretrainer, model: FlipPretrainModel, data: DeviceRows,
                  on_step: Callable[[int, int, float], None] | None):
         cfg, rank = owner.cfg, rank_world()[0]
         self.owner, self.cfg, self.runtime, self.data, self.on_step = owner, cfg, owner.runtime, data, on_step

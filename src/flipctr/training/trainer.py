@@ -20,6 +20,8 @@ from torch import nn
 
 from ..config import TrainConfig
 from ..data.batching import DeviceRows
+from ..models.backbones import CTRModel
+from ..models.contract import CTRModule
 from ..runtime.device import Runtime
 from ..runtime.distributed import gather_rows, rank_rows, rank_world
 from .budget import Budget, agree_any
@@ -61,7 +63,7 @@ class FitResult:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtime: Runtime | None = None) -> np.ndarray:
+def predict(model: CTRModule, split: DeviceRows, batch_size: int = 8192, runtime: Runtime | None = None) -> np.ndarray:
     """Probabilities for every row of ``split``, in ``runtime``'s precision (default fp32 on the
     split's device). Under DDP each rank scores every world-th row (the last ones wrapping round
     to equal counts) and the scores are gathered: every rank returns all of them, so all ranks
@@ -86,7 +88,7 @@ def predict(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtime
     return gather_rows(scores, len(split)).cpu().numpy()
 
 
-def evaluate(model: nn.Module, split: DeviceRows, batch_size: int = 8192, runtime: Runtime | None = None
+def evaluate(model: CTRModule, split: DeviceRows, batch_size: int = 8192, runtime: Runtime | None = None
              ) -> dict[str, float]:
     return ctr_metrics(split.labels.cpu().numpy(), predict(model, split, batch_size, runtime))
 
@@ -99,13 +101,13 @@ class Trainer:
         self.cfg, self.runtime = cfg, runtime
         self.device = self.runtime.device
 
-    def evaluate(self, model: nn.Module, split: DeviceRows) -> dict[str, float]:
+    def evaluate(self, model: CTRModule, split: DeviceRows) -> dict[str, float]:
         cfg = resolve_train_config(self.cfg, model)
         return evaluate(model, split, cfg.eval_batch_size, self.runtime)
 
     def fit(
         self,
-        model: nn.Module,
+        model: CTRModule,
         train: DeviceRows,
         eval_split: DeviceRows | None = None,
         epochs: float | None = None,
@@ -137,7 +139,7 @@ class Finetuning(Stage):
     FLIP Eq. 15), evaluations inside epochs, early stopping on validation AUC, a time budget
     checked at each evaluation, the lr replayed per epoch or lowered on a plateau."""
 
-    def __init__(self, trainer: Trainer, model: nn.Module, train: DeviceRows, eval_split: DeviceRows | None,
+    def __init__(self, trainer: Trainer, model: CTRModule, train: DeviceRows, eval_split: DeviceRows | None,
                  epochs: float | None, lr_schedule: list[float] | None,
                  on_epoch_end: Callable[[EpochRecord], None] | None, tracker: Tracker | None, stage: str):
         cfg = resolve_train_config(trainer.cfg, model)
@@ -162,7 +164,7 @@ class Finetuning(Stage):
         evals = max(1, cfg.evals_per_epoch)
         self.eval_steps = {round(self.steps_per_epoch * k / evals) for k in range(1, evals + 1)}
         self.epochs = math.ceil(self.total_steps / self.steps_per_epoch)
-        self.embedding_l2 = cfg.embedding_l2 if hasattr(model, "embed") else 0.0
+        self.embedding_l2 = cfg.embedding_l2 if isinstance(model, CTRModel) else 0.0
         if cfg.embedding_l2 > 0 and not self.embedding_l2:
             log.info("train.embedding_l2 ignored: %s has no ID embeddings", type(model).__name__)
         self.loss_fn = nn.BCEWithLogitsLoss()
