@@ -76,7 +76,7 @@ FAULTS = [
     Fault("mtm_sum_over_batch", "MTM sums its per-sample losses over the batch instead of averaging", FLIP,
           "cfg.nce_noise, generator).float().mean()", "cfg.nce_noise, generator).float().sum()"),
     Fault("nce_noise_count_ignored", "MTM draws one noise feature instead of flip.nce_noise (K)", FLIP,
-          "cfg.nce_noise, generator).float().mean()", "1, generator).float().mean()"),
+          "ids, cfg.nce_noise, generator,", "ids, 1, generator,"),
     Fault("icl_temperature_ignored", "ICL is built with τ = 1 instead of flip.temperature", FLIP,
           "ICLHead(dt, dv, config.icl_dim, config.temperature)", "ICLHead(dt, dv, config.icl_dim, 1.0)"),
     Fault("pretrain_loss_drops_icl", "Eq. 12's sum leaves out ICL", FLIP,

@@ -72,3 +72,118 @@ def test_the_additive_mask_is_zero_where_attended_and_the_lowest_value_elsewhere
     assert out.shape == (2, 1, 1, 3) and out.dtype == torch.bfloat16
     lowest = torch.finfo(torch.bfloat16).min
     assert out[:, 0, 0].tolist() == [[0.0, 0.0, lowest], [0.0, lowest, lowest]]
+
+
+def _pretraining_step_inputs(mask: str = "auto"):
+    """A tiny pretraining model and one batch with everything drawn ahead, as the pretraining
+    stage hands it over: the masked fields, the MLM target count, the MTM noise."""
+    from test_flip import _batch, _tiny_pair
+
+    from flipctr.data.masking import choose_fields, field_mask, span_token_mask
+
+    model, _, lm = _tiny_pair()
+    lm.attention_mask = mask
+    ids, input_ids, attention, spans = _batch()
+    g = torch.Generator().manual_seed(0)
+    tab = choose_fields(len(ids), 3, model.masker.tab_ratio, g)
+    text = choose_fields(len(ids), 3, model.masker.text_ratio, g)
+    targets = int(span_token_mask(spans, field_mask(text, 3), input_ids.shape[1]).sum())
+    noise = model.mtm_head.sample_noise(tab.numel(), model.config.nce_noise, g)
+    return model, (ids, input_ids, attention, spans), {"tab_fields": tab, "text_fields": text,
+                                                       "text_targets": targets, "nce_noise": noise}
+
+
+def test_noise_drawn_ahead_is_the_noise_the_forward_draws():
+    """The stage draws MTM's noise before the forward from the generator the forward would use:
+    the same numbers, so the same loss and gradients, bit for bit."""
+    model, batch, ahead = _pretraining_step_inputs()
+    results = []
+    for drawn_ahead in (False, True):
+        generator = torch.Generator().manual_seed(7)
+        noise = model.mtm_head.sample_noise(ahead["tab_fields"].numel(), model.config.nce_noise, generator) \
+            if drawn_ahead else None
+        torch.manual_seed(1)  # dropout
+        out = model(*batch, torch.Generator().manual_seed(7) if not drawn_ahead else None,
+                    **{**ahead, "nce_noise": noise})
+        out.loss.backward()
+        results.append((out.loss.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+        model.zero_grad()
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
+
+
+def _traced(fn, *args):
+    """``fn(*args)`` compiled whole (``fullgraph=True``: a graph break, e.g. a host sync, is an
+    error) with static shapes, and the graphs the compiler was given."""
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return aot_eager(gm, example_inputs)
+
+    torch._dynamo.reset()
+    return torch.compile(fn, fullgraph=True, dynamic=False, backend=keep)(*args), graphs
+
+
+def _host_reads(graphs) -> list[str]:
+    """The graph nodes that read a tensor's value on the host (``.item()``, ``.tolist()``)."""
+    return [f"{node.op} {node.target}" for gm in graphs for node in gm.graph.nodes
+            if node.target in ("item", "tolist", torch.ops.aten._local_scalar_dense.default)]
+
+
+def _data_dependent_shapes(graphs) -> list[str]:
+    """The graph nodes whose shape depends on the data (an unbacked size: nonzero, masked_select, ...)."""
+    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
+
+    return [f"{node.op} {node.target}" for gm in graphs for node in gm.graph.nodes
+            if isinstance(node.meta.get("example_value"), torch.Tensor)
+            and free_unbacked_symbols(node.meta["example_value"])]
+
+
+@pytest.mark.parametrize("mask", ["2d", "4d"])
+def test_the_pretraining_step_traces_whole_with_static_shapes(mask):
+    """With the masks, the MLM target count and the noise drawn ahead, the pretraining forward
+    (and its backward) is one graph: no host sync, no data-dependent shape, nothing drawn from a
+    generator inside, what CUDA graphs and ``torch.compile`` need. Its loss and gradients equal
+    the eager step's (the same kernels: 1e-6)."""
+    model, batch, ahead = _pretraining_step_inputs(mask)
+
+    def step(*inputs):
+        return model(*inputs, None, **ahead).loss
+
+    torch.manual_seed(3)
+    eager = step(*batch)
+    eager.backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    model.zero_grad()
+    torch.manual_seed(3)
+    loss, graphs = _traced(step, *batch)
+    loss.backward()
+    assert len(graphs) == 1 and not _data_dependent_shapes(graphs) and not _host_reads(graphs)
+    torch.testing.assert_close(loss, eager, atol=1e-6, rtol=1e-6)
+    for traced, plain in zip([p.grad for p in model.parameters() if p.grad is not None], grads, strict=True):
+        torch.testing.assert_close(traced, plain, atol=1e-6, rtol=1e-6)
+
+
+def test_the_trace_check_sees_a_data_dependent_shape_and_a_host_sync():
+    """The checks above can fail: without the MLM target count the step gathers ``nonzero()``
+    positions (a data-dependent shape); a value read on the host is seen in the graph, and
+    branching on it breaks the graph."""
+    model, batch, ahead = _pretraining_step_inputs()
+    _, graphs = _traced(lambda *inputs: model(*inputs, None, **{**ahead, "text_targets": None}).loss, *batch)
+    assert _data_dependent_shapes(graphs)
+
+    def reads(*inputs):
+        loss = model(*inputs, None, **ahead).loss
+        return loss * loss.item()
+
+    assert _host_reads(_traced(reads, *batch)[1])
+
+    def branches(*inputs):
+        loss = model(*inputs, None, **ahead).loss
+        return loss * 2 if loss.item() > 0 else loss
+
+    with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
+        _traced(branches, *batch)

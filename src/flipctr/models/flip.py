@@ -138,11 +138,13 @@ class MTMHead(nn.Module):
         return torch.multinomial(self.noise_probs, n * k, replacement=True, generator=generator).view(n, k)
 
     def forward(self, v_hat: torch.Tensor, u: torch.Tensor | None, fields: torch.Tensor, targets: torch.Tensor,
-                k: int, generator: torch.Generator | None = None) -> torch.Tensor:
+                k: int, generator: torch.Generator | None = None, noise: torch.Tensor | None = None) -> torch.Tensor:
         """Per-sample MTM loss (B,): mean NCE loss over the sample's masked fields (Eq. 9-10).
 
         fields (B, m) the masked fields, targets (B, F) the original ids; fixed shapes, so no
         step waits on the host. ``u`` None: no text reference (ablation "w/o joint reconstruction").
+        ``noise``: the global batch's noise drawn ahead, :meth:`sample_noise` ``(B·world·m, k)``
+        (a step that draws nothing traces whole); None: drawn here from ``generator``.
         """
         ctx = v_hat if u is None else torch.cat([v_hat, u], -1)
         h = torch.einsum("bd,bmde->bme", ctx, take(self.field_proj, fields))  # (B, m, dim)
@@ -150,8 +152,9 @@ class MTMHead(nn.Module):
         # under DDP every rank draws the global batch's noise (rank r holds its rows r, r + world, ...)
         # and keeps its own rows: a row's noise does not depend on the rank that holds it
         rank, world = rank_world()
-        noise = self.sample_noise(target.numel() * world, k, generator).to(target.device)
-        noise = noise.view(len(target) * world, target.shape[1], k)[rank::world]
+        if noise is None:
+            noise = self.sample_noise(target.numel() * world, k, generator)
+        noise = noise.to(target.device).view(len(target) * world, target.shape[1], k)[rank::world]
         target_scores = (h * self.output(target)).sum(-1) + take(self.bias, target)
         noise_scores = torch.einsum("bme,bmke->bmk", h, self.output(noise)) + take(self.bias, noise)
         return nce_loss(target_scores, noise_scores, self.log_q[target], self.log_q[noise], k).mean(1)
@@ -199,11 +202,12 @@ class FlipPretrainModel(nn.Module):
     def forward(self, ids: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                 value_spans: torch.Tensor, generator: torch.Generator | None = None,
                 text_targets: int | None = None, tab_fields: torch.Tensor | None = None,
-                text_fields: torch.Tensor | None = None) -> PretrainOutput:
+                text_fields: torch.Tensor | None = None, nce_noise: torch.Tensor | None = None) -> PretrainOutput:
         """``text_targets``: the batch's masked tokens, or an upper bound, known on the host (with
         the fields chosen ahead, ``tab_fields``/``text_fields``, the exact count; else the sum of
         ``FieldMasker.max_text_targets``); the MLM head then runs on that many positions, padding
-        weighted 0, and nothing waits on the device. None: the count is read from the device."""
+        weighted 0, and nothing waits on the device. None: the count is read from the device.
+        ``nce_noise``: MTM's noise drawn ahead (:meth:`MTMHead.forward`)."""
         cfg = self.config
         masked: MaskedBatch = self.masker(ids, input_ids, attention_mask, value_spans, generator, tab_fields,
                                           text_fields)
@@ -226,7 +230,8 @@ class FlipPretrainModel(nn.Module):
         if cfg.mtm:
             v_hat = self.backbone.encode(masked.masked_ids)
             u = self.mtm_head.attend(v_hat, w.hidden_states, attention_mask) if cfg.joint_reconstruction else None
-            losses["mtm"] = self.mtm_head(v_hat, u, masked.tab_fields, ids, cfg.nce_noise, generator).float().mean()
+            losses["mtm"] = self.mtm_head(v_hat, u, masked.tab_fields, ids, cfg.nce_noise, generator,
+                                     nce_noise).float().mean()
         if cfg.icl:
             losses["icl"] = self.icl_head(w.cls, v)
         return PretrainOutput(sum(losses.values()), losses.get("mlm"), losses.get("mtm"), losses.get("icl"),

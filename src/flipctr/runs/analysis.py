@@ -16,13 +16,11 @@ Each writes a PNG and a JSON of the numbers plotted beside it.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 
 from ..config import Config
 from ..data.encoder import MASK_ID, FeatureMap

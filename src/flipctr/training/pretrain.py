@@ -183,6 +183,12 @@ class Pretraining(Stage):
 
     def loss(self, step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
         batch.update(self.masks.batch(step))
+        mtm = self.model.mtm_head
+        if mtm is not None and "tab_fields" in batch and "text_fields" in batch:
+            # the fields were drawn ahead, so the forward draws nothing but this noise: drawn here
+            # instead, the same numbers from the same generator, the step has no draw left inside
+            rows_global = len(batch["ids"]) * batch["tab_fields"].shape[1] * rank_world()[1]
+            batch["nce_noise"] = mtm.sample_noise(rows_global, self.model.config.nce_noise, self.generators["masking"])
         with self.runtime.autocast():
             out = self.wrapped(**batch, generator=self.generators["masking"])
         self.sums["loss"] += out.loss.detach()
