@@ -74,7 +74,7 @@ FAULTS = [
     Fault("attention_sees_padding", "cross-attention over padded positions", FLIP,
           "scores = scores.masked_fill(attention_mask == 0, torch.finfo(scores.dtype).min)", "scores = scores"),
     Fault("mtm_sum_over_batch", "MTM sums its per-sample losses over the batch instead of averaging", FLIP,
-          "cfg.nce_noise, generator).float().mean()", "cfg.nce_noise, generator).float().sum()"),
+          "nce_noise).float().mean()", "nce_noise).float().sum()"),
     Fault("nce_noise_count_ignored", "MTM draws one noise feature instead of flip.nce_noise (K)", FLIP,
           "ids, cfg.nce_noise, generator,", "ids, 1, generator,"),
     Fault("icl_temperature_ignored", "ICL is built with τ = 1 instead of flip.temperature", FLIP,
