@@ -5,6 +5,7 @@ import torch
 from transformers import BertConfig
 
 from flipctr.models.language import LanguageModel, additive_mask
+from flipctr.training.trace import data_dependent_shapes, host_reads, traced
 
 
 def _encoder(mask: str) -> LanguageModel:
@@ -112,36 +113,6 @@ def test_noise_drawn_ahead_is_the_noise_the_forward_draws():
     assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1], strict=True))
 
 
-def _traced(fn, *args):
-    """``fn(*args)`` compiled whole (``fullgraph=True``: a graph break, e.g. a host sync, is an
-    error) with static shapes, and the graphs the compiler was given."""
-    from torch._dynamo.backends.debugging import aot_eager
-
-    graphs = []
-
-    def keep(gm, example_inputs):
-        graphs.append(gm)
-        return aot_eager(gm, example_inputs)
-
-    torch._dynamo.reset()
-    return torch.compile(fn, fullgraph=True, dynamic=False, backend=keep)(*args), graphs
-
-
-def _host_reads(graphs) -> list[str]:
-    """The graph nodes that read a tensor's value on the host (``.item()``, ``.tolist()``)."""
-    return [f"{node.op} {node.target}" for gm in graphs for node in gm.graph.nodes
-            if node.target in ("item", "tolist", torch.ops.aten._local_scalar_dense.default)]
-
-
-def _data_dependent_shapes(graphs) -> list[str]:
-    """The graph nodes whose shape depends on the data (an unbacked size: nonzero, masked_select, ...)."""
-    from torch.fx.experimental.symbolic_shapes import free_unbacked_symbols
-
-    return [f"{node.op} {node.target}" for gm in graphs for node in gm.graph.nodes
-            if isinstance(node.meta.get("example_value"), torch.Tensor)
-            and free_unbacked_symbols(node.meta["example_value"])]
-
-
 @pytest.mark.parametrize("mask", ["2d", "4d"])
 def test_the_pretraining_step_traces_whole_with_static_shapes(mask):
     """With the masks, the MLM target count and the noise drawn ahead, the pretraining forward
@@ -159,12 +130,12 @@ def test_the_pretraining_step_traces_whole_with_static_shapes(mask):
     grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
     model.zero_grad()
     torch.manual_seed(3)
-    loss, graphs = _traced(step, *batch)
+    loss, graphs = traced(step, *batch)
     loss.backward()
-    assert len(graphs) == 1 and not _data_dependent_shapes(graphs) and not _host_reads(graphs)
+    assert len(graphs) == 1 and not data_dependent_shapes(graphs) and not host_reads(graphs)
     torch.testing.assert_close(loss, eager, atol=1e-6, rtol=1e-6)
-    for traced, plain in zip([p.grad for p in model.parameters() if p.grad is not None], grads, strict=True):
-        torch.testing.assert_close(traced, plain, atol=1e-6, rtol=1e-6)
+    for captured, plain in zip([p.grad for p in model.parameters() if p.grad is not None], grads, strict=True):
+        torch.testing.assert_close(captured, plain, atol=1e-6, rtol=1e-6)
 
 
 def test_the_trace_check_sees_a_data_dependent_shape_and_a_host_sync():
@@ -172,18 +143,18 @@ def test_the_trace_check_sees_a_data_dependent_shape_and_a_host_sync():
     positions (a data-dependent shape); a value read on the host is seen in the graph, and
     branching on it breaks the graph."""
     model, batch, ahead = _pretraining_step_inputs()
-    _, graphs = _traced(lambda *inputs: model(*inputs, None, **{**ahead, "text_targets": None}).loss, *batch)
-    assert _data_dependent_shapes(graphs)
+    _, graphs = traced(lambda *inputs: model(*inputs, None, **{**ahead, "text_targets": None}).loss, *batch)
+    assert data_dependent_shapes(graphs)
 
     def reads(*inputs):
         loss = model(*inputs, None, **ahead).loss
         return loss * loss.item()
 
-    assert _host_reads(_traced(reads, *batch)[1])
+    assert host_reads(traced(reads, *batch)[1])
 
     def branches(*inputs):
         loss = model(*inputs, None, **ahead).loss
         return loss * 2 if loss.item() > 0 else loss
 
     with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
-        _traced(branches, *batch)
+        traced(branches, *batch)

@@ -146,7 +146,8 @@ def test_budgets_share_what_is_left():
 
 def test_the_speed_script_measures_every_stage_on_both_paths(ml1m_root, tiny_plm, tmp_path, monkeypatch):
     """benchmarks/gpu/speed.py on the CPU with tiny shapes: every stage, eager and fast, a
-    samples/s and the epochs' losses, a profiler table for the fast path; both files written."""
+    samples/s and the epochs' losses, a profiler table for the fast path, the pretraining step's
+    capture; both files written."""
     sys.path.insert(0, str(ROOT / "benchmarks" / "gpu"))
     import speed
 
@@ -163,6 +164,9 @@ def test_the_speed_script_measures_every_stage_on_both_paths(ml1m_root, tiny_plm
     # the fast path on a CPU is the eager one (the 4-D mask is CUDA's): the same losses
     assert rows[("pretrain", "fast")]["losses"] == rows[("pretrain", "eager")]["losses"]
     assert "| pretrain | fast |" in (tmp_path / "out" / "speed.md").read_text()
+    # the real stage's first batch (masks, target count and noise drawn ahead) is captured whole
+    assert report["trace"] == {"whole": True, "graphs": 1, "data_dependent": [], "host_reads": [], "error": None}
+    assert "captured whole (one graph, static shapes, no host read): yes" in (tmp_path / "out" / "speed.md").read_text()
 
 
 def test_the_paper_setting_in_two_stages_carries_the_pretraining_back_and_forth(pack, tmp_path):

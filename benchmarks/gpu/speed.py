@@ -12,7 +12,8 @@ timed (training steps only). Per stage and path it records samples/s, the epochs
 (eager and fast side by side: the same computation must give close values), the host waits per
 step in the timed epoch (CUDA: ``torch.cuda.set_sync_debug_mode``, checkpoints and evaluation
 included), peak GPU memory, and for the fast path a profiler table of one epoch's top
-operations. Writes ``OUT/speed.{json,md}``; commit them as ``benchmarks/results/gpu_speed.*``.
+operations; and whether the pretraining step can be captured whole (CUDA graphs, a compiled
+step). Writes ``OUT/speed.{json,md}``; commit them as ``benchmarks/results/gpu_speed.*``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,9 @@ from flipctr.runs.flip import ENCODING, pretraining_setup
 from flipctr.runs.inputs import ModelInputs
 from flipctr.runs.protocol import train_run
 from flipctr.runtime.environment import environment_info
+from flipctr.training.engine import global_order
+from flipctr.training.pretrain import Pretraining
+from flipctr.training.trace import trace_report
 from flipctr.utils import write_json, write_text
 
 PATHS = {"eager": ["model.plm_attention_mask=2d"], "fast": ["model.plm_attention_mask=auto"]}
@@ -93,6 +97,29 @@ def pretrain(args, path: str, device: torch.device, profile: bool) -> dict:
             "peak_gpu_memory_mib": last.get("peak_gpu_memory_mib"), "profile": table}
 
 
+def trace(args, device: torch.device) -> dict:
+    """Whether the pretraining step, as the stage hands it its first batch (fast path), is
+    captured whole: one graph, no data-dependent shape, no host read (:mod:`flipctr.training.trace`)."""
+    cfg = config(args, "fast", "pretrain")
+    data = prepare(cfg.data)
+    with tempfile.TemporaryDirectory() as tmp:
+        model, split, pretrainer = pretraining_setup(cfg, ModelInputs(data, cfg, device, text=True),
+                                                     data.encoding(ENCODING), device, Path(tmp))
+        stage = Pretraining(pretrainer, model, split, None)
+        order = global_order(split, stage.generators["shuffle"], stage.batch_size, stage.length_buckets)
+        stage.begin_epoch(1, order)
+        rows = order[:stage.batch_size]
+        widths = split.batch_widths(rows, stage.batch_size)
+        inputs = stage.step_inputs(0, split.batch(rows.to(device), stage.names, widths[0] if widths else None))
+        stage.tracker.close()
+
+        def step(inputs: dict) -> torch.Tensor:
+            with pretrainer.runtime.autocast():
+                return model(**inputs).loss
+
+        return trace_report(step, inputs)
+
+
 def finetune(args, path: str, stage: str, device: torch.device, profile: bool) -> dict:
     cfg = config(args, path, stage)
     syncs = SyncCounter(device)
@@ -131,6 +158,12 @@ def render(report: dict) -> str:
         losses = "; ".join(", ".join(f"{k} {v:.4f}" for k, v in e.items()) for e in r["losses"])
         lines.append(f"| {r['stage']} | {r['path']} | {r['samples_per_second']:.0f} | {TARGETS[r['stage']]} | "
                      f"{r['steps']} | {r['syncs_per_step']} | {r['peak_gpu_memory_mib']} | {losses} |")
+    if report.get("trace"):
+        tr = report["trace"]
+        lines += ["", f"Pretraining step captured whole (one graph, static shapes, no host read): "
+                      f"{'yes' if tr['whole'] else 'no'} (graphs {tr['graphs']}, data-dependent shapes "
+                      f"{tr['data_dependent'] or 'none'}, host reads {tr['host_reads'] or 'none'}"
+                      f"{', ' + tr['error'] if tr['error'] else ''})."]
     for r in report["results"]:
         if r.get("profile"):
             lines += ["", f"## {r['stage']} ({r['path']}): top operations of one more run", "", "```", r["profile"], "```"]
@@ -161,10 +194,11 @@ def main(argv: list[str] | None = None) -> None:
             results.append({"stage": stage, "path": path, **row})
             print(f"[speed] {stage} {path}: {row['samples_per_second']:.0f} samples/s, "
                   f"{row['syncs_per_step']} host waits/step", file=sys.stderr, flush=True)
+    traced_step = trace(args, device) if "pretrain" in args.stages else None
     report = {"command": "python benchmarks/gpu/speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "device": environment_info(str(device)).get("gpu", str(device)),
               "environment": environment_info(str(device)), "seconds": time.perf_counter() - tick,
-              "results": results}
+              "results": results, "trace": traced_step}
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "speed.json", report)
     write_text(args.out / "speed.md", render(report))

@@ -23,10 +23,10 @@ import torch
 import torch.nn.functional as F
 
 from ..config import Config
-from ..data.encoder import MASK_ID, FeatureMap
-from ..data.masking import field_mask, mask_tabular, span_token_mask
 from ..data.cache import prepare
+from ..data.encoder import MASK_ID, FeatureMap
 from ..data.lm_files import load_tokenizer
+from ..data.masking import field_mask, mask_tabular, span_token_mask
 from ..runtime.checkpoints import load_weights
 from ..runtime.device import resolve_device
 from ..runtime.folder import RunFolder

@@ -28,18 +28,23 @@ from ..models import CTRModule, build_ctr_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
 from ..models.language import LanguageModel
 from ..paper import table2
-from .report import render_results
-from ..runtime.checkpoints import load_shards, load_weights, save_shards, seed_everything
+from ..runtime.checkpoints import (
+    load_shards,
+    load_weights,
+    save_shards,
+    seed_everything,
+)
 from ..runtime.device import Runtime, resolve_device
 from ..runtime.distributed import barrier, is_main
 from ..runtime.folder import PRETRAINED, RunFolder
-from ..utils import atomic_path, write_json
 from ..training.optim import lr_scales, text_finetune_settings
 from ..training.pretrain import Pretrainer
+from ..training.tracking import setup_logging
+from ..utils import atomic_path, write_json
 from .inputs import ModelInputs
 from .protocol import pinned, start_run, train_run
 from .recipes import METHODS, VARIANTS, Method
-from ..training.tracking import setup_logging
+from .report import render_results
 
 log = logging.getLogger("flipctr")
 ENCODING = "train+valid"

@@ -181,16 +181,25 @@ class Pretraining(Stage):
         self.epoch = epoch
         return self.steps_per_epoch
 
-    def loss(self, step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
-        batch.update(self.masks.batch(step))
+    def step_inputs(self, step: int, batch: dict[str, torch.Tensor]) -> dict:
+        """The forward's arguments for batch ``step`` (of this epoch, in order): its inputs, the
+        masks drawn ahead and, where the fields were drawn ahead, MTM's noise (the forward's only
+        draw left: drawn here instead, the same numbers from the same generator), so that the
+        forward draws nothing (``generator`` None) and can be captured whole
+        (:mod:`~flipctr.training.trace`)."""
+        inputs = {**batch, **self.masks.batch(step), "generator": self.generators["masking"]}
         mtm = self.model.mtm_head
-        if mtm is not None and "tab_fields" in batch and "text_fields" in batch:
-            # the fields were drawn ahead, so the forward draws nothing but this noise: drawn here
-            # instead, the same numbers from the same generator, the step has no draw left inside
-            rows_global = len(batch["ids"]) * batch["tab_fields"].shape[1] * rank_world()[1]
-            batch["nce_noise"] = mtm.sample_noise(rows_global, self.model.config.nce_noise, self.generators["masking"])
+        if "tab_fields" in inputs and "text_fields" in inputs:
+            if mtm is not None:
+                rows_global = len(inputs["ids"]) * inputs["tab_fields"].shape[1] * rank_world()[1]
+                inputs["nce_noise"] = mtm.sample_noise(rows_global, self.model.config.nce_noise, inputs["generator"])
+            inputs["generator"] = None
+        return inputs
+
+    def loss(self, step: int, batch: dict[str, torch.Tensor], rows: torch.Tensor) -> torch.Tensor:
+        inputs = self.step_inputs(step, batch)
         with self.runtime.autocast():
-            out = self.wrapped(**batch, generator=self.generators["masking"])
+            out = self.wrapped(**inputs)
         self.sums["loss"] += out.loss.detach()
         for name in OBJECTIVES:
             value = getattr(out, name)
