@@ -1,4 +1,4 @@
-"""The one place that decides the process group and the device of this process.
+"""The one place that decides the process group of this process (its device: :mod:`.device`).
 
 Under ``torchrun`` (``WORLD_SIZE`` > 1) :func:`joined` creates the process group from the
 environment (NCCL with one GPU per ``LOCAL_RANK`` where CUDA exists, gloo on CPUs) and destroys
