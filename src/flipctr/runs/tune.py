@@ -54,7 +54,7 @@ from .protocol import train_run
 
 log = logging.getLogger("flipctr")
 STUDY = "flipctr-tune"
-METHODS = ("id", "flip")
+SEARCHES = ("id", "flip")  # what a search tunes: an ID model alone, or FLIP's finetuning on one pretraining
 FLIP_SECTIONS = ("train", "text_finetune")  # what a search over one shared pretraining may change
 PRUNERS = ("median", "halving", "none")
 
@@ -395,8 +395,8 @@ def run_search(search: Search, workers: int = 1, data_root: Path | None = None, 
     space = load_space(search.space_file, base)
     if base.train.protocol != "clean":
         raise TuneError("tune selects on validation: train.protocol must be clean")
-    if search.method not in METHODS:
-        raise TuneError(f"--method must be one of {METHODS}, not {search.method!r}")
+    if search.method not in SEARCHES:
+        raise TuneError(f"--method must be one of {SEARCHES}, not {search.method!r}")
     if search.method == "flip":
         shared = [p.key for p in space if p.key.split(".")[0] not in FLIP_SECTIONS]
         if shared:
