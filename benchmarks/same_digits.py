@@ -19,10 +19,10 @@ import json
 import sys
 from pathlib import Path
 
+from flipctr.runtime.folder import ENCODING_FILES, RunFolder
+
 RESULTS = Path(__file__).resolve().parent / "results"
 TIMES = {"wall_seconds", "fit_seconds", "train_samples_per_second", "seconds", "samples_per_second"}
-FILES = ("model.safetensors", "model-selected.safetensors", "config.yaml", "config.json", "feature_map.json",
-         "vocab.parquet", "counts.npy")
 
 
 def _untimed(value):
@@ -37,17 +37,23 @@ def _sha256(path: Path) -> str | None:
     return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
+def _kept(run: RunFolder) -> list[Path]:
+    """The files a finished training run keeps."""
+    return [run.model, run.selected_model, run.config, run.inference_config, *(run.path / f for f in ENCODING_FILES)]
+
+
 def compare(before: Path, after: Path) -> dict:
-    a, b = (_untimed(json.loads((folder / "metrics.json").read_text())) for folder in (before, after))
-    files = {name: {"before": _sha256(before / name), "after": _sha256(after / name)} for name in FILES}
+    runs = RunFolder(before), RunFolder(after)
+    a, b = (_untimed(run.read_metrics()) for run in runs)
+    files = {x.name: {"before": _sha256(x), "after": _sha256(y)} for x, y in zip(*map(_kept, runs), strict=True)}
     return {
         "metrics_equal": a == b,
         "metrics_differ": sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k)),
         "files": {name: {**sums, "equal": sums["before"] == sums["after"]} for name, sums in files.items()},
         "valid_auc": [a["valid"]["auc"] if a.get("valid") else None, b["valid"]["auc"] if b.get("valid") else None],
         "test_auc": [a["test"]["auc"], b["test"]["auc"]], "test_logloss": [a["test"]["logloss"], b["test"]["logloss"]],
-        "environment": [json.loads((folder / "environment.json").read_text()).get("arithmetic", {}).get("cpu_model")
-                        for folder in (before, after)],
+        "environment": [json.loads(run.environment.read_text()).get("arithmetic", {}).get("cpu_model")
+                        for run in runs],
     }
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Callable
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..config import Config
@@ -28,12 +27,7 @@ from ..models import CTRModule, build_ctr_model
 from ..models.flip import FlipCTRModel, FlipPretrainModel
 from ..models.language import LanguageModel
 from ..paper import table2
-from ..runtime.checkpoints import (
-    load_shards,
-    load_weights,
-    save_shards,
-    seed_everything,
-)
+from ..runtime.checkpoints import load_shards, load_weights, save_shards, seed_everything, shards_metadata
 from ..runtime.device import Runtime, resolve_device
 from ..runtime.distributed import barrier, is_main
 from ..runtime.folder import PRETRAINED, RunFolder
@@ -57,9 +51,10 @@ def _prefixed(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Te
 def finetuned_weights(folder: Path, stage: str) -> dict[str, torch.Tensor]:
     """A finetuned run's weights at ``stage``: "selected" (trained on train only, picked on
     valid) or "final" (after the refit; the selected ones when the run did not refit)."""
-    path = RunFolder(folder).selected_model
+    run = RunFolder(folder)
+    path = run.selected_model
     if stage == "final" or not path.exists():
-        path = RunFolder(folder).model
+        path = run.model
     return load_weights(path)
 
 
@@ -146,8 +141,7 @@ def install_pretraining(source: Path, folder: Path) -> list[dict]:
     if source.pretrain_history.exists():
         history = json.loads(source.pretrain_history.read_text())
     else:  # the shards carry it in their first file's header
-        with safe_open(str(sorted(source.path.glob(f"{PRETRAINED}-*.safetensors"))[0]), "pt") as shard:
-            history = json.loads((shard.metadata() or {})["pretrain_history"])
+        history = json.loads(shards_metadata(source.path, PRETRAINED)["pretrain_history"])
     if is_main():
         target.create()
         with atomic_path(target.pretrained) as tmp:

@@ -112,7 +112,7 @@ class ProtocolRun:
             setup_logging(folder.log)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.runtime = Runtime.of(cfg.train, cfg.train.device)
+        self.runtime = Runtime.of(cfg.train)
         if not is_main():
             barrier()  # rank 0 builds the caches first
         self.data = data = prepare(cfg.data, data_root)
@@ -217,7 +217,7 @@ def evaluate_run(run_dir: str | Path, data_root: Path | None = None) -> dict:
     if not folder.model.exists():
         raise FileNotFoundError(f"{folder.path}: no model.safetensors (not a finished run folder)")
     cfg, saved = folder.read_config(), folder.read_metrics()
-    runtime = Runtime.of(cfg.train, cfg.train.device)
+    runtime = Runtime.of(cfg.train)
     data = prepare(cfg.data, data_root)
     sides, side_index = side_texts(data, cfg, runtime)
     model = build_ctr_model(cfg.model, FeatureMap.load(folder.feature_map), sides=sides)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -88,11 +88,22 @@ def save_shards(state: dict[str, torch.Tensor], folder: Path, stem: str, max_byt
     return paths
 
 
-def load_shards(folder: Path, stem: str) -> dict[str, torch.Tensor]:
-    """The state :func:`save_shards` wrote as ``{stem}-*.safetensors`` in ``folder``, whole again."""
+def _shard_files(folder: Path, stem: str) -> list[Path]:
     files = sorted(Path(folder).glob(f"{stem}-*.safetensors"))
     if not files:
         raise FileNotFoundError(f"{folder}: no {stem}-*.safetensors shards")
+    return files
+
+
+def shards_metadata(folder: Path, stem: str) -> dict[str, str]:
+    """The ``metadata`` :func:`save_shards` put into the first shard's header."""
+    with safe_open(str(_shard_files(folder, stem)[0]), "pt") as first:
+        return first.metadata() or {}
+
+
+def load_shards(folder: Path, stem: str) -> dict[str, torch.Tensor]:
+    """The state :func:`save_shards` wrote as ``{stem}-*.safetensors`` in ``folder``, whole again."""
+    files = _shard_files(folder, stem)
     state: dict[str, torch.Tensor] = {}
     parts: dict[str, dict[int, torch.Tensor]] = {}
     counts: dict[str, int] = {}
