@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_ddp import finetune_setup  # noqa: E402
+from test_ddp import collective_threads, finetune_setup  # noqa: E402
 from test_flip import _pretrain_split, _tiny_pair  # noqa: E402
 
 from flipctr.runtime.device import Runtime
@@ -50,6 +50,7 @@ def main() -> None:
     (out / f"rank{rank}.json").write_text(json.dumps({
         "evals": [e["epoch"] for r in fit.history for e in r.evals], "stopped": fit.stopped, "steps": len(steps)}))
     leave()
+    assert not collective_threads(), collective_threads()  # the group's threads are gone
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_ddp import deterministic_pair  # noqa: E402
+from test_ddp import collective_threads, deterministic_pair  # noqa: E402
 from flipctr.runtime.distributed import init_distributed, leave
 
 
@@ -35,7 +35,12 @@ def main() -> None:
     for name, grad in grads.items():
         torch.testing.assert_close(grad, ref["grads"][name], atol=1e-5, rtol=1e-5, msg=name)
     print(f"rank {rank}: loss and {len(grads)} gradients equal ok", flush=True)
+    # the wrapper holds the process group: released first, or the group's threads outlive leave()
+    # and the interpreter's exit can deadlock on them (as the engine releases its own wrapper)
+    del ddp, out
     leave()
+    assert not collective_threads(), collective_threads()
+    print(f"rank {rank}: no collective thread left ok", flush=True)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from test_ddp import PRETRAIN_EQUAL, deterministic_pair, distinct_split  # noqa: E402
+from test_ddp import collective_threads, deterministic_pair, distinct_split, PRETRAIN_EQUAL  # noqa: E402
 
 from flipctr.runtime.device import Runtime
 from flipctr.config import PretrainConfig  # noqa: E402
@@ -24,6 +24,7 @@ def main() -> None:
                                                                distinct_split(16))
     print(f"rank {dist.get_rank()} ok", flush=True)
     leave()
+    assert not collective_threads(), collective_threads()  # the group's threads are gone
 
 
 if __name__ == "__main__":

@@ -15,6 +15,9 @@ from flipctr.models.language import LanguageModel
 from flipctr.training.text_vectors import TextVectors
 from flipctr.runtime.distributed import init_distributed, leave
 
+sys.path.insert(0, str(Path(__file__).parent))
+from test_ddp import collective_threads  # noqa: E402
+
 
 def main() -> None:
     init_distributed("gloo")
@@ -39,6 +42,7 @@ def main() -> None:
     np.testing.assert_array_equal(again, got)
     print(f"rank {rank} encoded {encoded} ok", flush=True)
     leave()
+    assert not collective_threads(), collective_threads()  # the group's threads are gone
 
 
 if __name__ == "__main__":

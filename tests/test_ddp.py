@@ -81,6 +81,7 @@ def test_ddp_step_equals_one_process_on_the_global_batch(tmp_path, backend):
     proc = _torchrun(HERE / "ddp_equal_step.py", tmp_path / "reference.pt", backend)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert proc.stdout.count("equal ok") == 2
+    assert proc.stdout.count("no collective thread left ok") == 2
 
 
 def finetune_setup(batch_size: int):
